@@ -1,0 +1,1855 @@
+#!/usr/bin/env python3
+"""coda-backup: back up a whole Coda workspace to disk, one complete snapshot per run.
+
+Every selected doc is saved with its metadata (``doc.json``, ``pages.json``,
+``tables.json``), every page as Markdown (or HTML) through Coda's asynchronous
+page-export API, and every table and view as CSV with its column metadata.
+Each run writes a new timestamped snapshot folder holding ``summary.json`` and
+``manifest.json``; ``latest`` points at the newest finished one.
+
+Run a backup (standard library only, Python 3.9+)::
+
+    export CODA_API_TOKEN=...                 # or --token-file token.txt
+    python3 coda_backup.py --output ./coda-backups
+
+Run the tests::
+
+    python3 -m unittest discover -s tests -v
+
+Exit codes: 0 everything saved; 1 the run finished but some objects failed
+(see summary.json); 2 usage or configuration error; 3 fatal API error
+(authentication, API unreachable); 4 another run holds the output folder's
+lock; 130 / 143 interrupted by SIGINT / SIGTERM.
+
+The token is read from CODA_API_TOKEN or the first line of --token-file. It is
+sent only to the API base URL, never to the download host, and never written
+to a log line or a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import csv
+import datetime as dt
+import email.utils
+import gzip
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+import threading
+import time
+import unicodedata
+import urllib.parse
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+
+__version__ = "0.1.0"
+
+# --- Constants ----------------------------------------------------------------
+
+DEFAULT_API_URL = "https://coda.io/apis/v1"
+USER_AGENT = f"coda-backup/{__version__} (+https://github.com/coda-backup; python-urllib)"
+
+# Coda silently clamps `limit` to its own maximum, so asking for more is free.
+LIST_LIMIT = 200
+ROW_LIMIT = 500
+COLUMN_LIMIT = 100  # the documented maximum for the columns endpoint
+MAX_LIST_PAGES = 100_000  # a server that paginates forever still ends
+
+# Published per-user limits: (requests, window seconds) per category.
+DEFAULT_RATE_LIMITS: Dict[str, Tuple[int, float]] = {
+    "read": (100, 6.0),
+    "write": (10, 6.0),
+    "list_docs": (4, 6.0),
+}
+RATE_WINDOW_MARGIN = 1.05  # pace against a slightly longer window: clocks and transit differ
+RATE_RECOVERY_WINDOWS = 5.0  # after a 429, climb back to the full rate over this many windows
+MAX_RETRY_AFTER = 120.0
+BACKOFF_CAP = 60.0
+
+MAX_EXPORT_STARTS = 4  # an export whose request expires (404) is started again this often
+MAX_LINK_REFRESHES = 4  # an expired download link is fetched again this often
+
+EXIT_OK = 0
+EXIT_FAILURES = 1
+EXIT_USAGE = 2
+EXIT_FATAL = 3
+EXIT_LOCKED = 4
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+MAX_COMPONENT_CHARS = 120
+MAX_COMPONENT_BYTES = 240  # ext4 and friends allow 255 bytes; leave room for temp-file affixes
+MAX_ID_CHARS = 60
+LONGEST_SUFFIX = ".columns.json"
+FORBIDDEN_CHARS = frozenset('<>:"/\\|?*')
+RESERVED_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL"]
+    + [f"COM{i}" for i in range(1, 10)]
+    + [f"LPT{i}" for i in range(1, 10)]
+)
+
+CSV_META_HEADER = ["_row_id", "_row_name", "_row_index", "_created_at", "_updated_at", "_browser_link"]
+PAGE_FORMATS = {"markdown": ".md", "html": ".html"}
+
+SNAPSHOT_TIME_FORMAT = "%Y-%m-%dT%H%M%SZ"
+SNAPSHOT_NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z(-\d+)?$")
+LOCK_NAME = ".lock"
+LATEST_LINK = "latest"
+LATEST_TXT = "latest.txt"
+SUMMARY_NAME = "summary.json"
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+REUSABLE_STATUSES = ("ok", "unchanged")
+
+LOG = logging.getLogger("coda_backup")
+
+
+# --- Errors -------------------------------------------------------------------
+
+
+class BackupError(Exception):
+    """Base of every error this tool raises on purpose."""
+
+
+class ConfigError(BackupError):
+    """A user mistake: bad flag, missing token. One line on stderr, exit 2."""
+
+
+class FatalError(BackupError):
+    """The run cannot go on at all (bad token, API unreachable). Exit 3."""
+
+
+class LockedError(BackupError):
+    """Another run holds the output folder. Exit 4."""
+
+
+class Cancelled(BackupError):
+    """SIGINT/SIGTERM arrived: stop starting work and unwind."""
+
+
+class ApiError(BackupError):
+    """An API call failed for good; `status` is 0 when no HTTP answer came."""
+
+    def __init__(self, status: int, message: str, url: str = "") -> None:
+        self.status = status
+        self.message = message
+        self.url = url
+        where = f" ({url})" if url else ""
+        super().__init__(f"HTTP {status}: {message}{where}" if status else f"{message}{where}")
+
+
+class ListingIncomplete(BackupError):
+    """A list ended early (a page token repeated, items of the wrong shape).
+
+    Raised only after every good item was yielded, so callers keep what was
+    read and record the failure.
+    """
+
+
+class ExportError(BackupError):
+    """A page export failed, expired too often or timed out."""
+
+
+class ExpiredLink(BackupError):
+    """The storage host refused a download link: ask the API for a fresh one."""
+
+
+# --- HTTP client --------------------------------------------------------------
+
+
+class RateLimiter:
+    """Paces one Coda limit category: at most `limit` starts in any window.
+
+    It keeps the start times it handed out (some in the future) and gives the
+    next caller the earliest moment that keeps every window within the allowed
+    count, which lets concurrent workers run right at the ceiling without
+    bursting past it. A 429 halves the allowed rate and honours Retry-After;
+    the rate then climbs back linearly over a few windows.
+    """
+
+    def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("a rate limit needs at least one request per positive window")
+        self.limit = limit
+        self.window = window * RATE_WINDOW_MARGIN
+        self.allowed = float(limit)
+        self._clock = clock
+        self._starts: Deque[float] = deque()
+        self._paused_until = 0.0
+        self._adjusted_at = clock()
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Claim the next start slot; return how long to wait before using it."""
+        with self._lock:
+            now = self._clock()
+            self._recover(now)
+            while self._starts and self._starts[0] <= now - self.window:
+                self._starts.popleft()
+            allowed = max(1, int(self.allowed))
+            at = now if len(self._starts) < allowed else self._starts[-allowed] + self.window
+            at = max(at, self._paused_until, self._starts[-1] if self._starts else now)
+            self._starts.append(at)
+            return max(0.0, at - now)
+
+    def on_rate_limited(self, retry_after: Optional[float]) -> None:
+        """Slow down after a 429; pause the whole category for Retry-After."""
+        with self._lock:
+            now = self._clock()
+            self._recover(now)
+            self.allowed = max(1.0, self.allowed / 2)
+            if retry_after:
+                self._paused_until = max(self._paused_until, now + retry_after)
+
+    def _recover(self, now: float) -> None:
+        if self.allowed < self.limit:
+            regained = self.limit * (now - self._adjusted_at) / (RATE_RECOVERY_WINDOWS * self.window)
+            self.allowed = min(float(self.limit), self.allowed + regained)
+        self._adjusted_at = now
+
+
+class RequestStats:
+    """Thread-safe request counters for summary.json."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.total = 0
+        self.retries = 0
+        self.rate_limited = 0
+        self.by_category: Dict[str, int] = {}
+
+    def count_request(self, category: str) -> None:
+        with self._lock:
+            self.total += 1
+            self.by_category[category] = self.by_category.get(category, 0) + 1
+
+    def count_retry(self) -> None:
+        with self._lock:
+            self.retries += 1
+
+    def count_rate_limited(self) -> None:
+        with self._lock:
+            self.rate_limited += 1
+
+    def as_dict(self) -> Dict[str, Any]:
+        with self._lock:
+            return {
+                "total": self.total,
+                "retries": self.retries,
+                "rate_limited": self.rate_limited,
+                "by_category": dict(sorted(self.by_category.items())),
+            }
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the HTTP client talks: retries, timeouts and pacing."""
+
+    api_url: str
+    max_retries: int = 5
+    timeout: float = 60.0
+    retry_delay: float = 1.0
+    rate_limits: Optional[Dict[str, Tuple[int, float]]] = None
+    strict_latest: bool = False
+
+
+@dataclass
+class Response:
+    status: int
+    headers: Dict[str, str]
+    body: bytes
+
+
+class _Transient(Exception):
+    """One attempt failed in a way a retry may cure."""
+
+    def __init__(self, message: str, status: int = 0, retry_after: Optional[float] = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class HttpClient:
+    """The only place that talks HTTP: retries, backoff, pacing, keep-alive.
+
+    Each worker thread keeps its own persistent connection per host. The
+    Authorization header is added only to requests for the API base URL;
+    downloads go out without it, as the storage host rejects it and must
+    never see the token.
+    """
+
+    def __init__(
+        self,
+        settings: ClientSettings,
+        token: str,
+        cancel: threading.Event,
+        stats: Optional[RequestStats] = None,
+    ) -> None:
+        self.settings = settings
+        self._token = token
+        self._cancel = cancel
+        self.stats = stats or RequestStats()
+        self._api = urllib.parse.urlsplit(settings.api_url)
+        self._limiters = {
+            name: RateLimiter(limit, window) for name, (limit, window) in (settings.rate_limits or {}).items()
+        }
+        self._local = threading.local()
+        self._rng = random.Random()
+        self._ssl = ssl.create_default_context()
+
+    # Public calls -------------------------------------------------------------
+
+    def get_json(self, path: str, params: Optional[Dict[str, str]] = None, category: str = "read",
+                 doc_scoped: bool = False) -> Any:
+        """GET an API path and return its JSON, retrying what a retry may cure."""
+        return self._call_api("GET", path, params, None, category, doc_scoped)
+
+    def post_json(self, path: str, body: Dict[str, Any], doc_scoped: bool = False) -> Any:
+        return self._call_api("POST", path, None, body, "write", doc_scoped)
+
+    def download(self, url: str) -> bytes:
+        """GET a presigned storage URL without credentials, following redirects.
+
+        Raises ExpiredLink when storage refuses the link (403/404 or an XML
+        error document), so the caller can ask the API for a fresh one.
+        """
+        def attempt() -> bytes:
+            response = self._follow_redirects(url)
+            if response.status in (401, 403, 404, 410) or _looks_like_storage_error(response.body):
+                raise ExpiredLink(f"storage refused the download link (HTTP {response.status})")
+            if response.status == 429 or response.status >= 500:
+                raise _Transient(f"HTTP {response.status} from the download host", response.status)
+            if response.status >= 300:
+                raise ApiError(response.status, "unexpected answer from the download host", _redact_url(url))
+            return response.body
+
+        body: bytes = self._with_retries(attempt, "download", _redact_url(url))
+        return body
+
+    def check_cancelled(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("cancelled")
+
+    def close(self) -> None:
+        for conn in getattr(self._local, "connections", {}).values():
+            conn.close()
+        self._local.connections = {}
+
+    # Retry loop ---------------------------------------------------------------
+
+    def _call_api(self, method: str, path: str, params: Optional[Dict[str, str]],
+                  body: Optional[Dict[str, Any]], category: str, doc_scoped: bool) -> Any:
+        url = self.settings.api_url + path
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+        strict = self.settings.strict_latest and doc_scoped
+        if strict:
+            headers["X-Coda-Doc-Version"] = "latest"
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+
+        def attempt() -> Any:
+            response = self._send(method, url, headers, payload)
+            return _interpret_api_response(response, url, strict)
+
+        return self._with_retries(attempt, category, url)
+
+    def _with_retries(self, attempt: Callable[[], Any], category: str, url: str) -> Any:
+        for number in range(self.settings.max_retries + 1):
+            self.check_cancelled()
+            self._pace(category)
+            self.stats.count_request(category)
+            try:
+                return attempt()
+            except _Transient as exc:
+                failure = exc
+            except (OSError, http.client.HTTPException) as exc:
+                failure = _Transient(f"connection error: {exc.__class__.__name__}: {exc}")
+            if failure.status == 429:
+                self._rate_limited(category, failure.retry_after)
+            if number == self.settings.max_retries:
+                break
+            self.stats.count_retry()
+            delay = failure.retry_after if failure.retry_after is not None else self._backoff(number)
+            LOG.debug("retrying %s in %.2fs after: %s", url, delay, failure)
+            self.sleep(delay)
+        raise ApiError(failure.status, f"gave up after {self.settings.max_retries + 1} attempts: {failure}", url)
+
+    def _rate_limited(self, category: str, retry_after: Optional[float]) -> None:
+        self.stats.count_rate_limited()
+        limiter = self._limiters.get(category)
+        if limiter:
+            limiter.on_rate_limited(retry_after)
+
+    def _backoff(self, number: int) -> float:
+        """Exponential backoff with jitter: base * 2^n, scaled by 0.5-1.0, capped."""
+        delay = min(BACKOFF_CAP, self.settings.retry_delay * 2.0 ** number)
+        return float(delay * (0.5 + self._rng.random() / 2))
+
+    def _pace(self, category: str) -> None:
+        limiter = self._limiters.get(category)
+        if limiter:
+            self.sleep(limiter.reserve())
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep that ends early, with Cancelled, when the run is cancelled."""
+        if seconds > 0 and self._cancel.wait(seconds):
+            raise Cancelled("cancelled")
+
+    # Transport ----------------------------------------------------------------
+
+    def _follow_redirects(self, url: str) -> Response:
+        for _ in range(5):
+            response = self._send("GET", url, {"Accept": "*/*"}, None)
+            location = response.headers.get("location")
+            if response.status not in (301, 302, 303, 307, 308) or not location:
+                return response
+            url = urllib.parse.urljoin(url, location)
+        raise ApiError(response.status, "too many redirects from the download host", _redact_url(url))
+
+    def _send(self, method: str, url: str, headers: Dict[str, str], body: Optional[bytes]) -> Response:
+        parts = urllib.parse.urlsplit(url)
+        if "Authorization" in headers and (parts.scheme, parts.netloc) != (self._api.scheme, self._api.netloc):
+            raise ApiError(0, "refusing to send credentials to a host other than the API", _redact_url(url))
+        headers = dict(headers, **{"User-Agent": USER_AGENT, "Accept-Encoding": "gzip"})
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        conn = self._connection(parts.scheme, parts.netloc)
+        LOG.debug("%s %s", method, _redact_url(url))
+        try:
+            conn.request(method, target, body=body, headers=headers)
+            raw = conn.getresponse()
+            data = raw.read()
+            reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)
+            if raw.will_close:
+                self._drop_connection(parts.scheme, parts.netloc)
+        except BaseException:
+            self._drop_connection(parts.scheme, parts.netloc)
+            raise
+        if reply.headers.get("content-encoding", "").lower() == "gzip":
+            try:
+                reply.body = gzip.decompress(reply.body)
+            except (OSError, EOFError) as exc:
+                raise _Transient(f"corrupt gzip body: {exc}", reply.status) from exc
+        return reply
+
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        connections: Dict[Tuple[str, str], http.client.HTTPConnection]
+        connections = self._local.__dict__.setdefault("connections", {})
+        conn = connections.get((scheme, netloc))
+        if conn is None:
+            if scheme == "https":
+                conn = http.client.HTTPSConnection(netloc, timeout=self.settings.timeout, context=self._ssl)
+            elif scheme == "http":
+                conn = http.client.HTTPConnection(netloc, timeout=self.settings.timeout)
+            else:
+                raise ApiError(0, f"unsupported URL scheme {scheme!r}")
+            connections[(scheme, netloc)] = conn
+        return conn
+
+    def _drop_connection(self, scheme: str, netloc: str) -> None:
+        conn = self._local.__dict__.get("connections", {}).pop((scheme, netloc), None)
+        if conn is not None:
+            conn.close()
+
+
+def _interpret_api_response(response: Response, url: str, strict: bool) -> Any:
+    """Turn one API answer into JSON, a _Transient to retry, or an ApiError."""
+    status = response.status
+    if 200 <= status < 300:
+        try:
+            return json.loads(response.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _Transient(f"HTTP {status} with a body that is not valid JSON", status) from exc
+    message = _error_message(response.body)
+    if status == 429:
+        raise _Transient("HTTP 429: rate limited", 429, _retry_after(response.headers.get("retry-after")))
+    if status >= 500:
+        raise _Transient(f"HTTP {status}: {message}", status)
+    if status == 400 and strict and _is_stale_doc_message(message):
+        raise _Transient(f"HTTP 400: {message}", status)
+    raise ApiError(status, message, url)
+
+
+def _error_message(body: bytes) -> str:
+    """Coda's error bodies are {statusCode, statusMessage, message}; fall back to text."""
+    text = body[:2000].decode("utf-8", "replace")
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return text.strip()[:200] or "no message"
+    if isinstance(payload, dict):
+        return str(payload.get("message") or payload.get("statusMessage") or "no message")[:500]
+    return text.strip()[:200]
+
+
+def _is_stale_doc_message(message: str) -> bool:
+    lowered = message.lower()
+    return "up to date" in lowered or "not latest" in lowered
+
+
+def _retry_after(value: Optional[str]) -> Optional[float]:
+    """Parse Retry-After (seconds or an HTTP date), capped so a bad value cannot stall a night."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.timezone.utc)
+        seconds = (when - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
+
+
+def _looks_like_storage_error(body: bytes) -> bool:
+    head = body[:200].lstrip()
+    return head.startswith(b"<?xml") or head.startswith(b"<Error>")
+
+
+def _redact_url(url: str) -> str:
+    """Drop the query of a URL for logs: presigned links carry signatures there."""
+    parts = urllib.parse.urlsplit(url)
+    if "/blobs/" in parts.path or "X-Amz" in parts.query or "Signature" in parts.query:
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return url
+
+
+# --- Coda API -----------------------------------------------------------------
+
+
+def _quote(segment: str) -> str:
+    """Percent-encode an id for a URL path: ids come from the API and are not trusted."""
+    return urllib.parse.quote(str(segment), safe="")
+
+
+class CodaApi:
+    """Coda API v1 calls as plain dicts and iterators; no file I/O here."""
+
+    def __init__(self, http: HttpClient) -> None:
+        self.http = http
+
+    def whoami(self) -> Dict[str, Any]:
+        return _expect_dict(self.http.get_json("/whoami"), "/whoami")
+
+    def iter_docs(self, include_shared: bool, workspace_id: Optional[str]) -> Iterator[Dict[str, Any]]:
+        params = {"limit": str(LIST_LIMIT)}
+        if not include_shared:
+            params["isOwner"] = "true"
+        if workspace_id:
+            params["workspaceId"] = workspace_id
+        return self._paginate("/docs", params, category="list_docs")
+
+    def iter_pages(self, doc_id: str) -> Iterator[Dict[str, Any]]:
+        return self._paginate(f"/docs/{_quote(doc_id)}/pages", {"limit": str(LIST_LIMIT)}, doc_scoped=True)
+
+    def iter_tables(self, doc_id: str) -> Iterator[Dict[str, Any]]:
+        params = {"limit": str(LIST_LIMIT), "tableTypes": "table,view"}
+        return self._paginate(f"/docs/{_quote(doc_id)}/tables", params, doc_scoped=True)
+
+    def get_table(self, doc_id: str, table_id: str) -> Dict[str, Any]:
+        path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}"
+        return _expect_dict(self.http.get_json(path, doc_scoped=True), path)
+
+    def iter_columns(self, doc_id: str, table_id: str) -> Iterator[Dict[str, Any]]:
+        path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}/columns"
+        return self._paginate(path, {"limit": str(COLUMN_LIMIT)}, doc_scoped=True)
+
+    def iter_rows(self, doc_id: str, table_id: str) -> Iterator[Dict[str, Any]]:
+        """Rows keyed by column id; without useColumnNames, which breaks on renames and duplicates."""
+        path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}/rows"
+        params = {"limit": str(ROW_LIMIT), "valueFormat": "simpleWithArrays"}
+        return self._paginate(path, params, doc_scoped=True)
+
+    def start_export(self, doc_id: str, page_id: str, output_format: str) -> str:
+        path = f"/docs/{_quote(doc_id)}/pages/{_quote(page_id)}/export"
+        answer = _expect_dict(self.http.post_json(path, {"outputFormat": output_format}, doc_scoped=True), path)
+        request_id = answer.get("id")
+        if not isinstance(request_id, str) or not request_id:
+            raise ApiError(0, "export answer has no request id", path)
+        return request_id
+
+    def export_status(self, doc_id: str, page_id: str, request_id: str) -> Dict[str, Any]:
+        path = f"/docs/{_quote(doc_id)}/pages/{_quote(page_id)}/export/{_quote(request_id)}"
+        return _expect_dict(self.http.get_json(path, doc_scoped=True), path)
+
+    def download(self, url: str) -> bytes:
+        return self.http.download(url)
+
+    def _paginate(self, path: str, params: Dict[str, str], category: str = "read",
+                  doc_scoped: bool = False) -> Iterator[Dict[str, Any]]:
+        """Yield every item of a list endpoint, following nextPageToken.
+
+        A token seen before, a page without an `items` list or items without
+        an id end the listing with ListingIncomplete after the good items.
+        """
+        seen_tokens = set()
+        query = dict(params)
+        problems: List[str] = []
+        for _ in range(MAX_LIST_PAGES):
+            page = _expect_dict(self.http.get_json(path, query, category, doc_scoped), path)
+            items = page.get("items")
+            if not isinstance(items, list):
+                raise ListingIncomplete(f"{path}: answer has no items list")
+            for item in items:
+                if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
+                    yield item
+                else:
+                    problems.append("an item without an id was skipped")
+            token = page.get("nextPageToken")
+            if not token:
+                break
+            if not isinstance(token, str) or token in seen_tokens:
+                problems.append("the server repeated a page token; stopped paging")
+                break
+            seen_tokens.add(token)
+            query = {"pageToken": token}
+        else:
+            problems.append(f"stopped after {MAX_LIST_PAGES} pages")
+        if problems:
+            raise ListingIncomplete(f"{path}: " + "; ".join(sorted(set(problems))))
+
+
+def _expect_dict(value: Any, path: str) -> Dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ApiError(0, "answer is not a JSON object", path)
+    return value
+
+
+def read_all(items: Iterator[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Optional[BackupError]]:
+    """Drain a listing; return what was read and the error that ended it early, if any."""
+    collected: List[Dict[str, Any]] = []
+    try:
+        for item in items:
+            collected.append(item)
+    except (ApiError, ListingIncomplete) as exc:
+        return collected, exc
+    return collected, None
+
+
+# --- Names and paths ----------------------------------------------------------
+
+
+def safe_component(text: Any, max_chars: int = MAX_COMPONENT_CHARS, max_bytes: int = MAX_COMPONENT_BYTES) -> str:
+    """One file or folder name that is valid on Windows, macOS and Linux.
+
+    Forbidden and control characters become "_", Unicode is kept (NFC),
+    trailing dots and spaces go (Windows strips them silently), device names
+    such as CON or com1.txt get a "_" prefix, and the result is bounded in
+    characters and in UTF-8 bytes. Never empty, never "." or "..".
+    """
+    name = unicodedata.normalize("NFC", str(text))
+    name = "".join("_" if ch in FORBIDDEN_CHARS or ord(ch) < 32 or ord(ch) == 127 else ch for ch in name)
+    # Leading dots would hide the file (and could meet our ".tmp-" names); trailing ones Windows drops.
+    name = _truncate(name.strip().lstrip("."), max_chars, max_bytes).rstrip(". ")
+    if not name:
+        return "_"
+    if name.split(".")[0].strip().upper() in RESERVED_NAMES:
+        name = _truncate("_" + name, max_chars, max_bytes)
+    return name
+
+
+def _truncate(text: str, max_chars: int, max_bytes: int) -> str:
+    text = text[:max_chars]
+    while len(text.encode("utf-8")) > max_bytes:
+        text = text[:-1]
+    return text
+
+
+def object_stem(name: Any, object_id: Any) -> str:
+    """`<Name>__<id>`, short enough that every suffix we add still fits a component.
+
+    The id is immutable and unique, so two objects with the same name never
+    share a file, and a name full of forbidden characters is still findable.
+    """
+    safe_id = safe_component(object_id, MAX_ID_CHARS, MAX_ID_CHARS * 4)
+    budget_chars = MAX_COMPONENT_CHARS - len(LONGEST_SUFFIX) - len(safe_id) - 2
+    budget_bytes = MAX_COMPONENT_BYTES - len(LONGEST_SUFFIX) - len(safe_id.encode("utf-8")) - 2
+    label = safe_component(name or "untitled", budget_chars, budget_bytes)
+    return f"{label}__{safe_id}"
+
+
+class PathAllocator:
+    """Hands out snapshot-relative paths that never collide, even case-insensitively.
+
+    Ids differ only in case on case-insensitive file systems (Windows, macOS),
+    and a hostile API could repeat an id; the second claimant gets `__2`.
+    """
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+        self._lock = threading.Lock()
+
+    def claim(self, wanted: PurePosixPath) -> PurePosixPath:
+        with self._lock:
+            candidate = wanted
+            number = 2
+            while str(candidate).casefold() in self._taken:
+                candidate = wanted.with_name(f"{wanted.name}__{number}")
+                number += 1
+            self._taken.add(str(candidate).casefold())
+            return candidate
+
+
+def doc_folder(doc: Dict[str, Any]) -> PurePosixPath:
+    return PurePosixPath("docs", object_stem(doc.get("name"), doc["id"]))
+
+
+def page_stems(pages: List[Dict[str, Any]]) -> Dict[str, PurePosixPath]:
+    """Map page id -> `pages/<Ancestor>__<id>/.../<Name>__<id>` (no suffix).
+
+    A child page lives in a folder named like its parent's file, to any
+    depth. A parent that is missing from the list, or a cycle, makes the page
+    top-level rather than looping.
+    """
+    by_id = {page["id"]: page for page in pages}
+    stems: Dict[str, PurePosixPath] = {}
+    for page in pages:
+        chain = [object_stem(page.get("name"), page["id"])]
+        seen = {page["id"]}
+        parent_id = _ref_id(page.get("parent"))
+        while parent_id in by_id and parent_id not in seen:
+            seen.add(parent_id)
+            parent = by_id[parent_id]
+            chain.append(object_stem(parent.get("name"), parent_id))
+            parent_id = _ref_id(parent.get("parent"))
+        stems[page["id"]] = PurePosixPath("pages", *reversed(chain))
+    return stems
+
+
+def table_stem(table: Dict[str, Any]) -> PurePosixPath:
+    """`tables/<table|view>/<Parent Page>__<Name>__<id>` (no suffix)."""
+    kind = "view" if table.get("tableType") == "view" else "table"
+    parent_name = _ref_name(table.get("parent"))
+    label = f"{parent_name}__{table.get('name') or 'untitled'}" if parent_name else table.get("name")
+    return PurePosixPath("tables", kind, object_stem(label, table["id"]))
+
+
+def _ref_id(ref: Any) -> Optional[str]:
+    return ref.get("id") if isinstance(ref, dict) and isinstance(ref.get("id"), str) else None
+
+
+def _ref_name(ref: Any) -> str:
+    return str(ref.get("name") or "") if isinstance(ref, dict) else ""
+
+
+def inside(root: Path, relative: PurePosixPath) -> Path:
+    """Join a relative path under root, refusing anything that would leave it."""
+    if relative.is_absolute() or any(part in ("", ".", "..") for part in relative.parts):
+        raise BackupError(f"refusing unsafe path {str(relative)!r}")
+    return root.joinpath(*relative.parts)
+
+
+# --- Writers ------------------------------------------------------------------
+
+
+def make_private_dir(path: Path) -> None:
+    """mkdir -p with 0700 folders: backups hold private data."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """Write to a temp file in the same folder, fsync, then rename into place.
+
+    A reader sees the old file or the complete new one, never half of it; on
+    any error (or cancellation) the temp file is removed. mkstemp makes the
+    file 0600 on POSIX.
+    """
+    make_private_dir(path.parent)
+    fd, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp_name)
+        raise
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    with atomic_file(path) as handle:
+        handle.write(data)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    text = json.dumps(value, ensure_ascii=False, indent=2, sort_keys=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def file_record(root: Path, relative: PurePosixPath) -> Dict[str, Any]:
+    """Path, size and sha256 of a written file, for the manifest and --verify."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(inside(root, relative), "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"path": str(relative), "size": size, "sha256": digest.hexdigest()}
+
+
+def with_suffix(stem: PurePosixPath, suffix: str) -> PurePosixPath:
+    """Append a suffix; Path.with_suffix would eat the part after a dot in a name."""
+    return stem.with_name(stem.name + suffix)
+
+
+def csv_header(columns: List[Dict[str, Any]]) -> List[str]:
+    """Meta columns, then column names in API order, duplicates as `Name__2`, `Name__3`."""
+    header: List[str] = []
+    used: set[str] = set()
+    for name in CSV_META_HEADER + [str(column.get("name") or column.get("id")) for column in columns]:
+        candidate, number = name, 2
+        while candidate in used:
+            candidate = f"{name}__{number}"
+            number += 1
+        used.add(candidate)
+        header.append(candidate)
+    return header
+
+
+def csv_cell(value: Any) -> str:
+    """Encode one value: null empty, true/false, numbers and containers as compact JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def csv_record(row: Dict[str, Any], column_ids: List[str]) -> List[str]:
+    values = row.get("values")
+    values = values if isinstance(values, dict) else {}
+    meta = [row.get("id"), row.get("name"), row.get("index"), row.get("createdAt"),
+            row.get("updatedAt"), row.get("browserLink")]
+    return [csv_cell(value) for value in meta] + [csv_cell(values.get(column_id)) for column_id in column_ids]
+
+
+def write_rows_csv(path: Path, columns: List[Dict[str, Any]],
+                   rows: Iterator[Dict[str, Any]]) -> Tuple[int, Optional[BackupError]]:
+    """Stream rows into a CSV file, one page of results at a time.
+
+    A listing that ends early (ListingIncomplete) keeps the rows read and
+    returns the error; an API failure discards the temp file and raises.
+    """
+    column_ids = [str(column.get("id")) for column in columns]
+    count = 0
+    problem: Optional[BackupError] = None
+    with atomic_file(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        try:
+            writer = csv.writer(text, lineterminator="\r\n")
+            writer.writerow(csv_header(columns))
+            for row in rows:
+                writer.writerow(csv_record(row, column_ids))
+                count += 1
+        except ListingIncomplete as exc:
+            problem = exc
+        finally:
+            text.detach()  # flushes; the raw file stays open for atomic_file to fsync
+    return count, problem
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link an unchanged file into the new snapshot; copy where links fail (FAT, other devices)."""
+    make_private_dir(target.parent)
+    try:
+        os.link(source, target)
+    except OSError:
+        temp = target.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{target.name[:40]}")
+        shutil.copy2(source, temp)
+        os.replace(temp, target)
+
+
+# --- Exporters ----------------------------------------------------------------
+
+ROLE_SUFFIXES = {
+    "markdown": ".md",
+    "html": ".html",
+    "csv": ".csv",
+    "columns": ".columns.json",
+    "table": ".table.json",
+}
+DOC_FILES = {"doc": "doc.json", "pages": "pages.json", "tables": "tables.json"}
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a run was asked to do. The token is kept apart so no repr can leak it."""
+
+    output: Path
+    api_url: str = DEFAULT_API_URL
+    include_shared: bool = False
+    workspace_id: Optional[str] = None
+    skip_hidden_pages: bool = False
+    no_views: bool = False
+    incremental: bool = False
+    strict_latest: bool = False
+    page_formats: Tuple[str, ...] = ("markdown",)
+    max_retries: int = 5
+    concurrency: int = 4
+    timeout: float = 60.0
+    poll_interval: float = 1.0
+    export_timeout: float = 120.0
+    retry_delay: float = 1.0
+    rate_limits: Optional[Dict[str, Tuple[int, float]]] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+
+    def layout_key(self) -> Dict[str, Any]:
+        """The choices that change which files a doc has; a doc is reused only when they match."""
+        return {
+            "page_formats": list(self.page_formats),
+            "skip_hidden_pages": self.skip_hidden_pages,
+            "no_views": self.no_views,
+        }
+
+
+class RunRecorder:
+    """Counts and failures of one run, shared by the worker threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0, "rows": 0,
+                                       "pages_not_exportable": 0}
+        self.skipped_unchanged: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
+        self.failures: List[Dict[str, Any]] = []
+
+    def count(self, key: str, amount: int = 1) -> None:
+        with self._lock:
+            self.counts[key] = self.counts.get(key, 0) + amount
+
+    def unchanged(self, key: str, amount: int = 1) -> None:
+        with self._lock:
+            self.skipped_unchanged[key] += amount
+
+    def fail(self, kind: str, doc_id: Optional[str], object_id: Optional[str], name: Any, error: Any) -> None:
+        """Record one failed object; the run goes on and ends with exit 1."""
+        text = str(error) or error.__class__.__name__
+        LOG.error("%s %s (%s) in doc %s failed: %s", kind, object_id, name, doc_id, text)
+        with self._lock:
+            self.failures.append({"kind": kind, "doc_id": doc_id, "id": object_id,
+                                  "name": None if name is None else str(name), "error": text})
+
+    def as_counts(self) -> Dict[str, Any]:
+        with self._lock:
+            counts: Dict[str, Any] = dict(self.counts)
+            counts["skipped_unchanged"] = dict(self.skipped_unchanged)
+            counts["failures"] = len(self.failures)
+            return counts
+
+
+@dataclass
+class Job:
+    """What every exporter of one run shares."""
+
+    options: Options
+    api: CodaApi
+    root: Path
+    paths: PathAllocator
+    recorder: RunRecorder
+    previous: Optional[PreviousSnapshot]
+    cancel: threading.Event
+
+    def write_json(self, relative: PurePosixPath, value: Any, role: str) -> Dict[str, Any]:
+        write_json_atomic(inside(self.root, relative), value)
+        return dict(file_record(self.root, relative), role=role)
+
+    def write_bytes(self, relative: PurePosixPath, data: bytes, role: str) -> Dict[str, Any]:
+        write_bytes_atomic(inside(self.root, relative), data)
+        return dict(file_record(self.root, relative), role=role)
+
+    def link_files(self, records: List[Dict[str, Any]], stem: Optional[PurePosixPath] = None) -> List[Dict[str, Any]]:
+        """Link files of the previous snapshot into this one; at `stem` if the object moved."""
+        assert self.previous is not None
+        linked = []
+        for record in records:
+            source = PurePosixPath(record["path"])
+            target = with_suffix(stem, ROLE_SUFFIXES[record["role"]]) if stem is not None else source
+            link_or_copy(inside(self.previous.root, source), inside(self.root, target))
+            linked.append(dict(record, path=str(target)))
+        return linked
+
+
+def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -> bytes:
+    """Run one page export to the end: start, poll, download.
+
+    404 on a poll means the export request expired (or has not replicated
+    yet): start again. A refused download link means it expired: poll again
+    for a fresh one. Both are bounded.
+    """
+    api, options = job.api, job.options
+    for _ in range(MAX_EXPORT_STARTS):
+        request_id = api.start_export(doc_id, page_id, output_format)
+        deadline = time.monotonic() + options.export_timeout
+        refreshes = 0
+        while True:
+            api.http.sleep(options.poll_interval)
+            try:
+                status = api.export_status(doc_id, page_id, request_id)
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                LOG.info("export of page %s expired (404); starting it again", page_id)
+                break
+            if status.get("error") or str(status.get("status", "")).lower() == "failed":
+                raise ExportError(f"export failed: {status.get('error') or 'no reason given'}")
+            link = status.get("downloadLink")
+            if isinstance(link, str) and link:
+                try:
+                    return api.download(link)
+                except ExpiredLink as exc:
+                    refreshes += 1
+                    if refreshes > MAX_LINK_REFRESHES:
+                        raise ExportError(f"download link kept expiring: {exc}") from exc
+                    LOG.info("download link of page %s expired; asking for a fresh one", page_id)
+                    continue
+            if time.monotonic() > deadline:
+                raise ExportError(f"export did not finish within {options.export_timeout:g}s")
+    raise ExportError(f"export request expired {MAX_EXPORT_STARTS} times")
+
+
+def page_entry(page: Dict[str, Any], stem: PurePosixPath, formats: Tuple[str, ...]) -> Dict[str, Any]:
+    return {
+        "id": page["id"],
+        "name": page.get("name"),
+        "parentId": _ref_id(page.get("parent")),
+        "browserLink": page.get("browserLink"),
+        "updatedAt": page.get("updatedAt"),
+        "contentType": page.get("contentType"),
+        "isHidden": page.get("isHidden"),
+        "path": str(with_suffix(stem, ROLE_SUFFIXES[formats[0]])),
+        "formats": list(formats),
+        "status": "ok",
+        "files": [],
+    }
+
+
+def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
+    """Save one page in every requested format; record, never raise, a failure."""
+    formats = job.options.page_formats
+    entry = page_entry(page, stem, formats)
+    try:
+        previous = job.previous.reusable_page(page, formats) if job.previous else None
+        if previous is not None:
+            entry["files"] = job.link_files(previous["files"], stem)
+            entry["status"] = "unchanged"
+            job.recorder.unchanged("pages")
+        elif page.get("contentType", "canvas") != "canvas":
+            entry["status"] = "skipped"
+            entry["reason"] = f"the API cannot export {page.get('contentType')} pages"
+            job.recorder.count("pages_not_exportable")
+            return entry
+        else:
+            for output_format in formats:
+                data = fetch_page_export(job, doc_id, page["id"], output_format)
+                entry["files"].append(job.write_bytes(with_suffix(stem, ROLE_SUFFIXES[output_format]),
+                                                      data, output_format))
+        job.recorder.count("pages")
+    except Cancelled:
+        raise
+    except Exception as exc:  # one bad page must never stop the run
+        LOG.debug("page %s failed", page["id"], exc_info=True)
+        entry["status"] = "failed"
+        entry["error"] = str(exc)
+        job.recorder.fail("page", doc_id, page["id"], page.get("name"), exc)
+    return entry
+
+
+def table_entry(ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
+    return {
+        "id": ref["id"],
+        "name": ref.get("name"),
+        "tableType": "view" if ref.get("tableType") == "view" else "table",
+        "parentPageId": _ref_id(ref.get("parent")),
+        "parentPageName": _ref_name(ref.get("parent")) or None,
+        "browserLink": ref.get("browserLink"),
+        "path": str(with_suffix(stem, ".csv")),
+        "status": "ok",
+        "files": [],
+    }
+
+
+def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
+    """Save one table or view: .table.json, .columns.json and the rows as CSV.
+
+    The table list lacks updatedAt and rowCount, so the table is always
+    fetched; with --incremental an unchanged one is linked, not re-read.
+    """
+    entry = table_entry(ref, stem)
+    kind = "views" if entry["tableType"] == "view" else "tables"
+    api = job.api
+    try:
+        table = api.get_table(doc_id, ref["id"])
+        parent_table = table.get("parentTable")
+        entry.update(updatedAt=table.get("updatedAt"), rowCount=table.get("rowCount"),
+                     parentTableId=_ref_id(parent_table), browserLink=table.get("browserLink", entry["browserLink"]))
+        entry["files"].append(job.write_json(with_suffix(stem, ".table.json"), table, "table"))
+        previous = job.previous.reusable_table(ref["id"], table) if job.previous else None
+        if previous is not None:
+            reused = [record for record in previous["files"] if record["role"] != "table"]
+            entry["files"].extend(job.link_files(reused, stem))
+            entry.update(status="unchanged", rowCount=previous.get("rowCount"))
+            job.recorder.unchanged(kind)
+        else:
+            columns, problem = read_all(api.iter_columns(doc_id, ref["id"]))
+            if problem is not None:
+                raise problem
+            entry["files"].append(job.write_json(with_suffix(stem, ".columns.json"), columns, "columns"))
+            csv_path = with_suffix(stem, ".csv")
+            count, problem = write_rows_csv(inside(job.root, csv_path), columns, api.iter_rows(doc_id, ref["id"]))
+            entry["files"].append(dict(file_record(job.root, csv_path), role="csv"))
+            entry["rowCount"] = count
+            if problem is not None:
+                raise problem
+        job.recorder.count(kind)
+        job.recorder.count("rows", entry.get("rowCount") or 0)
+    except Cancelled:
+        raise
+    except Exception as exc:  # one bad table must never stop the run
+        LOG.debug("table %s failed", ref["id"], exc_info=True)
+        entry["status"] = "failed"
+        entry["error"] = str(exc)
+        job.recorder.fail(kind[:-1], doc_id, ref["id"], ref.get("name"), exc)
+    return entry
+
+
+@dataclass
+class DocWork:
+    """A doc whose listings are done and whose pages and tables are in the pool."""
+
+    entry: Dict[str, Any]
+    pages: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
+    tables: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
+
+    def finish(self) -> Dict[str, Any]:
+        """Wait for the doc's objects; leave out the ones a cancellation stopped."""
+        self.entry["pages"].extend(_finished(self.pages))
+        self.entry["tables"].extend(_finished(self.tables))
+        return self.entry
+
+
+def _finished(futures: List[concurrent.futures.Future[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    results = []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except (Cancelled, concurrent.futures.CancelledError):
+            continue
+    return results
+
+
+def doc_entry(doc: Dict[str, Any], folder: PurePosixPath) -> Dict[str, Any]:
+    return {
+        "id": doc["id"],
+        "name": doc.get("name"),
+        "browserLink": doc.get("browserLink"),
+        "updatedAt": doc.get("updatedAt"),
+        "path": str(folder),
+        "status": "ok",
+        "files": [],
+        "pages": [],
+        "tables": [],
+    }
+
+
+def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor) -> DocWork:
+    """List a doc's pages and tables, save the lists, and queue every object.
+
+    A doc the previous snapshot already holds unchanged is linked whole,
+    without a single request.
+    """
+    folder = job.paths.claim(doc_folder(doc))
+    work = DocWork(doc_entry(doc, folder))
+    job.recorder.count("docs")
+    entry = work.entry
+    previous = job.previous.reusable_doc(doc, job.options.layout_key()) if job.previous else None
+    if previous is not None:
+        link_whole_doc(job, previous, entry)
+        return work
+    doc_id = doc["id"]
+    entry["files"].append(job.write_json(folder / DOC_FILES["doc"], doc, "doc"))
+    pages, problem = read_all(job.api.iter_pages(doc_id))
+    if isinstance(problem, ApiError):
+        entry.update(status="failed", error=str(problem))
+        job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
+        return work
+    entry["files"].append(job.write_json(folder / DOC_FILES["pages"], pages, "pages"))
+    tables, table_problem = read_all(job.api.iter_tables(doc_id))
+    entry["files"].append(job.write_json(folder / DOC_FILES["tables"], tables, "tables"))
+    for listing_problem in (problem, table_problem):
+        if listing_problem is not None:
+            entry.update(status="failed", error=str(listing_problem))
+            job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), listing_problem)
+    stems = page_stems(pages)
+    for page in pages:
+        if job.options.skip_hidden_pages and page.get("isEffectivelyHidden"):
+            continue
+        stem = job.paths.claim(folder / stems[page["id"]])
+        work.pages.append(pool.submit(export_page, job, doc_id, page, stem))
+    for table in tables:
+        if job.options.no_views and table.get("tableType") == "view":
+            continue
+        stem = job.paths.claim(folder / table_stem(table))
+        work.tables.append(pool.submit(export_table, job, doc_id, table, stem))
+    return work
+
+
+def link_whole_doc(job: Job, previous: Dict[str, Any], entry: Dict[str, Any]) -> None:
+    """Carry an unchanged doc over from the previous snapshot, file by file."""
+    recorder = job.recorder
+    entry.update(status="unchanged", path=previous["path"], files=job.link_files(previous["files"]))
+    for page in previous["pages"]:
+        entry["pages"].append(dict(page, files=job.link_files(page["files"]),
+                                   status="unchanged" if page["status"] != "skipped" else "skipped"))
+        recorder.count("pages" if page["status"] != "skipped" else "pages_not_exportable")
+    for table in previous["tables"]:
+        entry["tables"].append(dict(table, files=job.link_files(table["files"]), status="unchanged"))
+        kind = "views" if table.get("tableType") == "view" else "tables"
+        recorder.count(kind)
+        recorder.count("rows", table.get("rowCount") or 0)
+        recorder.unchanged(kind)
+    recorder.unchanged("pages", sum(1 for page in previous["pages"] if page["status"] != "skipped"))
+    recorder.unchanged("docs")
+
+
+# --- Snapshots and manifest ---------------------------------------------------
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(moment: dt.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def create_snapshot(output: Path, now: dt.datetime) -> Path:
+    """Make `DIR/<UTC timestamp>/`; a second run in the same second gets -2, -3, ..."""
+    base = now.strftime(SNAPSHOT_TIME_FORMAT)
+    for number in range(1, 1000):
+        candidate = output / (base if number == 1 else f"{base}-{number}")
+        try:
+            candidate.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return candidate
+    raise FatalError(f"could not create a snapshot folder in {output}")
+
+
+def read_latest(output: Path) -> Optional[Path]:
+    """The snapshot `latest` names: latest.txt first (works everywhere), then the symlink."""
+    names = []
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        names.append((output / LATEST_TXT).read_text(encoding="utf-8").strip())
+    with contextlib.suppress(OSError):
+        names.append(Path(os.readlink(output / LATEST_LINK)).name)
+    for name in names:
+        if SNAPSHOT_NAME_RE.match(name) and (output / name).is_dir():
+            return output / name
+    return None
+
+
+def point_latest(output: Path, snapshot: Path) -> None:
+    """Move `latest` to a finished snapshot: latest.txt always, a symlink where the OS allows.
+
+    Both are replaced atomically, so a reader never finds `latest` missing or
+    half-written.
+    """
+    write_bytes_atomic(output / LATEST_TXT, (snapshot.name + "\n").encode("utf-8"))
+    link = output / LATEST_LINK
+    temp = output / f".latest-{os.getpid()}"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        os.symlink(snapshot.name, temp, target_is_directory=True)
+        os.replace(temp, link)
+    except (OSError, NotImplementedError) as exc:
+        LOG.debug("no latest symlink (%s); latest.txt names the snapshot", exc)
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if link.is_symlink():
+            with contextlib.suppress(OSError):
+                link.unlink()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs on this host; used to spot a stale lock."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return kernel32.GetLastError() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class RunLock:
+    """`DIR/.lock`, created exclusively, holding pid, host and start time.
+
+    O_EXCL creation works on every OS and file system we care about. A lock
+    whose holder is gone from this host is taken over with a warning; one
+    that cannot be read is taken over only once it is an hour old.
+    """
+
+    STALE_UNREADABLE_SECONDS = 3600
+
+    def __init__(self, output: Path) -> None:
+        self.path = output / LOCK_NAME
+        self._held = False
+
+    def __enter__(self) -> RunLock:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": iso(utc_now())}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(info, handle)
+            self._held = True
+            return self
+        raise LockedError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._held:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self._held = False
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            pid, host, since = int(holder["pid"]), str(holder["host"]), str(holder.get("started_at"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError):
+                if time.time() - self.path.stat().st_mtime > self.STALE_UNREADABLE_SECONDS:
+                    LOG.warning("taking over an unreadable old lock %s", self.path)
+                    self.path.unlink()
+                    return
+            raise LockedError(f"{self.path} is held by another run (lock file unreadable)") from None
+        if host == socket.gethostname() and not pid_alive(pid):
+            LOG.warning("taking over a stale lock of pid %s (no longer running) from %s", pid, since)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        raise LockedError(f"another run (pid {pid} on {host}, started {since}) holds {self.path}")
+
+
+class PreviousSnapshot:
+    """The last finished snapshot and its manifest, indexed by object id for --incremental."""
+
+    def __init__(self, root: Path, manifest: Dict[str, Any]) -> None:
+        self.root = root
+        self.layout = manifest.get("options", {}).get("layout")
+        self.docs: Dict[str, Dict[str, Any]] = {}
+        self.pages: Dict[str, Dict[str, Any]] = {}
+        self.tables: Dict[str, Dict[str, Any]] = {}
+        for doc in manifest["docs"]:
+            self.docs[str(doc["id"])] = doc
+            for page in doc["pages"]:
+                self.pages[str(page["id"])] = page
+            for table in doc["tables"]:
+                self.tables[str(table["id"])] = table
+        for entry in [*self.docs.values(), *self.pages.values(), *self.tables.values()]:
+            for record in entry["files"]:
+                inside(root, PurePosixPath(record["path"]))  # reject a manifest that points outside
+                if record["role"] not in ROLE_SUFFIXES and record["role"] not in DOC_FILES:
+                    raise ValueError(f"unknown file role {record['role']!r}")
+
+    @classmethod
+    def load(cls, output: Path) -> Optional[PreviousSnapshot]:
+        """Read `latest`'s manifest; anything wrong means a full backup, with a warning."""
+        root = read_latest(output)
+        if root is None:
+            LOG.warning("--incremental: no previous snapshot in %s; making a full backup", output)
+            return None
+        try:
+            manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
+            if manifest.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"manifest version {manifest.get('version')!r}")
+            return cls(root, manifest)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, BackupError) as exc:
+            LOG.warning("--incremental: cannot use %s (%s); making a full backup",
+                        root / MANIFEST_NAME, exc)
+            return None
+
+    def reusable_doc(self, doc: Dict[str, Any], layout: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        entry = self.docs.get(doc["id"])
+        if entry is None or layout != self.layout or not self._unchanged(entry, doc.get("updatedAt")):
+            return None
+        children = entry["pages"] + entry["tables"]
+        if not all(child["status"] in REUSABLE_STATUSES + ("skipped",) for child in children):
+            return None
+        if not all(self._files_present(child) for child in children):
+            return None
+        return entry
+
+    def reusable_page(self, page: Dict[str, Any], formats: Tuple[str, ...]) -> Optional[Dict[str, Any]]:
+        entry = self.pages.get(page["id"])
+        if entry is None or entry.get("formats") != list(formats):
+            return None
+        return entry if self._unchanged(entry, page.get("updatedAt")) else None
+
+    def reusable_table(self, table_id: str, table: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        entry = self.tables.get(table_id)
+        if entry is None:
+            return None
+        return entry if self._unchanged(entry, table.get("updatedAt")) else None
+
+    def _unchanged(self, entry: Dict[str, Any], updated_at: Any) -> bool:
+        return (bool(updated_at) and entry.get("updatedAt") == updated_at
+                and entry.get("status") in REUSABLE_STATUSES and self._files_present(entry))
+
+    def _files_present(self, entry: Dict[str, Any]) -> bool:
+        for record in entry["files"]:
+            try:
+                if inside(self.root, PurePosixPath(record["path"])).stat().st_size != record["size"]:
+                    return False
+            except OSError:
+                return False
+        return True
+
+
+def manifest_files(manifest: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+    for doc in manifest.get("docs", []):
+        yield from doc.get("files", [])
+        for child in doc.get("pages", []) + doc.get("tables", []):
+            yield from child.get("files", [])
+
+
+def verify_snapshot(snapshot: Path) -> List[str]:
+    """Re-hash every file the manifest lists; return one line per missing or altered file."""
+    try:
+        manifest = json.loads((snapshot / MANIFEST_NAME).read_text(encoding="utf-8"))
+        records = list(manifest_files(manifest))
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        return [f"{MANIFEST_NAME}: unreadable ({exc})"]
+    problems = []
+    for record in records:
+        relative = PurePosixPath(str(record.get("path")))
+        try:
+            actual = file_record(snapshot, relative)
+        except FileNotFoundError:
+            problems.append(f"missing: {relative}")
+            continue
+        except (OSError, BackupError) as exc:
+            problems.append(f"unreadable: {relative} ({exc})")
+            continue
+        if (actual["size"], actual["sha256"]) != (record.get("size"), record.get("sha256")):
+            problems.append(f"altered: {relative}")
+    return problems
+
+
+# --- Run ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cancel_on_signals(cancel: threading.Event) -> Iterator[List[int]]:
+    """Turn SIGINT/SIGTERM into a cancel flag: workers stop at their next request or sleep."""
+    received: List[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        cancel.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def check_access(api: CodaApi) -> Dict[str, Any]:
+    """Call /whoami first: a bad token or an unreachable API ends the run before any work."""
+    try:
+        user = api.whoami()
+    except ApiError as exc:
+        raise FatalError(_fatal_message("checking the token (/whoami)", exc)) from exc
+    LOG.info("authenticated as %s (token %s)", user.get("loginId") or user.get("name"), user.get("tokenName"))
+    return user
+
+
+def list_docs(api: CodaApi, options: Options, recorder: RunRecorder) -> List[Dict[str, Any]]:
+    docs, problem = read_all(api.iter_docs(options.include_shared, options.workspace_id))
+    if isinstance(problem, ApiError):
+        raise FatalError(_fatal_message("listing docs", problem)) from problem
+    if problem is not None:
+        recorder.fail("listing", None, None, "docs", problem)
+    LOG.info("%d doc(s) to back up", len(docs))
+    return docs
+
+
+def _fatal_message(action: str, exc: ApiError) -> str:
+    if exc.status in (401, 403):
+        return f"{action} failed: the API token was refused (HTTP {exc.status}: {exc.message}); check CODA_API_TOKEN"
+    return f"{action} failed: {exc}"
+
+
+def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """List docs one by one on this thread while a pool exports their pages and tables."""
+    works: List[DocWork] = []
+    with concurrent.futures.ThreadPoolExecutor(job.options.concurrency, thread_name_prefix="coda") as pool:
+        try:
+            for doc in docs:
+                job.api.http.check_cancelled()
+                LOG.info("doc %s (%s)", doc["id"], doc.get("name"))
+                works.append(backup_doc(job, doc, pool))
+        except Cancelled:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return [work.finish() for work in works]
+
+
+def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
+                  snapshot: Path) -> Dict[str, Any]:
+    finished = utc_now()
+    return {
+        "tool": f"coda-backup {__version__}",
+        "snapshot": snapshot.name,
+        "status": status,
+        "started_at": iso(started),
+        "finished_at": None if status == "running" else iso(finished),
+        "duration_s": round((finished - started).total_seconds(), 3),
+        "counts": recorder.as_counts(),
+        "failures": list(recorder.failures),
+        "requests": stats.as_dict(),
+    }
+
+
+def build_manifest(options: Options, started: dt.datetime, status: str, snapshot: Path,
+                   docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "version": MANIFEST_VERSION,
+        "tool": f"coda-backup {__version__}",
+        "snapshot": snapshot.name,
+        "status": status,
+        "started_at": iso(started),
+        "finished_at": iso(utc_now()),
+        "options": {"layout": options.layout_key(), "include_shared": options.include_shared,
+                    "workspace_id": options.workspace_id, "incremental": options.incremental},
+        "docs": docs,
+    }
+
+
+def run_backup(options: Options, token: str) -> int:
+    """One whole run: lock, snapshot, back up, write summary and manifest, move latest."""
+    try:
+        make_private_dir(options.output)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --output {options.output}: {exc.strerror or exc}") from None
+    cancel = threading.Event()
+    with RunLock(options.output), cancel_on_signals(cancel) as received:
+        started = utc_now()
+        snapshot = create_snapshot(options.output, started)
+        recorder, stats = RunRecorder(), RequestStats()
+        settings = ClientSettings(api_url=options.api_url, max_retries=options.max_retries,
+                                  timeout=options.timeout, retry_delay=options.retry_delay,
+                                  rate_limits=options.rate_limits, strict_latest=options.strict_latest)
+        http = HttpClient(settings, token, cancel, stats)
+        previous = PreviousSnapshot.load(options.output) if options.incremental else None
+        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous, cancel)
+        write_json_atomic(snapshot / SUMMARY_NAME, build_summary("running", started, recorder, stats, snapshot))
+        LOG.info("writing snapshot %s", snapshot)
+        docs: List[Dict[str, Any]] = []
+        fatal = False
+        try:
+            check_access(job.api)
+            docs = back_up_docs(job, list_docs(job.api, options, recorder))
+        except FatalError as exc:
+            LOG.error("%s", exc)
+            fatal = True
+        except Cancelled:
+            pass
+        finally:
+            http.close()
+        status = run_status(fatal, cancel.is_set(), recorder)
+        write_json_atomic(snapshot / MANIFEST_NAME, build_manifest(options, started, status, snapshot, docs))
+        summary = build_summary(status, started, recorder, stats, snapshot)
+        write_json_atomic(snapshot / SUMMARY_NAME, summary)
+        if status in ("completed", "completed_with_errors"):
+            point_latest(options.output, snapshot)
+        log_outcome(summary, snapshot)
+        return exit_code(status, received)
+
+
+def run_status(fatal: bool, cancelled: bool, recorder: RunRecorder) -> str:
+    if cancelled:
+        return "cancelled"
+    if fatal:
+        return "failed"
+    return "completed_with_errors" if recorder.failures else "completed"
+
+
+def exit_code(status: str, signals: List[int]) -> int:
+    if status == "cancelled":
+        return EXIT_SIGTERM if signals and signals[0] == signal.SIGTERM else EXIT_SIGINT
+    return {"completed": EXIT_OK, "completed_with_errors": EXIT_FAILURES}.get(status, EXIT_FATAL)
+
+
+def log_outcome(summary: Dict[str, Any], snapshot: Path) -> None:
+    counts = summary["counts"]
+    unchanged = sum(counts["skipped_unchanged"].values())
+    line = (f"backup {summary['status']}: {counts['docs']} docs, {counts['pages']} pages, {counts['tables']} tables, "
+            f"{counts['views']} views, {counts['rows']} rows, {unchanged} unchanged, {counts['failures']} failures, "
+            f"{summary['requests']['total']} requests in {summary['duration_s']:.1f}s -> {snapshot}")
+    (LOG.warning if counts["failures"] or summary["status"] != "completed" else LOG.info)("%s", line)
+
+
+# --- CLI ----------------------------------------------------------------------
+
+
+class RedactingFormatter(logging.Formatter):
+    """Last line of defence: the token is replaced in every formatted log line."""
+
+    def __init__(self, secret: str, fmt: str) -> None:
+        super().__init__(fmt)
+        self._secret = secret
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text.replace(self._secret, "[redacted]") if self._secret else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coda_backup.py",
+        description="Back up a whole Coda workspace (pages as Markdown/HTML, tables and views as CSV) "
+                    "into timestamped snapshot folders.",
+        epilog="The token comes from CODA_API_TOKEN, else the first line of --token-file. "
+               "Exit codes: 0 ok, 1 finished with failures, 2 usage error, 3 fatal API error, "
+               "4 output folder locked, 130/143 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"coda-backup {__version__}")
+    what = parser.add_argument_group("what to back up")
+    what.add_argument("--output", metavar="DIR", help="folder that holds the snapshots (required)")
+    what.add_argument("--token-file", metavar="PATH", help="read the API token from the first line of this file")
+    what.add_argument("--include-shared", action="store_true", help="also back up docs shared with you")
+    what.add_argument("--workspace-id", metavar="ID", help="only docs in this workspace (ws-...)")
+    what.add_argument("--skip-hidden-pages", action="store_true", help="leave out pages that are hidden")
+    what.add_argument("--no-views", action="store_true", help="back up base tables only, not views")
+    what.add_argument("--page-format", choices=("markdown", "html", "both"), default="markdown",
+                      help="page content format (default: markdown)")
+    what.add_argument("--html-pages", action="store_true", help="same as --page-format both")
+    how = parser.add_argument_group("how to run")
+    how.add_argument("--incremental", action="store_true",
+                     help="link unchanged docs, pages and tables from the latest snapshot instead of downloading")
+    how.add_argument("--strict-latest", action="store_true",
+                     help="ask Coda for the newest doc version (X-Coda-Doc-Version: latest); may need retries")
+    how.add_argument("--verify", nargs="?", const=LATEST_LINK, metavar="SNAPSHOT",
+                     help="re-hash a snapshot (default: latest) against its manifest and exit")
+    how.add_argument("--concurrency", type=int, default=4, metavar="N",
+                     help="pages and tables worked on at once (default 4; 1 = serial)")
+    how.add_argument("--max-retries", type=int, default=5, metavar="N",
+                     help="retries per request after the first attempt (default 5)")
+    how.add_argument("--retry-delay", type=float, default=1.0, metavar="SECONDS",
+                     help="first backoff delay, doubled on each retry, with jitter (default 1)")
+    how.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="network timeout per request (default 60)")
+    how.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
+                     help="wait between page-export status polls (default 1)")
+    how.add_argument("--export-timeout", type=float, default=120.0, metavar="SECONDS",
+                     help="give up on one page export after this long (default 120)")
+    how.add_argument("--rate-limits", default=None, metavar="SPEC",
+                     help="client-side pacing, e.g. 'read=100/6,write=10/6,list_docs=4/6' (the default), "
+                          "or 'none'")
+    how.add_argument("--api-url", default=None, metavar="URL",
+                     help=f"API base URL (default: env CODA_API_URL or {DEFAULT_API_URL})")
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--log-level", default="INFO", type=str.upper,
+                      choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log detail on stderr (default INFO)")
+    logs.add_argument("--quiet", action="store_true", help="only errors on stderr (for cron)")
+    return parser
+
+
+def read_token(token_file: Optional[str]) -> str:
+    """CODA_API_TOKEN, else the first line of --token-file; never logged."""
+    token = os.environ.get("CODA_API_TOKEN", "").strip()
+    if not token and token_file:
+        path = Path(token_file)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+            raise ConfigError(f"cannot read the token file {path}: {reason}") from None
+        warn_if_readable_by_others(path)
+        token = (text.splitlines() or [""])[0].strip()
+    if not token:
+        raise ConfigError("no API token: set CODA_API_TOKEN or pass --token-file PATH "
+                          "(create a token in Coda under Account settings > API settings)")
+    if not re.fullmatch(r"[\x21-\x7e]+", token):
+        raise ConfigError("the API token holds spaces or non-ASCII characters; check it")
+    return token
+
+
+def warn_if_readable_by_others(path: Path) -> None:
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            if path.stat().st_mode & 0o077:
+                LOG.warning("token file %s is readable by other users; run: chmod 600 %s", path, path)
+
+
+def parse_rate_limits(spec: Optional[str]) -> Optional[Dict[str, Tuple[int, float]]]:
+    if spec is None:
+        return dict(DEFAULT_RATE_LIMITS)
+    if spec.strip().lower() == "none":
+        return None
+    limits = dict(DEFAULT_RATE_LIMITS)
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*", part)
+        if not match or match.group(1) not in DEFAULT_RATE_LIMITS or int(match.group(2)) < 1 \
+                or float(match.group(3)) <= 0:
+            raise ConfigError(f"--rate-limits: cannot read {part.strip()!r}; "
+                              f"use CATEGORY=REQUESTS/SECONDS with a category of {', '.join(DEFAULT_RATE_LIMITS)}")
+        limits[match.group(1)] = (int(match.group(2)), float(match.group(3)))
+    return limits
+
+
+def api_url_from(value: Optional[str]) -> str:
+    url = (value or os.environ.get("CODA_API_URL") or DEFAULT_API_URL).strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"--api-url must be an http(s) URL without query, like {DEFAULT_API_URL}")
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        LOG.warning("--api-url uses plain http: the token would travel unencrypted")
+    return url
+
+
+def options_from_args(args: argparse.Namespace) -> Options:
+    """Check the flags a parser cannot check; raise ConfigError with one clear line."""
+    if not args.output:
+        raise ConfigError("--output DIR is required: the folder that will hold the snapshots")
+    output = Path(args.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} exists and is not a folder")
+    checks = [
+        (1 <= args.concurrency <= 32, "--concurrency must be between 1 and 32"),
+        (0 <= args.max_retries <= 20, "--max-retries must be between 0 and 20"),
+        (args.retry_delay >= 0, "--retry-delay must not be negative"),
+        (args.timeout > 0, "--timeout must be positive"),
+        (args.poll_interval >= 0, "--poll-interval must not be negative"),
+        (args.export_timeout > 0, "--export-timeout must be positive"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    page_format = "both" if args.html_pages else args.page_format
+    formats = ("markdown", "html") if page_format == "both" else (page_format,)
+    return Options(
+        output=output, api_url=api_url_from(args.api_url), include_shared=args.include_shared,
+        workspace_id=args.workspace_id, skip_hidden_pages=args.skip_hidden_pages, no_views=args.no_views,
+        incremental=args.incremental, strict_latest=args.strict_latest, page_formats=formats,
+        max_retries=args.max_retries, concurrency=args.concurrency, timeout=args.timeout,
+        poll_interval=args.poll_interval, export_timeout=args.export_timeout, retry_delay=args.retry_delay,
+        rate_limits=parse_rate_limits(args.rate_limits),
+    )
+
+
+def run_verify(output: Optional[str], which: str) -> int:
+    """--verify: exit 0 when every file matches the manifest, 1 listing what does not."""
+    if not output:
+        raise ConfigError("--verify needs --output DIR")
+    base = Path(output).expanduser()
+    snapshot = read_latest(base) if which == LATEST_LINK else base / which
+    if snapshot is None or not SNAPSHOT_NAME_RE.match(snapshot.name) or not snapshot.is_dir():
+        raise ConfigError(f"no snapshot {which!r} in {base}")
+    problems = verify_snapshot(snapshot)
+    for problem in problems:
+        print(problem)
+    print(f"{snapshot.name}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return EXIT_FAILURES if problems else EXIT_OK
+
+
+def configure_logging(level: str, quiet: bool, secret: str) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(secret, "%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.ERROR if quiet else getattr(logging, level))
+    LOG.addHandler(handler)
+    LOG.setLevel(handler.level)
+    LOG.propagate = False
+    return handler
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse flags, run, and turn every expected failure into one line and an exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, bad flags: argparse already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler = configure_logging(args.log_level, args.quiet, os.environ.get("CODA_API_TOKEN", "").strip())
+    try:
+        if args.verify is not None:
+            return run_verify(args.output, args.verify)
+        options = options_from_args(args)
+        token = read_token(args.token_file)
+        handler.setFormatter(RedactingFormatter(token, "%(asctime)s %(levelname)s %(message)s"))
+        return run_backup(options, token)
+    except ConfigError as exc:
+        print(f"coda-backup: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LockedError as exc:
+        print(f"coda-backup: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except FatalError as exc:
+        print(f"coda-backup: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    except KeyboardInterrupt:
+        print("coda-backup: interrupted", file=sys.stderr)
+        return EXIT_SIGINT
+    except OSError as exc:  # the disk, not the API: full, read-only, permissions
+        print(f"coda-backup: cannot write the backup: {exc}", file=sys.stderr)
+        return EXIT_FATAL
+    finally:
+        LOG.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
