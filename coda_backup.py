@@ -942,6 +942,16 @@ class RunRecorder:
                                        "pages_not_exportable": 0}
         self.skipped_unchanged: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
         self.failures: List[Dict[str, Any]] = []
+        self.queued = 0  # pages and tables handed to the pool, for the progress line
+        self.settled = 0  # ... and those that ended, one way or another
+
+    def queue(self) -> None:
+        with self._lock:
+            self.queued += 1
+
+    def settle(self) -> None:
+        with self._lock:
+            self.settled += 1
 
     def count(self, key: str, amount: int = 1) -> None:
         with self._lock:
@@ -1081,6 +1091,8 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
         entry["status"] = "failed"
         entry["error"] = str(exc)
         job.recorder.fail("page", doc_id, page["id"], page.get("name"), exc)
+    finally:
+        job.recorder.settle()
     return entry
 
 
@@ -1139,6 +1151,8 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         entry["status"] = "failed"
         entry["error"] = str(exc)
         job.recorder.fail(kind[:-1], doc_id, ref["id"], ref.get("name"), exc)
+    finally:
+        job.recorder.settle()
     return entry
 
 
@@ -1214,11 +1228,13 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
         if job.options.skip_hidden_pages and page.get("isEffectivelyHidden"):
             continue
         stem = job.paths.claim(folder / stems[page["id"]])
+        job.recorder.queue()
         work.pages.append(pool.submit(export_page, job, doc_id, page, stem))
     for table in tables:
         if job.options.no_views and table.get("tableType") == "view":
             continue
         stem = job.paths.claim(folder / table_stem(table))
+        job.recorder.queue()
         work.tables.append(pool.submit(export_table, job, doc_id, table, stem))
     return work
 
@@ -1508,6 +1524,93 @@ def cancel_on_signals(cancel: threading.Event) -> Iterator[List[int]]:
             signal.signal(signum, old)
 
 
+class StatusLine:
+    """stderr for a person at a terminal: one live status line that log lines scroll above.
+
+    The logging handler writes through it, so a log line first clears the
+    status line and the status is drawn again below it.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._text = ""
+        self._lock = threading.Lock()
+
+    def write(self, data: str) -> int:
+        with self._lock:
+            self._stream.write("\r\x1b[K" + data)
+            if data.endswith("\n") and self._text:
+                self._stream.write(self._text)
+            self._stream.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def show(self, text: str) -> None:
+        with self._lock:
+            self._text = text
+            self._stream.write("\r\x1b[K" + text)
+            self._stream.flush()
+
+
+class Monitor:
+    """Background heartbeat of a run: the progress line and a `running` summary.json.
+
+    Another process (or a person) can watch a long run by reading
+    summary.json, which is rewritten every SUMMARY_EVERY seconds.
+    """
+
+    SUMMARY_EVERY = 5.0
+    DRAW_EVERY = 0.5
+
+    def __init__(self, write_summary: Callable[[], None], recorder: RunRecorder, stats: RequestStats,
+                 status_line: Optional[StatusLine]) -> None:
+        self._write_summary = write_summary
+        self._recorder = recorder
+        self._stats = stats
+        self._line = status_line
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="coda-monitor", daemon=True)
+
+    def __enter__(self) -> Monitor:
+        self._write_summary()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._line is not None:
+            self._line.show("")
+
+    def _loop(self) -> None:
+        last_summary = time.monotonic()
+        while not self._stop.wait(self.DRAW_EVERY):
+            if self._line is not None:
+                self._line.show(self.progress_text())
+            if time.monotonic() - last_summary >= self.SUMMARY_EVERY:
+                last_summary = time.monotonic()
+                with contextlib.suppress(OSError):
+                    self._write_summary()
+
+    def progress_text(self) -> str:
+        counts = self._recorder.as_counts()
+        requests = self._stats.as_dict()
+        elapsed = max(0.001, time.monotonic() - self._started)
+        queued, settled = self._recorder.queued, self._recorder.settled
+        eta = "?"
+        if settled and queued > settled:
+            eta = f"{elapsed * (queued - settled) / settled:.0f}s"
+        elif queued and queued == settled:
+            eta = "0s"
+        return (f"docs {counts['docs']} | objects {settled}/{queued} | pages {counts['pages']} "
+                f"| tables {counts['tables'] + counts['views']} | rows {counts['rows']:,} "
+                f"| {requests['total'] / elapsed:.1f} req/s | 429s {requests['rate_limited']} "
+                f"| failures {counts['failures']} | ETA {eta}")
+
+
 def check_access(api: CodaApi) -> Dict[str, Any]:
     """Call /whoami first: a bad token or an unreachable API ends the run before any work."""
     try:
@@ -1579,7 +1682,7 @@ def build_manifest(options: Options, started: dt.datetime, status: str, snapshot
     }
 
 
-def run_backup(options: Options, token: str) -> int:
+def run_backup(options: Options, token: str, status_line: Optional[StatusLine] = None) -> int:
     """One whole run: lock, snapshot, back up, write summary and manifest, move latest."""
     try:
         make_private_dir(options.output)
@@ -1596,20 +1699,24 @@ def run_backup(options: Options, token: str) -> int:
         http = HttpClient(settings, token, cancel, stats)
         previous = PreviousSnapshot.load(options.output) if options.incremental else None
         job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous, cancel)
-        write_json_atomic(snapshot / SUMMARY_NAME, build_summary("running", started, recorder, stats, snapshot))
         LOG.info("writing snapshot %s", snapshot)
         docs: List[Dict[str, Any]] = []
         fatal = False
-        try:
-            check_access(job.api)
-            docs = back_up_docs(job, list_docs(job.api, options, recorder))
-        except FatalError as exc:
-            LOG.error("%s", exc)
-            fatal = True
-        except Cancelled:
-            pass
-        finally:
-            http.close()
+
+        def write_running_summary() -> None:
+            write_json_atomic(snapshot / SUMMARY_NAME, build_summary("running", started, recorder, stats, snapshot))
+
+        with Monitor(write_running_summary, recorder, stats, status_line):
+            try:
+                check_access(job.api)
+                docs = back_up_docs(job, list_docs(job.api, options, recorder))
+            except FatalError as exc:
+                LOG.error("%s", exc)
+                fatal = True
+            except Cancelled:
+                pass
+            finally:
+                http.close()
         status = run_status(fatal, cancel.is_set(), recorder)
         write_json_atomic(snapshot / MANIFEST_NAME, build_manifest(options, started, status, snapshot, docs))
         summary = build_summary(status, started, recorder, stats, snapshot)
@@ -1807,8 +1914,8 @@ def run_verify(output: Optional[str], which: str) -> int:
     return EXIT_FAILURES if problems else EXIT_OK
 
 
-def configure_logging(level: str, quiet: bool, secret: str) -> logging.Handler:
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(level: str, stream: Any, quiet: bool, secret: str) -> logging.Handler:
+    handler: logging.Handler = logging.StreamHandler(stream)
     handler.setFormatter(RedactingFormatter(secret, "%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.ERROR if quiet else getattr(logging, level))
     LOG.addHandler(handler)
@@ -1824,14 +1931,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, bad flags: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    handler = configure_logging(args.log_level, args.quiet, os.environ.get("CODA_API_TOKEN", "").strip())
+    status_line = StatusLine(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
+    handler = configure_logging(args.log_level, status_line or sys.stderr, args.quiet,
+                                os.environ.get("CODA_API_TOKEN", "").strip())
     try:
         if args.verify is not None:
             return run_verify(args.output, args.verify)
         options = options_from_args(args)
         token = read_token(args.token_file)
         handler.setFormatter(RedactingFormatter(token, "%(asctime)s %(levelname)s %(message)s"))
-        return run_backup(options, token)
+        return run_backup(options, token, status_line)
     except ConfigError as exc:
         print(f"coda-backup: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

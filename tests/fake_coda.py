@@ -694,7 +694,11 @@ def _find(objects: Sequence[Any], id_or_name: str) -> Optional[Any]:
 
 @dataclass
 class RequestRecord:
-    """One request as the fake saw it; ``status`` 0 means the connection was dropped."""
+    """One request as the fake saw it.
+
+    ``path`` is relative to /apis/v1 on the API host; ``status`` 0 means the connection was reset;
+    ``ended`` is taken when the reply is ready, just before it is written.
+    """
 
     host: str
     method: str
@@ -717,7 +721,6 @@ class _Request:
     path: str
     query: Dict[str, str]
     headers: Dict[str, str]
-    raw_body: bytes
     body: Any
 
 
@@ -887,10 +890,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         fake = self.server.fake
         request = self._read_request()
+        # The request stops counting as in flight before its reply is written: a client that
+        # sends its next request the moment it reads this reply must not look concurrent.
         with fake._tracked(request) as record:
             reply = fake._respond(request, record)
             record.status = 0 if reply.reset else reply.status
-            self._send(reply, request)
+        self._send(reply, request)
         if fake._stopping.is_set():
             self.close_connection = True
 
@@ -913,7 +918,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw_body.decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
                 body = None
-        return _Request(kind, self.command, self.path, path, query, headers, raw_body, body)
+        return _Request(kind, self.command, self.path, path, query, headers, body)
 
     def _send(self, reply: _Reply, request: _Request) -> None:
         if reply.reset:
@@ -933,7 +938,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
-        except (ConnectionError, socket.timeout, OSError):
+        except OSError:  # the client hung up (e.g. after its own timeout)
             self.close_connection = True
 
     def _reset(self) -> None:
@@ -1196,7 +1201,7 @@ class FakeCoda:
 
     @contextlib.contextmanager
     def _tracked(self, request: _Request) -> Iterator[RequestRecord]:
-        """Log the request and count it as in flight (API host) until its reply is written."""
+        """Log the request and count it as in flight (API host) while its reply is computed."""
         record = RequestRecord(
             host=request.host, method=request.method, path=request.path,
             query=dict(request.query), headers=dict(request.headers), body=request.body,
