@@ -82,6 +82,9 @@ RATE_RECOVERY_WINDOWS = 5.0  # after a 429, climb back to the full rate over thi
 MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
 
+# Enough workers to keep the write limit busy while exports render (about 3 s each).
+DEFAULT_CONCURRENCY = 8
+
 MAX_EXPORT_STARTS = 4  # an export whose request expires (404) is started again this often
 MAX_LINK_REFRESHES = 4  # an expired download link is fetched again this often
 
@@ -267,6 +270,7 @@ class ClientSettings:
     retry_delay: float = 1.0
     rate_limits: Optional[Dict[str, Tuple[int, float]]] = None
     strict_latest: bool = False
+    max_in_flight: int = DEFAULT_CONCURRENCY
 
 
 @dataclass
@@ -310,6 +314,8 @@ class HttpClient:
             name: RateLimiter(limit, window) for name, (limit, window) in (settings.rate_limits or {}).items()
         }
         self._local = threading.local()
+        # Held only while a request is on the wire, never while pacing or backing off.
+        self._in_flight = threading.BoundedSemaphore(settings.max_in_flight)
         self._rng = random.Random()
         self._ssl = ssl.create_default_context()
 
@@ -437,9 +443,10 @@ class HttpClient:
         conn = self._connection(parts.scheme, parts.netloc)
         LOG.debug("%s %s", method, _redact_url(url))
         try:
-            conn.request(method, target, body=body, headers=headers)
-            raw = conn.getresponse()
-            data = raw.read()
+            with self._in_flight:
+                conn.request(method, target, body=body, headers=headers)
+                raw = conn.getresponse()
+                data = raw.read()
             reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)
             if raw.will_close:
                 self._drop_connection(parts.scheme, parts.netloc)
@@ -917,7 +924,7 @@ class Options:
     strict_latest: bool = False
     page_formats: Tuple[str, ...] = ("markdown",)
     max_retries: int = 5
-    concurrency: int = 4
+    concurrency: int = DEFAULT_CONCURRENCY
     timeout: float = 60.0
     poll_interval: float = 1.0
     export_timeout: float = 120.0
@@ -1695,7 +1702,8 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
         recorder, stats = RunRecorder(), RequestStats()
         settings = ClientSettings(api_url=options.api_url, max_retries=options.max_retries,
                                   timeout=options.timeout, retry_delay=options.retry_delay,
-                                  rate_limits=options.rate_limits, strict_latest=options.strict_latest)
+                                  rate_limits=options.rate_limits, strict_latest=options.strict_latest,
+                                  max_in_flight=options.concurrency)
         http = HttpClient(settings, token, cancel, stats)
         previous = PreviousSnapshot.load(options.output) if options.incremental else None
         job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous, cancel)
@@ -1792,8 +1800,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ask Coda for the newest doc version (X-Coda-Doc-Version: latest); may need retries")
     how.add_argument("--verify", nargs="?", const=LATEST_LINK, metavar="SNAPSHOT",
                      help="re-hash a snapshot (default: latest) against its manifest and exit")
-    how.add_argument("--concurrency", type=int, default=4, metavar="N",
-                     help="pages and tables worked on at once (default 4; 1 = serial)")
+    how.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
+                     help=f"pages and tables worked on at once, and the most requests in flight "
+                          f"(default {DEFAULT_CONCURRENCY}; 1 = serial)")
     how.add_argument("--max-retries", type=int, default=5, metavar="N",
                      help="retries per request after the first attempt (default 5)")
     how.add_argument("--retry-delay", type=float, default=1.0, metavar="SECONDS",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import coda_backup as cb  # noqa: E402
+import coda_backup as cb
 
 META = ["_row_id", "_row_name", "_row_index", "_created_at", "_updated_at", "_browser_link"]
 

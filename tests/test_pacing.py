@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import coda_backup as cb  # noqa: E402
+import coda_backup as cb
 
 
 class Clock:
