@@ -34,6 +34,7 @@ import contextlib
 import csv
 import datetime as dt
 import email.utils
+import fnmatch
 import gzip
 import hashlib
 import http.client
@@ -592,6 +593,29 @@ class CodaApi:
         params = {"limit": str(ROW_LIMIT), "valueFormat": "simpleWithArrays"}
         return self._paginate(path, params, doc_scoped=True)
 
+    def iter_formulas(self, doc_id: str) -> Iterator[Dict[str, Any]]:
+        return self._paginate(f"/docs/{_quote(doc_id)}/formulas", {"limit": str(LIST_LIMIT)}, doc_scoped=True)
+
+    def iter_controls(self, doc_id: str) -> Iterator[Dict[str, Any]]:
+        return self._paginate(f"/docs/{_quote(doc_id)}/controls", {"limit": str(LIST_LIMIT)}, doc_scoped=True)
+
+    def get_item(self, doc_id: str, kind: str, item_id: str) -> Dict[str, Any]:
+        """One formula or control with its value (the lists give names only)."""
+        path = f"/docs/{_quote(doc_id)}/{kind}/{_quote(item_id)}"
+        return _expect_dict(self.http.get_json(path, doc_scoped=True), path)
+
+    def sharing(self, doc_id: str) -> Dict[str, Any]:
+        """Permissions, ACL settings and metadata of a doc; owners only (others get 403)."""
+        base = f"/docs/{_quote(doc_id)}/acl"
+        permissions, problem = read_all(self._paginate(f"{base}/permissions", {"limit": str(LIST_LIMIT)}))
+        if problem is not None:
+            raise problem
+        return {
+            "permissions": permissions,
+            "settings": self.http.get_json(f"{base}/settings"),
+            "metadata": self.http.get_json(f"{base}/metadata"),
+        }
+
     def start_export(self, doc_id: str, page_id: str, output_format: str) -> str:
         path = f"/docs/{_quote(doc_id)}/pages/{_quote(page_id)}/export"
         answer = _expect_dict(self.http.post_json(path, {"outputFormat": output_format}, doc_scoped=True), path)
@@ -862,29 +886,39 @@ def csv_record(row: Dict[str, Any], column_ids: List[str]) -> List[str]:
     return [csv_cell(value) for value in meta] + [csv_cell(values.get(column_id)) for column_id in column_ids]
 
 
-def write_rows_csv(path: Path, columns: List[Dict[str, Any]],
-                   rows: Iterator[Dict[str, Any]]) -> Tuple[int, Optional[BackupError]]:
-    """Stream rows into a CSV file, one page of results at a time.
+def write_rows_csv(path: Path, columns: List[Dict[str, Any]], rows: Iterator[Dict[str, Any]],
+                   ndjson_path: Optional[Path] = None) -> Tuple[int, Optional[BackupError]]:
+    """Stream rows into a CSV file (and, if asked, NDJSON), one page of results at a time.
 
-    A listing that ends early (ListingIncomplete) keeps the rows read and
-    returns the error; an API failure discards the temp file and raises.
+    Memory stays flat whatever the table size. A listing that ends early
+    (ListingIncomplete) keeps the rows read and returns the error; an API
+    failure discards the temp files and raises.
     """
     column_ids = [str(column.get("id")) for column in columns]
     count = 0
     problem: Optional[BackupError] = None
-    with atomic_file(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+    with contextlib.ExitStack() as files:
+        text = io.TextIOWrapper(files.enter_context(atomic_file(path)), encoding="utf-8", newline="")
+        files.callback(text.detach)  # flushes; the raw file stays open for atomic_file to fsync
+        ndjson = files.enter_context(atomic_file(ndjson_path)) if ndjson_path is not None else None
+        writer = csv.writer(text, lineterminator="\r\n")
+        writer.writerow(csv_header(columns))
         try:
-            writer = csv.writer(text, lineterminator="\r\n")
-            writer.writerow(csv_header(columns))
             for row in rows:
                 writer.writerow(csv_record(row, column_ids))
+                if ndjson is not None:
+                    ndjson.write(ndjson_line(row))
                 count += 1
         except ListingIncomplete as exc:
             problem = exc
-        finally:
-            text.detach()  # flushes; the raw file stays open for atomic_file to fsync
     return count, problem
+
+
+def ndjson_line(row: Dict[str, Any]) -> bytes:
+    """One row as a JSON line, values keyed by column id, for a lossless copy beside the CSV."""
+    record = {key: row.get(key) for key in ("id", "name", "index", "createdAt", "updatedAt", "browserLink")}
+    record["values"] = row.get("values") if isinstance(row.get("values"), dict) else {}
+    return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -906,8 +940,10 @@ ROLE_SUFFIXES = {
     "csv": ".csv",
     "columns": ".columns.json",
     "table": ".table.json",
+    "rows": ".rows.ndjson",
 }
-DOC_FILES = {"doc": "doc.json", "pages": "pages.json", "tables": "tables.json"}
+DOC_FILES = {"doc": "doc.json", "pages": "pages.json", "tables": "tables.json",
+             "formulas": "formulas.json", "controls": "controls.json", "permissions": "permissions.json"}
 
 
 @dataclass(frozen=True)
@@ -930,6 +966,14 @@ class Options:
     export_timeout: float = 120.0
     retry_delay: float = 1.0
     rate_limits: Optional[Dict[str, Tuple[int, float]]] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    rows_json: bool = False
+    extras: bool = True
+    docs: Tuple[str, ...] = ()
+    exclude_docs: Tuple[str, ...] = ()
+    exclude_tables: Tuple[str, ...] = ()
+    retry_failed: bool = False
+    keep: Optional[int] = None
+    zip: bool = False
 
     def layout_key(self) -> Dict[str, Any]:
         """The choices that change which files a doc has; a doc is reused only when they match."""
@@ -937,7 +981,14 @@ class Options:
             "page_formats": list(self.page_formats),
             "skip_hidden_pages": self.skip_hidden_pages,
             "no_views": self.no_views,
+            "rows_json": self.rows_json,
+            "extras": self.extras,
+            "exclude_tables": list(self.exclude_tables),
         }
+
+    @property
+    def reuses_previous(self) -> bool:
+        return self.incremental or self.retry_failed
 
 
 class RunRecorder:
@@ -949,6 +1000,7 @@ class RunRecorder:
                                        "pages_not_exportable": 0}
         self.skipped_unchanged: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
         self.failures: List[Dict[str, Any]] = []
+        self.skipped: List[Dict[str, Any]] = []  # optional items the API refused (not failures)
         self.queued = 0  # pages and tables handed to the pool, for the progress line
         self.settled = 0  # ... and those that ended, one way or another
 
@@ -975,6 +1027,11 @@ class RunRecorder:
         with self._lock:
             self.failures.append({"kind": kind, "doc_id": doc_id, "id": object_id,
                                   "name": None if name is None else str(name), "error": text})
+
+    def skip(self, kind: str, doc_id: str, reason: str) -> None:
+        LOG.info("%s of doc %s skipped: %s", kind, doc_id, reason)
+        with self._lock:
+            self.skipped.append({"kind": kind, "doc_id": doc_id, "reason": reason})
 
     def as_counts(self) -> Dict[str, Any]:
         with self._lock:
@@ -1077,8 +1134,8 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
     try:
         previous = job.previous.reusable_page(page, formats) if job.previous else None
         if previous is not None:
-            entry["files"] = job.link_files(previous["files"], stem)
-            entry["status"] = "unchanged"
+            entry.update(files=job.link_files(previous["files"], stem), status="unchanged",
+                         updatedAt=previous["updatedAt"])
             job.recorder.unchanged("pages")
         elif page.get("contentType", "canvas") != "canvas":
             entry["status"] = "skipped"
@@ -1131,21 +1188,24 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         parent_table = table.get("parentTable")
         entry.update(updatedAt=table.get("updatedAt"), rowCount=table.get("rowCount"),
                      parentTableId=_ref_id(parent_table), browserLink=table.get("browserLink", entry["browserLink"]))
-        entry["files"].append(job.write_json(with_suffix(stem, ".table.json"), table, "table"))
         previous = job.previous.reusable_table(ref["id"], table) if job.previous else None
         if previous is not None:
-            reused = [record for record in previous["files"] if record["role"] != "table"]
-            entry["files"].extend(job.link_files(reused, stem))
-            entry.update(status="unchanged", rowCount=previous.get("rowCount"))
+            entry["files"].extend(job.link_files(previous["files"], stem))
+            entry.update(status="unchanged", rowCount=previous.get("rowCount"), updatedAt=previous["updatedAt"])
             job.recorder.unchanged(kind)
         else:
+            entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table"))
             columns, problem = read_all(api.iter_columns(doc_id, ref["id"]))
             if problem is not None:
                 raise problem
             entry["files"].append(job.write_json(with_suffix(stem, ".columns.json"), columns, "columns"))
-            csv_path = with_suffix(stem, ".csv")
-            count, problem = write_rows_csv(inside(job.root, csv_path), columns, api.iter_rows(doc_id, ref["id"]))
+            csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
+            ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
+            count, problem = write_rows_csv(inside(job.root, csv_path), columns, api.iter_rows(doc_id, ref["id"]),
+                                            inside(job.root, ndjson_path) if ndjson_path else None)
             entry["files"].append(dict(file_record(job.root, csv_path), role="csv"))
+            if ndjson_path is not None:
+                entry["files"].append(dict(file_record(job.root, ndjson_path), role="rows"))
             entry["rowCount"] = count
             if problem is not None:
                 raise problem
@@ -1170,15 +1230,18 @@ class DocWork:
     entry: Dict[str, Any]
     pages: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
     tables: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
+    extras: List[concurrent.futures.Future[List[Dict[str, Any]]]] = field(default_factory=list)
 
     def finish(self) -> Dict[str, Any]:
         """Wait for the doc's objects; leave out the ones a cancellation stopped."""
         self.entry["pages"].extend(_finished(self.pages))
         self.entry["tables"].extend(_finished(self.tables))
+        for records in _finished(self.extras):
+            self.entry["files"].extend(records)
         return self.entry
 
 
-def _finished(futures: List[concurrent.futures.Future[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+def _finished(futures: List[concurrent.futures.Future[Any]]) -> List[Any]:
     results = []
     for future in futures:
         try:
@@ -1217,6 +1280,8 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
         link_whole_doc(job, previous, entry)
         return work
     doc_id = doc["id"]
+    if job.previous is not None and job.previous.ignore_updates and doc_id in job.previous.docs:
+        entry["updatedAt"] = job.previous.docs[doc_id].get("updatedAt")
     entry["files"].append(job.write_json(folder / DOC_FILES["doc"], doc, "doc"))
     pages, problem = read_all(job.api.iter_pages(doc_id))
     if isinstance(problem, ApiError):
@@ -1231,25 +1296,74 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
             entry.update(status="failed", error=str(listing_problem))
             job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), listing_problem)
     stems = page_stems(pages)
-    for page in pages:
-        if job.options.skip_hidden_pages and page.get("isEffectivelyHidden"):
-            continue
+    for page in selected_pages(job.options, pages):
         stem = job.paths.claim(folder / stems[page["id"]])
         job.recorder.queue()
         work.pages.append(pool.submit(export_page, job, doc_id, page, stem))
-    for table in tables:
-        if job.options.no_views and table.get("tableType") == "view":
-            continue
+    for table in selected_tables(job.options, doc, tables):
         stem = job.paths.claim(folder / table_stem(table))
         job.recorder.queue()
         work.tables.append(pool.submit(export_table, job, doc_id, table, stem))
+    if job.options.extras:
+        work.extras.append(pool.submit(export_doc_extras, job, doc_id, folder))
     return work
+
+
+def selected_pages(options: Options, pages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    return [page for page in pages if not (options.skip_hidden_pages and page.get("isEffectivelyHidden"))]
+
+
+def selected_tables(options: Options, doc: Dict[str, Any], tables: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Tables and views to back up: --no-views and --exclude-table (`Doc/Table` by name or id)."""
+    chosen = []
+    for table in tables:
+        if options.no_views and table.get("tableType") == "view":
+            continue
+        keys = (f"{doc.get('name')}/{table.get('name')}", f"{doc['id']}/{table['id']}")
+        if any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in options.exclude_tables):
+            continue
+        chosen.append(table)
+    return chosen
+
+
+def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> List[Dict[str, Any]]:
+    """formulas.json, controls.json and permissions.json, where the token may read them.
+
+    The lists give names only, so each formula and control is fetched for its
+    value. A 403 (sharing settings are for owners) is a skipped item, not a failure.
+    """
+    api = job.api
+
+    def with_values(kind: str, refs: Iterator[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        items, problem = read_all(refs)
+        if problem is not None:
+            raise problem
+        return [api.get_item(doc_id, kind, item["id"]) for item in items]
+
+    fetchers: List[Tuple[str, Callable[[], Any]]] = [
+        ("formulas", lambda: with_values("formulas", api.iter_formulas(doc_id))),
+        ("controls", lambda: with_values("controls", api.iter_controls(doc_id))),
+        ("permissions", lambda: api.sharing(doc_id)),
+    ]
+    records = []
+    for role, fetch in fetchers:
+        try:
+            records.append(job.write_json(folder / DOC_FILES[role], fetch(), role))
+        except ApiError as exc:
+            if exc.status in (401, 403):
+                job.recorder.skip(role, doc_id, f"not allowed for this token (HTTP {exc.status})")
+            else:
+                job.recorder.fail(role, doc_id, doc_id, role, exc)
+        except ListingIncomplete as exc:
+            job.recorder.fail(role, doc_id, doc_id, role, exc)
+    return records
 
 
 def link_whole_doc(job: Job, previous: Dict[str, Any], entry: Dict[str, Any]) -> None:
     """Carry an unchanged doc over from the previous snapshot, file by file."""
     recorder = job.recorder
-    entry.update(status="unchanged", path=previous["path"], files=job.link_files(previous["files"]))
+    entry.update(status="unchanged", path=previous["path"], files=job.link_files(previous["files"]),
+                 updatedAt=previous["updatedAt"])
     for page in previous["pages"]:
         entry["pages"].append(dict(page, files=job.link_files(page["files"]),
                                    status="unchanged" if page["status"] != "skipped" else "skipped"))
@@ -1406,8 +1520,10 @@ class RunLock:
 class PreviousSnapshot:
     """The last finished snapshot and its manifest, indexed by object id for --incremental."""
 
-    def __init__(self, root: Path, manifest: Dict[str, Any]) -> None:
+    def __init__(self, root: Path, manifest: Dict[str, Any], ignore_updates: bool = False) -> None:
         self.root = root
+        # --retry-failed: reuse every object that was saved, changed or not; refetch only failures.
+        self.ignore_updates = ignore_updates
         self.layout = manifest.get("options", {}).get("layout")
         self.docs: Dict[str, Dict[str, Any]] = {}
         self.pages: Dict[str, Dict[str, Any]] = {}
@@ -1425,20 +1541,19 @@ class PreviousSnapshot:
                     raise ValueError(f"unknown file role {record['role']!r}")
 
     @classmethod
-    def load(cls, output: Path) -> Optional[PreviousSnapshot]:
+    def load(cls, output: Path, ignore_updates: bool = False) -> Optional[PreviousSnapshot]:
         """Read `latest`'s manifest; anything wrong means a full backup, with a warning."""
         root = read_latest(output)
         if root is None:
-            LOG.warning("--incremental: no previous snapshot in %s; making a full backup", output)
+            LOG.warning("no previous snapshot in %s; making a full backup", output)
             return None
         try:
             manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
             if manifest.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"manifest version {manifest.get('version')!r}")
-            return cls(root, manifest)
+            return cls(root, manifest, ignore_updates)
         except (OSError, ValueError, KeyError, TypeError, AttributeError, BackupError) as exc:
-            LOG.warning("--incremental: cannot use %s (%s); making a full backup",
-                        root / MANIFEST_NAME, exc)
+            LOG.warning("cannot use the previous manifest %s (%s); making a full backup", root / MANIFEST_NAME, exc)
             return None
 
     def reusable_doc(self, doc: Dict[str, Any], layout: Dict[str, Any]) -> Optional[Dict[str, Any]]:
@@ -1465,8 +1580,8 @@ class PreviousSnapshot:
         return entry if self._unchanged(entry, table.get("updatedAt")) else None
 
     def _unchanged(self, entry: Dict[str, Any], updated_at: Any) -> bool:
-        return (bool(updated_at) and entry.get("updatedAt") == updated_at
-                and entry.get("status") in REUSABLE_STATUSES and self._files_present(entry))
+        same = self.ignore_updates or (bool(updated_at) and entry.get("updatedAt") == updated_at)
+        return same and entry.get("status") in REUSABLE_STATUSES and self._files_present(entry)
 
     def _files_present(self, entry: Dict[str, Any]) -> bool:
         for record in entry["files"]:
@@ -1634,8 +1749,25 @@ def list_docs(api: CodaApi, options: Options, recorder: RunRecorder) -> List[Dic
         raise FatalError(_fatal_message("listing docs", problem)) from problem
     if problem is not None:
         recorder.fail("listing", None, None, "docs", problem)
+    docs = select_docs(docs, options, recorder)
     LOG.info("%d doc(s) to back up", len(docs))
     return docs
+
+
+def select_docs(docs: List[Dict[str, Any]], options: Options, recorder: RunRecorder) -> List[Dict[str, Any]]:
+    """Apply --doc and --exclude-doc (ids or exact names); warn about --doc values that match nothing."""
+    def matches(doc: Dict[str, Any], wanted: str) -> bool:
+        return wanted in (doc["id"], doc.get("name"))
+
+    chosen = [doc for doc in docs if not any(matches(doc, value) for value in options.exclude_docs)]
+    if options.docs:
+        for value in options.docs:
+            if not any(matches(doc, value) for doc in docs):
+                LOG.warning("--doc %s matched no doc this token lists", value)
+        chosen = [doc for doc in chosen if any(matches(doc, value) for value in options.docs)]
+        if not chosen:
+            recorder.fail("filter", None, None, "--doc", "no doc matched --doc " + ", ".join(options.docs))
+    return chosen
 
 
 def _fatal_message(action: str, exc: ApiError) -> str:
@@ -1670,6 +1802,7 @@ def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stat
         "duration_s": round((finished - started).total_seconds(), 3),
         "counts": recorder.as_counts(),
         "failures": list(recorder.failures),
+        "skipped": list(recorder.skipped),
         "requests": stats.as_dict(),
     }
 
@@ -1705,7 +1838,7 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                                   rate_limits=options.rate_limits, strict_latest=options.strict_latest,
                                   max_in_flight=options.concurrency)
         http = HttpClient(settings, token, cancel, stats)
-        previous = PreviousSnapshot.load(options.output) if options.incremental else None
+        previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
         job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous, cancel)
         LOG.info("writing snapshot %s", snapshot)
         docs: List[Dict[str, Any]] = []
