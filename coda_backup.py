@@ -54,6 +54,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import zipfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -122,6 +123,7 @@ MANIFEST_VERSION = 1
 REUSABLE_STATUSES = ("ok", "unchanged")
 
 LOG = logging.getLogger("coda_backup")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
 # --- Errors -------------------------------------------------------------------
@@ -788,6 +790,11 @@ def _ref_name(ref: Any) -> str:
     return str(ref.get("name") or "") if isinstance(ref, dict) else ""
 
 
+def printable(text: Any) -> str:
+    """A name from the API made safe for a terminal or log line (no escape sequences)."""
+    return "".join("?" if unicodedata.category(ch) in ("Cc", "Cf") else ch for ch in str(text))
+
+
 def inside(root: Path, relative: PurePosixPath) -> Path:
     """Join a relative path under root, refusing anything that would leave it."""
     if relative.is_absolute() or any(part in ("", ".", "..") for part in relative.parts):
@@ -1023,7 +1030,8 @@ class RunRecorder:
     def fail(self, kind: str, doc_id: Optional[str], object_id: Optional[str], name: Any, error: Any) -> None:
         """Record one failed object; the run goes on and ends with exit 1."""
         text = str(error) or error.__class__.__name__
-        LOG.error("%s %s (%s) in doc %s failed: %s", kind, object_id, name, doc_id, text)
+        LOG.error("%s %s (%s) in doc %s failed: %s", kind, printable(object_id), printable(name),
+                  printable(doc_id), printable(text))
         with self._lock:
             self.failures.append({"kind": kind, "doc_id": doc_id, "id": object_id,
                                   "name": None if name is None else str(name), "error": text})
@@ -1593,6 +1601,96 @@ class PreviousSnapshot:
         return True
 
 
+def snapshot_folders(output: Path) -> List[Path]:
+    """Snapshot folders in --output, oldest first (names sort by time; -2, -3 after the plain one)."""
+    if not output.is_dir():
+        return []
+    found = [path for path in output.iterdir() if SNAPSHOT_NAME_RE.match(path.name) and path.is_dir()]
+    return sorted(found, key=lambda path: (path.name.split("-", 3)[:3], _same_second_number(path.name)))
+
+
+def _same_second_number(name: str) -> int:
+    tail = name.rsplit("Z", 1)[-1]
+    return int(tail[1:]) if tail.startswith("-") else 1
+
+
+def read_summary(snapshot: Path) -> Dict[str, Any]:
+    """A snapshot's summary.json, or a stand-in saying why there is none."""
+    try:
+        summary = json.loads((snapshot / SUMMARY_NAME).read_text(encoding="utf-8"))
+        if isinstance(summary, dict):
+            return summary
+    except (OSError, ValueError):
+        pass
+    return {"status": "unknown"}
+
+
+def folder_sizes(folder: Path) -> Tuple[int, int]:
+    """Bytes of all files, and of files not hard-linked from another snapshot (what deleting frees)."""
+    total = unique = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if path.is_file() and not path.is_symlink():
+                total += info.st_size
+                unique += info.st_size if info.st_nlink == 1 else 0
+    return total, unique
+
+
+def describe_runs(output: Path) -> List[Dict[str, Any]]:
+    """Every snapshot with status, times, counts, failures and size, newest first."""
+    latest = read_latest(output)
+    runs = []
+    for folder in reversed(snapshot_folders(output)):
+        summary = read_summary(folder)
+        size, unique = folder_sizes(folder)
+        counts = summary.get("counts") if isinstance(summary.get("counts"), dict) else {}
+        runs.append({
+            "snapshot": folder.name,
+            "latest": latest is not None and folder.name == latest.name,
+            "status": summary.get("status", "unknown"),
+            "started_at": summary.get("started_at"),
+            "duration_s": summary.get("duration_s"),
+            "counts": counts,
+            "failures": len(summary.get("failures") or []),
+            "size_bytes": size,
+            "unique_bytes": unique,
+            "zip": (output / f"{folder.name}.zip").is_file(),
+        })
+    return runs
+
+
+def prune_snapshots(output: Path, keep: int, current: Path) -> List[str]:
+    """Delete finished snapshots beyond the newest `keep` (never `latest`, the current or a running one).
+
+    Hard links make this safe: a file shared with a kept snapshot lives on there.
+    """
+    latest = read_latest(output)
+    protected = {current.name, latest.name if latest else ""}
+    finished = [folder for folder in reversed(snapshot_folders(output))
+                if read_summary(folder).get("status") in ("completed", "completed_with_errors")]
+    removed = []
+    for folder in finished[keep:]:
+        if folder.name in protected:
+            continue
+        LOG.info("--keep %d: removing old snapshot %s", keep, folder.name)
+        shutil.rmtree(folder)
+        with contextlib.suppress(FileNotFoundError):
+            (output / f"{folder.name}.zip").unlink()
+        removed.append(folder.name)
+    return removed
+
+
+def zip_snapshot(snapshot: Path) -> Path:
+    """Write `<snapshot>.zip` beside the folder (ZIP64, deflate), atomically."""
+    target = snapshot.parent / f"{snapshot.name}.zip"
+    with atomic_file(target) as raw, zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for path in sorted(snapshot.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                archive.write(path, f"{snapshot.name}/{path.relative_to(snapshot).as_posix()}")
+    return target
+
+
 def manifest_files(manifest: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
     for doc in manifest.get("docs", []):
         yield from doc.get("files", [])
@@ -1783,11 +1881,78 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         try:
             for doc in docs:
                 job.api.http.check_cancelled()
-                LOG.info("doc %s (%s)", doc["id"], doc.get("name"))
+                LOG.info("doc %s (%s)", printable(doc["id"]), printable(doc.get("name")))
                 works.append(backup_doc(job, doc, pool))
         except Cancelled:
             pool.shutdown(wait=True, cancel_futures=True)
         return [work.finish() for work in works]
+
+
+def dry_run(options: Options, token: str) -> int:
+    """--dry-run: say what a run would back up and what --incremental would skip.
+
+    Lists docs, pages and tables and reads each table's metadata for its row
+    count; makes no export request, reads no rows, writes nothing, takes no lock.
+    """
+    cancel = threading.Event()
+    settings = ClientSettings(api_url=options.api_url, max_retries=options.max_retries, timeout=options.timeout,
+                              retry_delay=options.retry_delay, rate_limits=options.rate_limits,
+                              max_in_flight=options.concurrency)
+    api = CodaApi(HttpClient(settings, token, cancel))
+    recorder = RunRecorder()
+    previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
+    totals = {"docs": 0, "pages": 0, "tables": 0, "views": 0, "rows": 0, "unchanged": 0}
+    with cancel_on_signals(cancel):
+        try:
+            check_access(api)
+            for doc in list_docs(api, options, recorder):
+                totals["docs"] += 1
+                if previous is not None and previous.reusable_doc(doc, options.layout_key()) is not None:
+                    totals["unchanged"] += 1
+                    print(f"doc {printable(doc.get('name'))} ({printable(doc['id'])}): unchanged, would be linked")
+                    continue
+                print(f"doc {printable(doc.get('name'))} ({printable(doc['id'])})")
+                plan_doc(api, options, previous, doc, totals, recorder)
+        except FatalError as exc:
+            print(f"coda-backup: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+        except Cancelled:
+            return EXIT_SIGINT
+    print(f"would back up {totals['docs']} docs, {totals['pages']} pages, {totals['tables']} tables, "
+          f"{totals['views']} views, {totals['rows']} rows; {totals['unchanged']} unchanged "
+          f"(linked, not downloaded); {len(recorder.failures)} problems")
+    return EXIT_FAILURES if recorder.failures else EXIT_OK
+
+
+def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot], doc: Dict[str, Any],
+             totals: Dict[str, int], recorder: RunRecorder) -> None:
+    """Print one doc's pages and tables for --dry-run."""
+    pages, page_problem = read_all(api.iter_pages(doc["id"]))
+    tables, table_problem = read_all(api.iter_tables(doc["id"]))
+    for problem in (page_problem, table_problem):
+        if problem is not None:
+            recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), problem)
+    for page in selected_pages(options, pages):
+        unchanged = previous is not None and previous.reusable_page(page, options.page_formats) is not None
+        exportable = page.get("contentType", "canvas") == "canvas"
+        note = "unchanged" if unchanged else ("export" if exportable else "not exportable")
+        totals["pages"] += 1
+        totals["unchanged"] += int(unchanged)
+        print(f"  page  {printable(page.get('name'))} ({printable(page['id'])}): {note}")
+    for ref in selected_tables(options, doc, tables):
+        kind = "view" if ref.get("tableType") == "view" else "table"
+        try:
+            table = api.get_table(doc["id"], ref["id"])
+        except ApiError as exc:
+            recorder.fail(kind, doc["id"], ref["id"], ref.get("name"), exc)
+            continue
+        unchanged = previous is not None and previous.reusable_table(ref["id"], table) is not None
+        rows = table.get("rowCount")
+        totals[f"{kind}s"] += 1
+        totals["rows"] += rows if isinstance(rows, int) else 0
+        totals["unchanged"] += int(unchanged)
+        print(f"  {kind:<5} {printable(ref.get('name'))} ({printable(ref['id'])}): {rows} rows, "
+              f"{'unchanged' if unchanged else 'read'}")
 
 
 def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
@@ -1863,9 +2028,26 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
         summary = build_summary(status, started, recorder, stats, snapshot)
         write_json_atomic(snapshot / SUMMARY_NAME, summary)
         if status in ("completed", "completed_with_errors"):
+            if options.zip:
+                summary = archive(snapshot, started, recorder, stats)
+                status = summary["status"]
             point_latest(options.output, snapshot)
+            if options.keep is not None:
+                prune_snapshots(options.output, options.keep, snapshot)
         log_outcome(summary, snapshot)
         return exit_code(status, received)
+
+
+def archive(snapshot: Path, started: dt.datetime, recorder: RunRecorder, stats: RequestStats) -> Dict[str, Any]:
+    """--zip after the summary is final; a zip that cannot be written is a recorded failure."""
+    try:
+        LOG.info("wrote %s", zip_snapshot(snapshot))
+        return read_summary(snapshot)
+    except OSError as exc:
+        recorder.fail("zip", None, snapshot.name, f"{snapshot.name}.zip", exc)
+        summary = build_summary("completed_with_errors", started, recorder, stats, snapshot)
+        write_json_atomic(snapshot / SUMMARY_NAME, summary)
+        return summary
 
 
 def run_status(fatal: bool, cancelled: bool, recorder: RunRecorder) -> str:
@@ -1926,13 +2108,37 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--page-format", choices=("markdown", "html", "both"), default="markdown",
                       help="page content format (default: markdown)")
     what.add_argument("--html-pages", action="store_true", help="same as --page-format both")
+    what.add_argument("--rows-json", action="store_true",
+                      help="also write each table's rows as NDJSON (<table>.rows.ndjson), values keyed by column id")
+    what.add_argument("--no-extras", action="store_true",
+                      help="skip formulas.json, controls.json and permissions.json (fewer requests)")
+    what.add_argument("--doc", action="append", default=[], metavar="ID_OR_NAME",
+                      help="back up only this doc (repeatable)")
+    what.add_argument("--exclude-doc", action="append", default=[], metavar="ID_OR_NAME",
+                      help="leave this doc out (repeatable)")
+    what.add_argument("--exclude-table", action="append", default=[], metavar="GLOB",
+                      help="leave out tables and views whose 'Doc/Table' name (or 'docId/tableId') matches "
+                           "(repeatable), e.g. 'CRM/Archive*'")
     how = parser.add_argument_group("how to run")
     how.add_argument("--incremental", action="store_true",
                      help="link unchanged docs, pages and tables from the latest snapshot instead of downloading")
     how.add_argument("--strict-latest", action="store_true",
                      help="ask Coda for the newest doc version (X-Coda-Doc-Version: latest); may need retries")
-    how.add_argument("--verify", nargs="?", const=LATEST_LINK, metavar="SNAPSHOT",
-                     help="re-hash a snapshot (default: latest) against its manifest and exit")
+    how.add_argument("--retry-failed", action="store_true",
+                     help="fetch again only what failed in the latest run; link everything else")
+    how.add_argument("--dry-run", action="store_true",
+                     help="list what would be backed up (and what --incremental would skip); write nothing")
+    how.add_argument("--keep", type=int, metavar="N",
+                     help="after a finished run, delete the oldest finished snapshots beyond the newest N")
+    how.add_argument("--zip", action="store_true", help="also write DIR/<snapshot>.zip after a finished run")
+    how.add_argument("--config", metavar="FILE",
+                     help="TOML file with defaults for any flag (keys like page-format); flags override it")
+    runs = parser.add_argument_group("run management")
+    runs.add_argument("--verify", nargs="?", const=LATEST_LINK, metavar="SNAPSHOT",
+                      help="re-hash a snapshot (default: latest) against its manifest and exit")
+    runs.add_argument("--list-runs", action="store_true",
+                      help="list the snapshots in --output, newest first, and exit")
+    runs.add_argument("--json", action="store_true", help="with --list-runs: print JSON")
     how.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                      help=f"pages and tables worked on at once, and the most requests in flight "
                           f"(default {DEFAULT_CONCURRENCY}; 1 = serial)")
@@ -1955,6 +2161,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--log-level", default="INFO", type=str.upper,
                       choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log detail on stderr (default INFO)")
     logs.add_argument("--quiet", action="store_true", help="only errors on stderr (for cron)")
+    logs.add_argument("--log-file", metavar="PATH", help="also write the log to this file")
     return parser
 
 
@@ -2025,6 +2232,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         (args.timeout > 0, "--timeout must be positive"),
         (args.poll_interval >= 0, "--poll-interval must not be negative"),
         (args.export_timeout > 0, "--export-timeout must be positive"),
+        (args.keep is None or args.keep >= 1, "--keep must be at least 1"),
+        (not (args.incremental and args.retry_failed), "--incremental and --retry-failed do not go together"),
     ]
     for ok, message in checks:
         if not ok:
@@ -2037,7 +2246,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
         incremental=args.incremental, strict_latest=args.strict_latest, page_formats=formats,
         max_retries=args.max_retries, concurrency=args.concurrency, timeout=args.timeout,
         poll_interval=args.poll_interval, export_timeout=args.export_timeout, retry_delay=args.retry_delay,
-        rate_limits=parse_rate_limits(args.rate_limits),
+        rate_limits=parse_rate_limits(args.rate_limits), rows_json=args.rows_json, extras=not args.no_extras,
+        docs=tuple(args.doc), exclude_docs=tuple(args.exclude_doc), exclude_tables=tuple(args.exclude_table),
+        retry_failed=args.retry_failed, keep=args.keep, zip=args.zip,
     )
 
 
@@ -2056,13 +2267,90 @@ def run_verify(output: Optional[str], which: str) -> int:
     return EXIT_FAILURES if problems else EXIT_OK
 
 
+def run_list(output: Optional[str], as_json: bool) -> int:
+    """--list-runs: the snapshots in --output, newest first."""
+    if not output:
+        raise ConfigError("--list-runs needs --output DIR")
+    runs = describe_runs(Path(output).expanduser())
+    if as_json:
+        print(json.dumps(runs, indent=2))
+        return EXIT_OK
+    if not runs:
+        print(f"no snapshots in {output}")
+    for run in runs:
+        counts = run["counts"]
+        duration = f"{run['duration_s']:.0f}s" if isinstance(run["duration_s"], (int, float)) else "?"
+        print(f"{run['snapshot']}{' (latest)' if run['latest'] else ''}  {run['status']:<21} "
+              f"started {run['started_at'] or '?'}  {duration}  "
+              f"docs {counts.get('docs', '?')} pages {counts.get('pages', '?')} tables {counts.get('tables', '?')} "
+              f"views {counts.get('views', '?')} rows {counts.get('rows', '?')}  failures {run['failures']}  "
+              f"{run['size_bytes'] / 1e6:.1f} MB ({run['unique_bytes'] / 1e6:.1f} MB own)")
+    return EXIT_OK
+
+
+def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+    """Make a TOML file's keys the parser's defaults, so command-line flags still win."""
+    if sys.version_info < (3, 11):
+        raise ConfigError("--config needs Python 3.11 or newer (tomllib); pass the flags on the command line")
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"cannot read --config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "version", "config")}
+    defaults = {}
+    for key, value in data.items():
+        dest = key.replace("-", "_")
+        if dest not in actions:
+            raise ConfigError(f"--config {path}: unknown key {key!r}")
+        defaults[dest] = config_value(actions[dest], key, value)
+    parser.set_defaults(**defaults)
+
+
+def config_value(action: argparse.Action, key: str, value: Any) -> Any:
+    """Check one config value against what the flag accepts."""
+    if isinstance(action, argparse._StoreTrueAction):
+        valid = isinstance(value, bool)
+    elif isinstance(action, argparse._AppendAction):
+        valid = isinstance(value, list) and all(isinstance(item, str) for item in value)
+    elif action.type is int:
+        valid = isinstance(value, int) and not isinstance(value, bool)
+    elif action.type is float:
+        valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        valid = isinstance(value, str)
+        value = action.type(value) if valid and callable(action.type) else value
+    if valid and action.choices is not None and value not in action.choices:
+        valid = False
+    if not valid:
+        raise ConfigError(f"--config: bad value {value!r} for {key!r}")
+    return value
+
+
 def configure_logging(level: str, stream: Any, quiet: bool, secret: str) -> logging.Handler:
     handler: logging.Handler = logging.StreamHandler(stream)
-    handler.setFormatter(RedactingFormatter(secret, "%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(RedactingFormatter(secret, LOG_FORMAT))
     handler.setLevel(logging.ERROR if quiet else getattr(logging, level))
     LOG.addHandler(handler)
-    LOG.setLevel(handler.level)
+    LOG.setLevel(getattr(logging, level))
     LOG.propagate = False
+    return handler
+
+
+def log_file_handler(path: str, level: str, secret: str) -> logging.Handler:
+    """--log-file: appends, created 0600 (the log names docs and pages)."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot open --log-file {path}: {exc.strerror or exc}") from None
+    handler.setFormatter(RedactingFormatter(secret, LOG_FORMAT))
+    handler.setLevel(getattr(logging, level))
+    LOG.addHandler(handler)
     return handler
 
 
@@ -2071,17 +2359,30 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        if args.config:
+            apply_config(parser, args.config)
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, bad flags: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except ConfigError as exc:
+        print(f"coda-backup: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
-    handler = configure_logging(args.log_level, status_line or sys.stderr, args.quiet,
-                                os.environ.get("CODA_API_TOKEN", "").strip())
+    secret = os.environ.get("CODA_API_TOKEN", "").strip()
+    handlers = [configure_logging(args.log_level, status_line or sys.stderr, args.quiet, secret)]
     try:
+        if args.log_file:
+            handlers.append(log_file_handler(args.log_file, args.log_level, secret))
         if args.verify is not None:
             return run_verify(args.output, args.verify)
+        if args.list_runs:
+            return run_list(args.output, args.json)
         options = options_from_args(args)
         token = read_token(args.token_file)
-        handler.setFormatter(RedactingFormatter(token, "%(asctime)s %(levelname)s %(message)s"))
+        for handler in handlers:
+            handler.setFormatter(RedactingFormatter(token, LOG_FORMAT))
+        if args.dry_run:
+            return dry_run(options, token)
         return run_backup(options, token, status_line)
     except ConfigError as exc:
         print(f"coda-backup: error: {exc}", file=sys.stderr)
@@ -2099,7 +2400,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"coda-backup: cannot write the backup: {exc}", file=sys.stderr)
         return EXIT_FATAL
     finally:
-        LOG.removeHandler(handler)
+        for handler in handlers:
+            LOG.removeHandler(handler)
+            handler.close()
 
 
 if __name__ == "__main__":
