@@ -317,6 +317,8 @@ class HttpClient:
             name: RateLimiter(limit, window) for name, (limit, window) in (settings.rate_limits or {}).items()
         }
         self._local = threading.local()
+        self._opened: List[http.client.HTTPConnection] = []  # every thread's, for close()
+        self._opened_lock = threading.Lock()
         # Held only while a request is on the wire, never while pacing or backing off.
         self._in_flight = threading.BoundedSemaphore(settings.max_in_flight)
         self._rng = random.Random()
@@ -356,9 +358,11 @@ class HttpClient:
             raise Cancelled("cancelled")
 
     def close(self) -> None:
-        for conn in getattr(self._local, "connections", {}).values():
+        """Close every keep-alive connection; call once the workers are done."""
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
             conn.close()
-        self._local.connections = {}
 
     # Retry loop ---------------------------------------------------------------
 
@@ -475,6 +479,8 @@ class HttpClient:
             else:
                 raise ApiError(0, f"unsupported URL scheme {scheme!r}")
             connections[(scheme, netloc)] = conn
+            with self._opened_lock:
+                self._opened.append(conn)
         return conn
 
     def _drop_connection(self, scheme: str, netloc: str) -> None:
@@ -537,8 +543,9 @@ def _retry_after(value: Optional[str]) -> Optional[float]:
 
 
 def _looks_like_storage_error(body: bytes) -> bool:
-    head = body[:200].lstrip()
-    return head.startswith(b"<?xml") or head.startswith(b"<Error>")
+    """S3-style `<Error><Code>AccessDenied</Code>...`, which storage may even send with HTTP 200."""
+    head = body[:300].lstrip()
+    return head.startswith((b"<?xml", b"<Error>")) and b"<Error>" in head and b"<Code>" in head
 
 
 def _redact_url(url: str) -> str:
@@ -1882,7 +1889,13 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
             for doc in docs:
                 job.api.http.check_cancelled()
                 LOG.info("doc %s (%s)", printable(doc["id"]), printable(doc.get("name")))
-                works.append(backup_doc(job, doc, pool))
+                try:
+                    works.append(backup_doc(job, doc, pool))
+                except Cancelled:
+                    raise
+                except Exception as exc:  # one bad doc must never stop the run
+                    LOG.debug("doc %s failed", doc["id"], exc_info=True)
+                    job.recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), exc)
         except Cancelled:
             pool.shutdown(wait=True, cancel_futures=True)
         return [work.finish() for work in works]
