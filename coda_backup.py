@@ -382,7 +382,7 @@ class HttpClient:
 
         def attempt() -> Any:
             response = self._send(method, url, headers, payload)
-            return _interpret_api_response(response, url, strict)
+            return _interpret_api_response(response, url, strict, self._token)
 
         return self._with_retries(attempt, category, url)
 
@@ -489,8 +489,12 @@ class HttpClient:
             conn.close()
 
 
-def _interpret_api_response(response: Response, url: str, strict: bool) -> Any:
-    """Turn one API answer into JSON, a _Transient to retry, or an ApiError."""
+def _interpret_api_response(response: Response, url: str, strict: bool, secret: str) -> Any:
+    """Turn one API answer into JSON, a _Transient to retry, or an ApiError.
+
+    Error text is kept for the summary, so the token is cut out of it first: a
+    proxy's error page may echo the request headers.
+    """
     status = response.status
     if 200 <= status < 300:
         try:
@@ -498,6 +502,8 @@ def _interpret_api_response(response: Response, url: str, strict: bool) -> Any:
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Transient(f"HTTP {status} with a body that is not valid JSON", status) from exc
     message = _error_message(response.body)
+    if secret:
+        message = message.replace(secret, "[redacted]")
     if status == 429:
         raise _Transient("HTTP 429: rate limited", 429, _retry_after(response.headers.get("retry-after")))
     if status >= 500:
@@ -813,8 +819,19 @@ def inside(root: Path, relative: PurePosixPath) -> Path:
 
 
 def make_private_dir(path: Path) -> None:
-    """mkdir -p with 0700 folders: backups hold private data."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """mkdir -p where every folder it creates is 0700: backups hold private data.
+
+    Path.mkdir(parents=True) would give the intermediate folders default modes.
+    """
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir(mode=0o700)
 
 
 @contextlib.contextmanager
@@ -2301,6 +2318,18 @@ def run_list(output: Optional[str], as_json: bool) -> int:
     return EXIT_OK
 
 
+def reparse_with_config(parser: argparse.ArgumentParser, cli: argparse.Namespace,
+                        argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse again with the config file's defaults; a repeatable flag given on the command
+    line replaces the file's list instead of adding to it."""
+    apply_config(parser, cli.config)
+    args = parser.parse_args(argv)
+    for action in parser._actions:
+        if isinstance(action, argparse._AppendAction) and getattr(cli, action.dest):
+            setattr(args, action.dest, getattr(cli, action.dest))
+    return args
+
+
 def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
     """Make a TOML file's keys the parser's defaults, so command-line flags still win."""
     if sys.version_info < (3, 11):
@@ -2373,8 +2402,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.config:
-            apply_config(parser, args.config)
-            args = parser.parse_args(argv)
+            args = reparse_with_config(parser, args, argv)
     except SystemExit as exc:  # --help, --version, bad flags: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except ConfigError as exc:
