@@ -1422,9 +1422,15 @@ def iso(moment: dt.datetime) -> str:
 
 
 def create_snapshot(output: Path, now: dt.datetime) -> Path:
-    """Make `DIR/<UTC timestamp>/`; a second run in the same second gets -2, -3, ..."""
+    """Make `DIR/<UTC timestamp>/`; a second run in the same second gets -2, -3, ...
+
+    The number is always above any already used in that second (even if an
+    older one was pruned), so names keep sorting in the order runs started.
+    """
     base = now.strftime(SNAPSHOT_TIME_FORMAT)
-    for number in range(1, 1000):
+    used = [number for stamp, number in map(snapshot_key, snapshot_folders(output)) if stamp == base]
+    first = max(used, default=0) + 1
+    for number in range(first, first + 1000):
         candidate = output / (base if number == 1 else f"{base}-{number}")
         try:
             candidate.mkdir(mode=0o700)
@@ -1630,12 +1636,13 @@ def snapshot_folders(output: Path) -> List[Path]:
     if not output.is_dir():
         return []
     found = [path for path in output.iterdir() if SNAPSHOT_NAME_RE.match(path.name) and path.is_dir()]
-    return sorted(found, key=lambda path: (path.name.split("-", 3)[:3], _same_second_number(path.name)))
+    return sorted(found, key=snapshot_key)
 
 
-def _same_second_number(name: str) -> int:
-    tail = name.rsplit("Z", 1)[-1]
-    return int(tail[1:]) if tail.startswith("-") else 1
+def snapshot_key(folder: Path) -> Tuple[str, int]:
+    """(timestamp, number in that second): `2026-03-07T101530Z-2` -> ("2026-03-07T101530Z", 2)."""
+    stamp, _, number = folder.name.partition("Z-")
+    return (stamp + "Z", int(number)) if number else (folder.name, 1)
 
 
 def read_summary(snapshot: Path) -> Dict[str, Any]:

@@ -860,6 +860,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = 60  # idle keep-alive connections are closed after this, like a real server
+    # Headers and body go out in two sends; without TCP_NODELAY every keep-alive request
+    # would wait ~40 ms for a delayed ACK.
+    disable_nagle_algorithm = True
     server: _Server
 
     @property
@@ -998,6 +1001,11 @@ class FakeCoda:
         self.repeat_token: Optional[Union[str, Pattern[str]]] = None
         self.max_limit = DEFAULT_MAX_LIMIT
         self.gzip = False
+        # Test hooks on the API host, called on the handler thread: before_api(request) before
+        # anything else (to look at the disk mid-run), after_api(request, reply) once the reply
+        # is ready (to script a fault for a later page of a listing, which add_fault cannot).
+        self.before_api: List[Callable[[Any], None]] = []
+        self.after_api: List[Callable[[Any, Any], None]] = []
         # observations
         self.log: List[RequestRecord] = []
         self.errors: List[str] = []
@@ -1234,6 +1242,15 @@ class FakeCoda:
             return _error_reply(500, "fake_coda internal error")
 
     def _respond_api(self, request: _Request, record: RequestRecord) -> _Reply:
+        """Hooks around the reply; see :attr:`before_api` and :attr:`after_api`."""
+        for hook in list(self.before_api):
+            hook(request)
+        reply = self._answer_api(request, record)
+        for after in list(self.after_api):
+            after(request, reply)
+        return reply
+
+    def _answer_api(self, request: _Request, record: RequestRecord) -> _Reply:
         """Latency, auth, faults (scripted, then random), rate limit, then the route."""
         self._pause(self.latency)
         if request.headers.get("authorization") != f"Bearer {self.token}":

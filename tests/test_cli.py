@@ -1,0 +1,177 @@
+"""The command line: exit codes, one-line messages, where the token and the API URL come from.
+
+Runs `coda_backup.main([...])` in-process against the fake (support.BackupTestCase). Most cases
+stop before any backup work; the ones that run use an empty or one-page workspace.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import unittest
+from pathlib import Path
+from typing import List
+
+from support import FAST_FLAGS, TOKEN, BackupTestCase, coda_backup
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Flags the contract names (seed 001 first, then the later extras) and --api-url.
+SEED_FLAGS = ["--output", "--token-file", "--include-shared", "--workspace-id", "--skip-hidden-pages", "--no-views",
+              "--incremental", "--strict-latest", "--log-level", "--max-retries", "--api-url"]
+LATER_FLAGS = ["--page-format", "--dry-run", "--doc", "--exclude-doc", "--concurrency", "--quiet", "--zip", "--keep",
+               "--retry-failed", "--list-runs", "--config"]
+
+
+def closed_port_url() -> str:
+    """An API URL on 127.0.0.1 where nothing listens (the port was free a moment ago)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/apis/v1"
+
+
+class CliTestCase(BackupTestCase):
+    def message_lines(self) -> List[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    def assert_clean_error(self, code: int, expected: int) -> None:
+        """Exit code as expected, something on stderr, and no traceback."""
+        self.assertEqual(code, expected, self.stderr)
+        self.assertTrue(self.message_lines(), "no message on stderr")
+        self.assertNotIn("Traceback", self.stderr)
+
+    def assert_nothing_done(self) -> None:
+        """A usage error makes no request and no snapshot."""
+        self.assertEqual(self.fake.requests(host=None), [])
+        snapshots = [p for p in self.out.iterdir() if re.match(r"\d{4}-", p.name)] if self.out.exists() else []
+        self.assertEqual(snapshots, [])
+
+    def token_file(self, text: str) -> Path:
+        path = self.out.parent / "token.txt"
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o600)
+        return path
+
+
+class TokenTest(CliTestCase):
+    def test_no_token_exits_2_with_one_clear_line(self) -> None:
+        for value in (None, "", "   "):
+            with self.subTest(CODA_API_TOKEN=value):
+                self.set_env("CODA_API_TOKEN", value)
+                code = self.run_backup()
+                self.assert_clean_error(code, 2)
+                self.assertEqual(len(self.message_lines()), 1, self.stderr)
+                self.assertIn("CODA_API_TOKEN", self.stderr)
+                self.assertIn("--token-file", self.stderr)
+                self.assert_nothing_done()
+
+    def test_token_file_first_line_stripped(self) -> None:
+        self.set_env("CODA_API_TOKEN", None)
+        for text in (f"{TOKEN}\n", f"  {TOKEN}  \r\nsecond line\n", TOKEN, f"{TOKEN}\nnot-the-token\n"):
+            with self.subTest(text=text):
+                self.fake.clear_log()
+                self.assertEqual(self.run_backup("--token-file", str(self.token_file(text))), 0, self.stderr)
+                whoami = self.fake.requests("GET", r"^/whoami$")
+                self.assertEqual(len(whoami), 1)
+                self.assertEqual(whoami[0].headers.get("authorization"), f"Bearer {TOKEN}")
+
+    def test_environment_wins_over_token_file(self) -> None:
+        path = self.token_file("wrong-token-from-file\n")
+        self.assertEqual(self.run_backup("--token-file", str(path)), 0, self.stderr)
+        self.assertEqual(self.fake.requests("GET", r"^/whoami$")[0].headers.get("authorization"), f"Bearer {TOKEN}")
+
+    def test_unusable_token_file_exits_2(self) -> None:
+        self.set_env("CODA_API_TOKEN", None)
+        cases = {
+            "missing": str(self.out.parent / "no-such-token.txt"),
+            "a folder": str(self.out.parent),
+            "empty": str(self.token_file("")),
+            "blank first line": str(self.token_file("\n" + TOKEN + "\n")),
+        }
+        for label, path in cases.items():
+            with self.subTest(label):
+                code = self.run_backup("--token-file", path)
+                self.assert_clean_error(code, 2)
+                self.assertEqual(len(self.message_lines()), 1, self.stderr)
+                self.assert_nothing_done()
+
+    def test_refused_token_exits_3_with_a_message(self) -> None:
+        self.set_env("CODA_API_TOKEN", "wrong-token-Qp7")
+        code = self.run_backup()
+        self.assert_clean_error(code, 3)
+        self.assertRegex(self.stderr, r"401|token")
+        self.assertNotIn("wrong-token-Qp7", self.stderr, "the token must never be printed")
+        self.assertEqual([r.path for r in self.fake.requests()], ["/whoami"], "nothing after a refused token")
+
+
+class UsageTest(CliTestCase):
+    def test_output_is_required(self) -> None:
+        code = self.run_main(["--api-url", self.fake.api_url] + FAST_FLAGS)
+        self.assert_clean_error(code, 2)
+        self.assertIn("--output", self.stderr)
+        self.assertEqual(self.fake.requests(host=None), [])
+
+    def test_bad_flag_values_exit_2(self) -> None:
+        cases = [
+            ["--concurrency", "0"],
+            ["--concurrency", "many"],
+            ["--max-retries", "-1"],
+            ["--page-format", "pdf"],
+            ["--log-level", "LOUD"],
+            ["--no-such-flag"],
+            ["--api-url", "ftp://example.com/apis/v1"],
+        ]
+        for extra in cases:
+            with self.subTest(extra=extra):
+                code = self.run_backup(*extra)
+                self.assert_clean_error(code, 2)
+                self.assert_nothing_done()
+
+    def test_help_lists_every_contract_flag_the_parser_has(self) -> None:
+        known = set(coda_backup.build_parser()._option_string_actions)
+        self.assertEqual([flag for flag in SEED_FLAGS if flag not in known], [], "seed 001 flags missing")
+        self.assertEqual(self.run_main(["--help"]), 0)
+        for flag in SEED_FLAGS + LATER_FLAGS:
+            if flag in known:
+                with self.subTest(flag=flag):
+                    self.assertRegex(self.stdout, rf"(?<![\w-]){re.escape(flag)}(?![\w-])")
+        self.assertIn("CODA_API_TOKEN", self.stdout)
+
+    def test_version(self) -> None:
+        self.assertEqual(self.run_main(["--version"]), 0)
+        match = re.search(r'^version\s*=\s*"([^"]+)"', (ROOT / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+        assert match is not None
+        self.assertIn(match.group(1), self.stdout)
+        self.assertEqual(self.fake.requests(host=None), [])
+
+
+class ApiUrlTest(CliTestCase):
+    def test_api_unreachable_exits_3(self) -> None:
+        code = self.run_main(["--output", str(self.out), "--api-url", closed_port_url(), "--max-retries", "1"]
+                             + FAST_FLAGS)
+        self.assert_clean_error(code, 3)
+
+    def test_max_retries_bounds_the_attempts(self) -> None:
+        self.fake.add_fault(r"^/whoami$", status=503, times=None)
+        for retries in (0, 2):
+            with self.subTest(max_retries=retries):
+                self.fake.clear_log()
+                code = self.run_backup("--max-retries", str(retries))
+                self.assert_clean_error(code, 3)
+                self.assertEqual(len(self.fake.requests("GET", r"^/whoami$")), retries + 1)
+
+    def test_coda_api_url_env_is_used_without_the_flag(self) -> None:
+        self.set_env("CODA_API_URL", self.fake.api_url)
+        self.assertEqual(self.run_main(["--output", str(self.out)] + FAST_FLAGS), 0, self.stderr)
+        self.assertEqual([r.path for r in self.fake.requests()][:2], ["/whoami", "/docs"])
+
+    def test_api_url_flag_wins_over_the_env(self) -> None:
+        self.set_env("CODA_API_URL", closed_port_url())
+        self.assertEqual(self.run_backup(), 0, self.stderr)
+        self.assertTrue(self.fake.requests("GET", r"^/whoami$"))
+
+
+if __name__ == "__main__":
+    unittest.main()
+

@@ -1,0 +1,538 @@
+"""--incremental, the manifest and --verify, end to end against the fake.
+
+Every run must leave a snapshot that is complete on its own. With --incremental, an unchanged doc
+is not contacted at all and its files are hard-linked from the latest snapshot; inside a changed
+doc only the changed pages and tables are downloaded again. Anything doubtful (a broken manifest,
+a failed object, a file deleted by hand, other flags) means downloading, never reusing.
+
+Most tests use the small workspace below (fast); the change-detection test uses the fake's sample
+workspace, whose "Wide Table" has no view (a view's updatedAt follows its base table's in the fake,
+so editing a table that has a view changes the view too).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import types
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from fake_coda import FakeCoda, build_sample_workspace
+from support import BackupTestCase, coda_backup, read_csv, read_json, tree_bytes
+
+SNAPSHOT_TIME_FORMAT = "%Y-%m-%dT%H%M%SZ"
+
+
+def build_small_workspace(fake: FakeCoda) -> types.SimpleNamespace:
+    """Two owned docs: Alpha (3 pages, 2 tables, 1 view of "Items") and Beta (1 page, 1 table).
+
+    Four exportable pages, three base tables, one view.
+    """
+    alpha = fake.add_doc("Alpha Doc")
+    overview = alpha.add_page("Overview", content="# Overview\n\nAlpha overview.\n")
+    details = alpha.add_page("Details", parent=overview, content="# Details\n\nA nested page.\n")
+    scratch = alpha.add_page("Scratch", content="# Scratch\n\nWill be deleted.\n")
+    items = alpha.add_table(
+        "Items", parent_page=overview,
+        columns=["Name", {"name": "Qty", "type": "number"}, {"name": "Open", "type": "checkbox"}],
+        rows=[{"Name": "apple", "Qty": 3, "Open": True}, {"Name": "pear", "Qty": 5, "Open": False},
+              {"Name": "plum", "Qty": 7, "Open": True}],
+    )
+    open_id = items.column("Open").id
+    open_items = alpha.add_view(items, "Open Items", row_filter=lambda values: values.get(open_id) is True)
+    plain = alpha.add_table("Plain", columns=["Key", "Value"], parent_page=overview,
+                            rows=[{"Key": "a", "Value": "1"}])
+    beta = fake.add_doc("Beta Doc")
+    home = beta.add_page("Home", content="# Home\n\nBeta home.\n")
+    glossary = beta.add_table("Glossary", columns=["Term", "Meaning"], parent_page=home,
+                              rows=[{"Term": "API", "Meaning": "Application programming interface"}])
+    return types.SimpleNamespace(
+        alpha=alpha, overview=overview, details=details, scratch=scratch, items=items,
+        open_items=open_items, plain=plain, beta=beta, home=home, glossary=glossary,
+        docs=[alpha, beta], pages=[overview, details, scratch, home],
+    )
+
+
+def manifest_entries(manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Doc, page and table entries of a manifest by object id."""
+    found: Dict[str, Dict[str, Any]] = {}
+    for doc in manifest["docs"]:
+        found[doc["id"]] = doc
+        for child in doc["pages"] + doc["tables"]:
+            found[child["id"]] = child
+    return found
+
+
+def manifest_records(manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
+    return list(coda_backup.manifest_files(manifest))
+
+
+def listed_files(root: Path) -> List[str]:
+    """Every file of a snapshot except summary.json and manifest.json, as POSIX relative paths."""
+    return sorted(
+        path.relative_to(root).as_posix() for path in root.rglob("*")
+        if path.is_file() and path.name not in ("summary.json", "manifest.json")
+    )
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flip_one_byte(path: Path) -> None:
+    """Change one byte in place (same size, same inode)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+class IncrementalTestCase(BackupTestCase):
+    def tearDown(self) -> None:
+        self.assertEqual(self.fake.errors, [], "the fake hit an internal error")
+
+    # -- running -----------------------------------------------------------------------
+
+    def backup(self, *flags: str, expect: int = 0, output: Optional[Path] = None, extras: bool = False) -> Path:
+        """Run a backup that must end with `expect`; return the new latest snapshot.
+
+        Formulas, controls and sharing cost five sequential requests per doc and are not what
+        these tests are about, so the small-workspace runs pass --no-extras (every run of a test
+        alike: the flag is part of the layout an incremental run compares).
+        """
+        code = self.run_backup(*flags, *([] if extras else ["--no-extras"]), output=output)
+        self.assertEqual(code, expect, f"exit code; stderr:\n{self.stderr}")
+        latest = coda_backup.read_latest(output or self.out)
+        assert latest is not None
+        return latest
+
+    def verify(self, snapshot_name: Optional[str] = None) -> int:
+        which = [snapshot_name] if snapshot_name else []
+        return self.run_main(["--verify", *which, "--output", str(self.out)])
+
+    def assert_stdout_names(self, word: str, relative: str) -> None:
+        lines = self.stdout.splitlines()
+        self.assertTrue(any(word in line and relative in line for line in lines),
+                        f"no line names {relative} as {word}:\n{self.stdout}")
+
+    # -- the request log ----------------------------------------------------------------
+
+    def export_posts(self) -> List[str]:
+        return [record.path for record in self.fake.requests("POST", r"/export$")]
+
+    def rows_gets(self) -> List[str]:
+        return [record.path for record in self.fake.requests("GET", r"/rows$")]
+
+    def doc_requests(self, doc: Any) -> List[str]:
+        pattern = rf"^/docs/{re.escape(doc.id)}(/|$)"
+        return [f"{record.method} {record.path}" for record in self.fake.requests(None, pattern)]
+
+    @staticmethod
+    def export_path(page: Any) -> str:
+        return f"/docs/{page.doc.id}/pages/{page.id}/export"
+
+    @staticmethod
+    def rows_path(table: Any) -> str:
+        return f"/docs/{table.doc.id}/tables/{table.id}/rows"
+
+    # -- files ---------------------------------------------------------------------------
+
+    def page_file(self, snapshot: Path, page: Any, suffix: str = ".md") -> Path:
+        return self.find_one(snapshot / "docs", f"*__{page.id}{suffix}")
+
+    def table_csv(self, snapshot: Path, table: Any) -> Path:
+        return self.find_one(snapshot / "docs", f"*__{table.id}.csv")
+
+    def assert_linked(self, new: Path, old: Path) -> None:
+        """Same file: a hard link on POSIX (same inode, two or more links), same bytes everywhere."""
+        self.assertEqual(new.read_bytes(), old.read_bytes(), new)
+        if os.name == "posix":
+            self.assertEqual(new.stat().st_ino, old.stat().st_ino, f"{new} is not a hard link of {old}")
+            self.assertGreaterEqual(new.stat().st_nlink, 2, new)
+
+    def assert_not_linked(self, new: Path, old: Path) -> None:
+        if os.name == "posix":
+            self.assertNotEqual(new.stat().st_ino, old.stat().st_ino, f"{new} was linked, not downloaded")
+
+    def assert_no_file_of(self, snapshot: Path, object_id: str) -> None:
+        self.assertEqual(list(snapshot.rglob(f"*{object_id}*")), [], f"files of deleted {object_id} remain")
+
+
+class SnapshotTest(IncrementalTestCase):
+    def test_incremental_snapshot_equals_a_fresh_full_backup_and_outlives_its_predecessor(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        ws.overview.content = "# Overview\n\nQ3: ship the API.\n"
+        ws.overview.touch()
+        ws.plain.set_cell(0, "Value", "edited")
+        second = self.backup("--incremental")
+
+        self.assertEqual([p.name for p in self.snapshots()], sorted([first.name, second.name]))
+        self.assertNotEqual(first, second)
+        for snapshot in (first, second):  # DIR/<UTC timestamp>[-n]/, made just now
+            taken = dt.datetime.strptime(snapshot.name[:18], SNAPSHOT_TIME_FORMAT).replace(tzinfo=dt.timezone.utc)
+            self.assertLess(abs((dt.datetime.now(dt.timezone.utc) - taken).total_seconds()), 300, snapshot.name)
+
+        fresh = self.backup(output=self.out.parent / "fresh")
+        incremental_files = tree_bytes(second)
+        self.assertEqual(sorted(incremental_files), sorted(tree_bytes(fresh)))
+        self.assertEqual(incremental_files, tree_bytes(fresh))
+        self.assertIn("edited", read_csv(self.table_csv(second, ws.plain))[1])
+
+        shutil.rmtree(first)
+        self.assertEqual(tree_bytes(second), incremental_files)
+        self.assertEqual(self.verify(), 0, self.stdout)
+        self.assertEqual(self.verify(second.name), 0, self.stdout)
+
+
+class ChangeDetectionTest(IncrementalTestCase):
+    def test_only_the_changed_page_and_table_are_downloaded_the_rest_is_linked(self) -> None:
+        data = build_sample_workspace(self.fake)
+        doc, roadmap, wide = data["doc"], data["roadmap"], data["wide_table"]
+        first = self.backup(extras=True)
+        old_roadmap = self.page_file(first, roadmap).read_bytes()
+        old_wide = read_csv(self.table_csv(first, wide))
+
+        roadmap.content = "# Roadmap\n\nNew plan: everything changes.\n"
+        roadmap.touch()
+        wide.set_cell(0, "Col 00", "changed-cell")  # Wide Table has no view that would change with it
+        self.fake.clear_log()
+        second = self.backup("--incremental", extras=True)
+
+        # Requests: untouched docs not at all; in the changed doc one export and one table's rows.
+        for untouched in (data["doc2"], data["other_ws_doc"]):
+            self.assertEqual(self.doc_requests(untouched), [], untouched.name)
+        self.assertEqual(self.export_posts(), [self.export_path(roadmap)])
+        rows = self.rows_gets()
+        self.assertTrue(rows, "the changed table's rows were not read")
+        self.assertEqual(set(rows), {self.rows_path(wide)})
+
+        # Every file of an untouched doc is a hard link of the previous snapshot's.
+        for untouched in (data["doc2"], data["other_ws_doc"]):
+            old_folder, new_folder = self.doc_dir(untouched, first), self.doc_dir(untouched, second)
+            relative = listed_files(new_folder)
+            self.assertIn("doc.json", relative)
+            self.assertEqual(relative, listed_files(old_folder))
+            for name in relative:
+                self.assert_linked(new_folder / name, old_folder / name)
+
+        # In the changed doc: unchanged pages and tables linked, changed ones downloaded anew.
+        doc_entry = manifest_entries(self.manifest(second))[doc.id]
+        changed = {roadmap.id, wide.id}
+        for child in doc_entry["pages"] + doc_entry["tables"]:
+            with self.subTest(object=child["name"]):
+                if child["id"] in changed:
+                    self.assertEqual(child["status"], "ok")
+                    continue
+                expected = "skipped" if child["id"] == data["sync_page"].id else "unchanged"
+                self.assertEqual(child["status"], expected)
+                for record in child["files"]:
+                    self.assert_linked(second / record["path"], first / record["path"])
+        self.assert_linked(self.page_file(second, data["page_a"]), self.page_file(first, data["page_a"]))
+        self.assert_linked(self.table_csv(second, data["tasks"]), self.table_csv(first, data["tasks"]))
+        self.assert_linked(self.table_csv(second, data["view"]), self.table_csv(first, data["view"]))
+
+        new_page = self.page_file(second, roadmap)
+        self.assert_not_linked(new_page, self.page_file(first, roadmap))
+        self.assertEqual(new_page.read_text(encoding="utf-8"), roadmap.content)
+        self.assertEqual(self.page_file(first, roadmap).read_bytes(), old_roadmap)  # old snapshot untouched
+        new_csv = self.table_csv(second, wide)
+        self.assert_not_linked(new_csv, self.table_csv(first, wide))
+        new_rows = read_csv(new_csv)
+        self.assertEqual(new_rows[1][new_rows[0].index("Col 00")], "changed-cell")
+        self.assertEqual(new_rows[2:], old_wide[2:])
+        self.assertEqual(read_csv(self.table_csv(first, wide)), old_wide)
+        self.assertNotIn("changed-cell", [cell for row in old_wide for cell in row])
+
+        counts = self.summary(second)["counts"]
+        self.assertEqual(counts["skipped_unchanged"], {
+            "docs": counts["docs"] - 1, "pages": counts["pages"] - 1,
+            "tables": counts["tables"] - 1, "views": counts["views"],
+        })
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+    def test_no_change_rerun_downloads_nothing_and_says_so(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        self.fake.clear_log()
+        second = self.backup("--incremental", "--log-level", "WARNING")
+
+        self.assertEqual(self.export_posts(), [])
+        self.assertEqual(self.rows_gets(), [])
+        for doc in ws.docs:
+            self.assertEqual(self.doc_requests(doc), [], doc.name)
+        self.assertEqual({record.path for record in self.fake.requests()}, {"/whoami", "/docs"})
+        self.assertEqual(self.fake.requests(host="download"), [])
+        self.assertNotIn("WARNING", self.stderr)
+
+        counts = self.summary(second)["counts"]
+        skipped = counts["skipped_unchanged"]
+        self.assertIsInstance(skipped, dict)
+        for kind, expected in {"docs": 2, "pages": 4, "tables": 3, "views": 1}.items():
+            self.assertEqual(skipped.get(kind), expected, kind)
+        self.assertEqual((counts["docs"], counts["pages"], counts["tables"], counts["views"]), (2, 4, 3, 1))
+        entries = manifest_entries(self.manifest(second))
+        self.assertEqual(len(entries), 2 + 4 + 4)
+        for entry in entries.values():
+            self.assertEqual(entry["status"], "unchanged", entry.get("name"))
+        self.assertEqual(tree_bytes(second), tree_bytes(first))
+
+    def test_new_objects_are_fetched_and_deleted_ones_are_gone(self) -> None:
+        ws = build_small_workspace(self.fake)
+        gamma = self.fake.add_doc("Gamma Doc")
+        welcome = gamma.add_page("Welcome")
+        first = self.backup()
+        fresh_page = ws.alpha.add_page("Fresh Page", content="# Fresh\n\nBrand new.\n")
+        fresh_table = ws.alpha.add_table("Fresh Table", columns=["Name"], parent_page=ws.overview,
+                                         rows=[{"Name": "newbie"}])
+        ws.alpha.remove_page(ws.scratch)
+        ws.alpha.remove_table(ws.plain)
+        self.fake.remove_doc(gamma)
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertEqual(self.export_posts(), [self.export_path(fresh_page)])
+        self.assertEqual(set(self.rows_gets()), {self.rows_path(fresh_table)})
+        self.assertEqual(self.page_file(second, fresh_page).read_text(encoding="utf-8"), fresh_page.content)
+        self.assertEqual(read_csv(self.table_csv(second, fresh_table))[1][6:], ["newbie"])
+
+        entries = manifest_entries(self.manifest(second))
+        self.assertIn(fresh_page.id, entries)
+        self.assertIn(fresh_table.id, entries)
+        for gone in (ws.scratch, ws.plain, gamma, welcome):
+            with self.subTest(deleted=gone.name):
+                self.assertNotIn(gone.id, entries)
+                self.assert_no_file_of(second, gone.id)
+                self.assertTrue(list(first.rglob(f"*{gone.id}*")), "the old snapshot lost it too")
+        self.assertEqual(self.summary(second)["counts"]["docs"], 2)
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+
+class ManifestAndVerifyTest(IncrementalTestCase):
+    def assert_manifest_matches_files(self, snapshot: Path) -> Dict[str, Dict[str, Any]]:
+        records = manifest_records(self.manifest(snapshot))
+        self.assertEqual(sorted(record["path"] for record in records), listed_files(snapshot))
+        for record in records:
+            path = snapshot / record["path"]
+            self.assertEqual(record["size"], path.stat().st_size, record["path"])
+            self.assertEqual(record["sha256"], sha256(path), record["path"])
+        return {record["path"]: record for record in records}
+
+    def test_manifest_lists_every_file_with_size_and_sha256(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        first_records = self.assert_manifest_matches_files(first)
+        ws.overview.content = "# Overview\n\nRewritten.\n"
+        ws.overview.touch()
+        second = self.backup("--incremental")
+        second_records = self.assert_manifest_matches_files(second)
+        overview_md = self.page_file(second, ws.overview).relative_to(second).as_posix()
+        self.assertNotEqual(second_records[overview_md]["sha256"], first_records[overview_md]["sha256"])
+        glossary_csv = self.table_csv(second, ws.glossary).relative_to(second).as_posix()
+        self.assertEqual(second_records[glossary_csv], first_records[glossary_csv])
+
+    def test_verify_passes_then_names_altered_and_missing_files(self) -> None:
+        ws = build_small_workspace(self.fake)
+        snapshot = self.backup()
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+        csv_path = self.table_csv(snapshot, ws.items)
+        csv_relative = csv_path.relative_to(snapshot).as_posix()
+        original = csv_path.read_bytes()
+        flip_one_byte(csv_path)
+        self.assertEqual(self.verify(), 1, self.stdout)
+        self.assert_stdout_names("altered", csv_relative)
+        csv_path.write_bytes(original)
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+        page_path = self.page_file(snapshot, ws.details)
+        page_path.unlink()
+        self.assertEqual(self.verify(), 1, self.stdout)
+        self.assert_stdout_names("missing", page_path.relative_to(snapshot).as_posix())
+        self.assertNotIn(csv_relative, self.stdout)
+
+    def test_verify_snapshot_name_checks_that_snapshot(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        second = self.backup("--incremental")
+        gone = self.table_csv(first, ws.glossary)
+        gone.unlink()  # removes the first snapshot's link only
+
+        self.assertEqual(self.verify(first.name), 1, self.stdout)
+        self.assert_stdout_names("missing", gone.relative_to(first).as_posix())
+        self.assertEqual(self.verify(), 0, self.stdout)
+        self.assertEqual(self.verify(second.name), 0, self.stdout)
+        self.assertTrue(self.table_csv(second, ws.glossary).is_file())
+
+    def test_linked_files_keep_the_hashes_of_the_run_that_downloaded_them(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        original_path = self.table_csv(first, ws.glossary)
+        original = original_path.read_bytes()
+        relative = original_path.relative_to(first).as_posix()
+        first_record = {r["path"]: r for r in manifest_records(self.manifest(first))}[relative]
+        self.assertEqual(first_record["sha256"], hashlib.sha256(original).hexdigest())
+        flip_one_byte(original_path)  # damaged after the run, same size: only a hash can tell
+        second = self.backup("--incremental")
+
+        second_record = {r["path"]: r for r in manifest_records(self.manifest(second))}[relative]
+        self.assertEqual(second_record["sha256"], first_record["sha256"])
+        code = self.verify()
+        if (second / relative).read_bytes() != original:  # the damaged file was carried over ...
+            self.assertEqual(code, 1, self.stdout)  # ... so --verify must say so
+            self.assert_stdout_names("altered", relative)
+        else:
+            self.assertEqual(code, 0, self.stdout)
+
+
+class StrictLatestTest(IncrementalTestCase):
+    def test_doc_scoped_requests_carry_the_latest_header_only_when_asked(self) -> None:
+        ws = build_small_workspace(self.fake)
+        self.backup(extras=True)
+        self.assertTrue(self.fake.requests())
+        self.assertEqual([r.path for r in self.fake.requests() if "x-coda-doc-version" in r.headers], [])
+
+        self.fake.clear_log()
+        self.backup("--strict-latest", extras=True)
+        doc_scoped = [  # the doc's content; sharing settings (/acl/...) are not versioned with it
+            record for record in self.fake.requests(None, r"^/docs/[^/]+(/|$)") if "/acl/" not in record.path
+        ]
+        self.assertTrue(any(r.path == self.export_path(ws.overview) for r in doc_scoped))
+        self.assertTrue(any(r.path == self.rows_path(ws.items) for r in doc_scoped))
+        self.assertTrue(any(r.path.endswith("/formulas") for r in doc_scoped))
+        for record in doc_scoped:
+            self.assertEqual(record.headers.get("x-coda-doc-version"), "latest", f"{record.method} {record.path}")
+
+
+class FallbackTest(IncrementalTestCase):
+    def test_broken_or_missing_previous_manifest_means_a_full_backup(self) -> None:
+        build_small_workspace(self.fake)
+        template = self.backup()
+        self.assertEqual(len(self.export_posts()), 4)
+
+        def outside(manifest: Dict[str, Any]) -> str:
+            manifest["docs"][0]["pages"][0]["files"][0]["path"] = "../../x"
+            return json.dumps(manifest)
+
+        def version_999(manifest: Dict[str, Any]) -> str:
+            manifest["version"] = 999
+            return json.dumps(manifest)
+
+        breakers = {
+            "deleted": None,
+            "truncated": lambda manifest: json.dumps(manifest)[:200],
+            "array": lambda manifest: json.dumps(manifest["docs"]),
+            "version 999": version_999,
+            "path outside": outside,
+        }
+        for case, breaker in breakers.items():
+            with self.subTest(case=case):
+                output = self.out.parent / f"broken-{case.replace(' ', '-')}"
+                shutil.copytree(self.out, output, symlinks=True)
+                first = output / template.name
+                manifest_path = first / "manifest.json"
+                if breaker is None:
+                    manifest_path.unlink()
+                else:
+                    manifest_path.write_text(breaker(read_json(manifest_path)), encoding="utf-8")
+
+                self.fake.clear_log()
+                second = self.backup("--incremental", "--log-level", "WARNING", output=output)
+                self.assertNotEqual(second, first)
+                self.assertEqual(len(self.export_posts()), 4, "not a full backup")
+                self.assertEqual(len(set(self.rows_gets())), 4, "not a full backup")
+                self.assertIn("WARNING", self.stderr)
+                self.assertIn("manifest", self.stderr.lower())
+                self.assertEqual(tree_bytes(second), tree_bytes(first))
+                for name in listed_files(second):
+                    self.assert_not_linked(second / name, first / name)
+                self.assertFalse((self.out.parent / "x").exists())
+                self.assertEqual(self.summary(second)["status"], "completed")
+
+    def test_failed_objects_are_fetched_again_and_end_ok(self) -> None:
+        ws = build_small_workspace(self.fake)
+        ws.details.export_fail_times = 10
+        self.fake.add_fault(rf"/tables/{ws.plain.id}/rows$", status=403, times=None)
+        first = self.backup(expect=1)
+        entries = manifest_entries(self.manifest(first))
+        self.assertEqual((entries[ws.details.id]["status"], entries[ws.plain.id]["status"]), ("failed", "failed"))
+
+        ws.details.export_fail_times = 0
+        self.fake.clear_faults()
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertEqual(self.export_posts(), [self.export_path(ws.details)])
+        self.assertEqual(set(self.rows_gets()), {self.rows_path(ws.plain)})
+        entries = manifest_entries(self.manifest(second))
+        self.assertEqual(entries[ws.details.id]["status"], "ok")
+        self.assertEqual(entries[ws.plain.id]["status"], "ok")
+        self.assertEqual(entries[ws.overview.id]["status"], "unchanged")
+        self.assertEqual(self.page_file(second, ws.details).read_text(encoding="utf-8"), ws.details.content)
+        csv_rows = read_csv(self.table_csv(second, ws.plain))
+        self.assertEqual([row[6:] for row in csv_rows], [["Key", "Value"], ["a", "1"]])
+        summary = self.summary(second)
+        self.assertEqual((summary["status"], summary["failures"]), ("completed", []))
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+    def test_changing_page_format_exports_pages_again(self) -> None:
+        ws = build_small_workspace(self.fake)
+        self.backup()
+        self.fake.clear_log()
+        second = self.backup("--incremental", "--page-format", "html")
+
+        posts = self.fake.requests("POST", r"/export$")
+        self.assertEqual(sorted(r.path for r in posts), sorted(self.export_path(p) for p in ws.pages))
+        self.assertEqual({(r.body or {}).get("outputFormat") for r in posts}, {"html"})
+        self.assertEqual(list(second.rglob("*.md")), [])
+        self.assertEqual(len(list(second.rglob("*.html"))), 4)
+        self.assertEqual(self.page_file(second, ws.overview, ".html").read_text(encoding="utf-8"),
+                         ws.overview.render("html"))
+        pages = [e for e in manifest_entries(self.manifest(second)).values() if "formats" in e]
+        self.assertEqual({(e["status"], tuple(e["formats"])) for e in pages}, {("ok", ("html",))})
+
+        self.fake.clear_log()  # the same format again: now the .html files are reused
+        self.backup("--incremental", "--page-format", "html")
+        self.assertEqual(self.export_posts(), [])
+
+    def test_toggling_no_views_reevaluates_views(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        view_csv = self.table_csv(first, ws.open_items).read_bytes()
+
+        second = self.backup("--incremental", "--no-views")
+        self.assert_no_file_of(second, ws.open_items.id)
+        tables = [t for doc in self.manifest(second)["docs"] for t in doc["tables"]]
+        self.assertEqual(sorted(t["id"] for t in tables), sorted([ws.items.id, ws.plain.id, ws.glossary.id]))
+        self.assertEqual(self.summary(second)["counts"]["views"], 0)
+
+        self.fake.clear_log()
+        third = self.backup("--incremental")
+        self.assertIn(self.rows_path(ws.open_items), self.rows_gets())
+        self.assertEqual(self.table_csv(third, ws.open_items).read_bytes(), view_csv)
+        self.assertIn(ws.open_items.id, manifest_entries(self.manifest(third)))
+        self.assertEqual(self.summary(third)["counts"]["views"], 1)
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+    def test_files_deleted_by_hand_are_downloaded_again(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        self.page_file(first, ws.overview).unlink()
+        self.table_csv(first, ws.items).unlink()
+        (self.doc_dir(ws.beta, first) / "doc.json").unlink()  # Beta: only its doc.json is gone
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertEqual(self.export_posts(), [self.export_path(ws.overview)])
+        self.assertEqual(set(self.rows_gets()), {self.rows_path(ws.items)})
+        self.assertEqual(self.page_file(second, ws.overview).read_text(encoding="utf-8"), ws.overview.content)
+        self.assertEqual([row[6:] for row in read_csv(self.table_csv(second, ws.items))][1], ["apple", "3", "true"])
+        doc_json = read_json(self.doc_dir(ws.beta, second) / "doc.json")
+        self.assertEqual((doc_json["id"], doc_json["name"]), (ws.beta.id, ws.beta.name))
+        self.assert_linked(self.page_file(second, ws.details), self.page_file(first, ws.details))
+        self.assert_linked(self.table_csv(second, ws.glossary), self.table_csv(first, ws.glossary))
+        self.assertEqual(self.verify(), 0, self.stdout)
