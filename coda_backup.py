@@ -322,7 +322,7 @@ class HttpClient:
         # Held only while a request is on the wire, never while pacing or backing off.
         self._in_flight = threading.BoundedSemaphore(settings.max_in_flight)
         self._rng = random.Random()
-        self._ssl = ssl.create_default_context()
+        self._ssl: Optional[ssl.SSLContext] = None  # made on first https use (~50 ms)
 
     # Public calls -------------------------------------------------------------
 
@@ -473,6 +473,8 @@ class HttpClient:
         conn = connections.get((scheme, netloc))
         if conn is None:
             if scheme == "https":
+                with self._opened_lock:
+                    self._ssl = self._ssl or ssl.create_default_context()
                 conn = http.client.HTTPSConnection(netloc, timeout=self.settings.timeout, context=self._ssl)
             elif scheme == "http":
                 conn = http.client.HTTPConnection(netloc, timeout=self.settings.timeout)

@@ -139,18 +139,8 @@ class SampleWorkspaceTest(LayoutTestCase):
         self.after = dt.datetime.now(dt.timezone.utc)
         self.requests_logged = len(self.fake.requests(host=None))  # before api_get adds its own
 
-    def test_pages_and_names(self) -> None:
+    def test_pages_nested_hidden_duplicate_and_sync(self) -> None:
         self.assertEqual(self.code, 0, self.stderr)
-        self.check_page_layout()
-        self.check_hostile_names()
-
-    def test_tables_metadata_and_requests(self) -> None:
-        self.assertEqual(self.code, 0, self.stderr)
-        self.check_requests_and_latest()
-        self.check_tables_and_views()
-        self.check_metadata_manifest_and_summary()
-
-    def check_page_layout(self) -> None:
         pages = self.doc_dir(self.doc) / "pages"
         a, b, c = self.data["page_a"], self.data["page_b"], self.data["page_c"]
         with self.subTest("nested three deep, each child in its parent's folder"):
@@ -179,7 +169,8 @@ class SampleWorkspaceTest(LayoutTestCase):
             self.assertEqual(self.manifest_entries("pages")[sync.id]["status"], "skipped")
             self.assertEqual(self.summary()["failures"], [])
 
-    def check_hostile_names(self) -> None:
+    def test_hostile_names_are_portable_and_stay_inside_output(self) -> None:
+        self.assertEqual(self.code, 0, self.stderr)
         self.assertEqual(list(self.out.parent.iterdir()), [self.out], "something was written beside --output")
         root = self.out.resolve()
         for path in self.out.rglob("*"):
@@ -201,7 +192,8 @@ class SampleWorkspaceTest(LayoutTestCase):
             self.assertEqual(self.page_file(doc2, self.data["doc2_page"]).read_text(encoding="utf-8"),
                              self.data["doc2_page"].content)
 
-    def check_tables_and_views(self) -> None:
+    def test_tables_and_views_as_csv(self) -> None:
+        self.assertEqual(self.code, 0, self.stderr)
         doc_dir = self.doc_dir(self.doc)
         tasks, view = self.data["tasks"], self.data["view"]
         page_a, page_b = self.data["page_a"], self.data["page_b"]
@@ -264,7 +256,8 @@ class SampleWorkspaceTest(LayoutTestCase):
     def all_tables(self) -> List[Table]:
         return [t for doc in (self.doc, self.data["doc2"], self.data["other_ws_doc"]) for t in doc.tables]
 
-    def check_metadata_manifest_and_summary(self) -> None:
+    def test_doc_metadata_manifest_and_summary(self) -> None:
+        self.assertEqual(self.code, 0, self.stderr)
         snapshot = self.latest()
         backed_up = [self.doc, self.data["doc2"], self.data["other_ws_doc"]]
         with self.subTest("doc.json, pages.json and tables.json hold what the API lists"):
@@ -331,7 +324,8 @@ class SampleWorkspaceTest(LayoutTestCase):
             self.assertEqual(summary["requests"]["total"], self.requests_logged)
             self.assertEqual((summary["requests"]["retries"], summary["requests"]["rate_limited"]), (0, 0))
 
-    def check_requests_and_latest(self) -> None:
+    def test_requests_token_and_latest(self) -> None:
+        self.assertEqual(self.code, 0, self.stderr)
         api = self.fake.requests(host="api")
         downloads = self.fake.requests(host="download")
         with self.subTest("Authorization on every API request"):
@@ -389,6 +383,15 @@ class HiddenPagesTest(LayoutTestCase):
                 self.assertEqual(self.page_file(self.doc, page).read_text(encoding="utf-8"), page.content)
         self.assertEqual(self.summary()["failures"], [])
 
+    def test_without_the_flag_the_hidden_page_and_its_child_are_saved(self) -> None:
+        self.assertEqual(self.run_backup(), 0, self.stderr)
+        folder = self.doc_dir(self.doc) / "pages" / f"Roadmap__{self.roadmap.id}"
+        self.assertEqual((folder / f"Internal Notes__{self.hidden.id}.md").read_text(encoding="utf-8"),
+                         self.hidden.content)
+        self.assertEqual(
+            (folder / f"Internal Notes__{self.hidden.id}" / f"Draft Ideas__{self.child.id}.md")
+            .read_text(encoding="utf-8"), self.child.content)
+
 
 class ViewsTest(LayoutTestCase):
     def test_no_views_leaves_views_out_but_tables_json_lists_them(self) -> None:
@@ -432,27 +435,46 @@ class PaginationTest(LayoutTestCase):
 
 
 class DocSelectionTest(LayoutTestCase):
-    """Owned-only by default is checked on the sample run; here the flags that widen or narrow it."""
+    """Owned-only by default is also checked on the sample run; here the flags that change it."""
 
-    def test_include_shared_and_workspace_id(self) -> None:
-        mine = self.fake.add_doc("My Notes", owned=True, workspace_id="ws-1")
-        mine.add_page("Today")
-        theirs = self.fake.add_doc("Partner Plan", owned=False, workspace_id="ws-1")
-        partners = theirs.add_table("Partners", columns=["Partner", "Tier"], parent_page=theirs.add_page("Overview"),
-                                    rows=[{"Partner": "Globex", "Tier": "Gold"}])
-        elsewhere = self.fake.add_doc("Other Workspace Doc", owned=True, workspace_id="ws-2")
-        elsewhere.add_page("Welcome")
-        self.assertEqual(self.run_backup("--include-shared", "--workspace-id", "ws-1"), 0, self.stderr)
+    def setUp(self) -> None:
+        super().setUp()
+        self.mine = self.fake.add_doc("My Notes", owned=True, workspace_id="ws-1")
+        self.mine.add_page("Today")
+        self.theirs = self.fake.add_doc("Partner Plan", owned=False, workspace_id="ws-1")
+        self.partners = self.theirs.add_table(
+            "Partners", columns=["Partner", "Tier"], parent_page=self.theirs.add_page("Overview"),
+            rows=[{"Partner": "Globex", "Tier": "Gold"}])
+        self.elsewhere = self.fake.add_doc("Other Workspace Doc", owned=True, workspace_id="ws-2")
+        self.welcome = self.elsewhere.add_page("Welcome")
+
+    def saved_doc_ids(self) -> Set[str]:
+        return {path.name.rsplit("__", 1)[1] for path in (self.latest() / "docs").iterdir()}
+
+    def first_listing_query(self) -> Dict[str, str]:
         listings = self.fake.requests("GET", r"^/docs$")
-        self.assertTrue(listings)
-        for record in listings:
-            if "pageToken" not in record.query:
-                self.assertNotIn("isOwner", record.query)
-                self.assertEqual(record.query.get("workspaceId"), "ws-1")
-        saved = {path.name.rsplit("__", 1)[1] for path in (self.latest() / "docs").iterdir()}
-        self.assertEqual(saved, {mine.id, theirs.id})
-        self.assert_csv_matches_table(self.table_csv(theirs, partners), partners, ["Partner", "Tier"])
-        self.assertEqual(self.fake.requests(path=rf"^/docs/{elsewhere.id}"), [])
+        self.assertTrue(listings, "GET /docs was never called")
+        return listings[0].query
+
+    def test_owned_docs_only_by_default(self) -> None:
+        self.assertEqual(self.run_backup(), 0, self.stderr)
+        self.assertEqual(self.first_listing_query().get("isOwner"), "true")
+        self.assertEqual(self.saved_doc_ids(), {self.mine.id, self.elsewhere.id})
+        self.assertEqual(self.fake.requests(path=rf"^/docs/{self.theirs.id}"), [])
+
+    def test_include_shared_drops_is_owner_and_saves_the_shared_doc(self) -> None:
+        self.assertEqual(self.run_backup("--include-shared"), 0, self.stderr)
+        self.assertNotIn("isOwner", self.first_listing_query())
+        self.assertEqual(self.saved_doc_ids(), {self.mine.id, self.theirs.id, self.elsewhere.id})
+        self.assert_csv_matches_table(self.table_csv(self.theirs, self.partners), self.partners, ["Partner", "Tier"])
+
+    def test_workspace_id_is_sent_and_limits_the_docs(self) -> None:
+        self.assertEqual(self.run_backup("--workspace-id", "ws-2"), 0, self.stderr)
+        query = self.first_listing_query()
+        self.assertEqual((query.get("workspaceId"), query.get("isOwner")), ("ws-2", "true"))
+        self.assertEqual(self.saved_doc_ids(), {self.elsewhere.id})
+        self.assertEqual(self.page_file(self.elsewhere, self.welcome).read_text(encoding="utf-8"),
+                         self.welcome.content)
 
 
 # --- page formats ---------------------------------------------------------------------------
@@ -510,34 +532,37 @@ class FailureTest(LayoutTestCase):
         for table in tables:
             self.assert_csv_matches_table(self.table_csv(self.doc, table), table, ["Name", "Owner"])
 
-    def test_failed_export_and_failed_rows_are_recorded_and_the_rest_saved(self) -> None:
-        bad_page, bad_table = self.pages[1], self.tables[1]
-        bad_page.export_fail_times = 1000
-        self.fake.add_fault(rf"/tables/{bad_table.id}/rows", status=500, times=None)
-        self.assertEqual(self.run_backup("--max-retries", "2"), 1, self.stderr)
+    def assert_one_failure(self, kind: str, object_id: str, name: str) -> None:
         summary = self.summary()
         self.assertEqual(summary["status"], "completed_with_errors")
-        self.assertEqual(summary["counts"]["failures"], 2)
-        self.assertEqual(
-            sorted(({k: f.get(k) for k in ("kind", "doc_id", "id", "name")} for f in summary["failures"]),
-                   key=lambda f: f["kind"]),
-            [{"kind": "page", "doc_id": self.doc.id, "id": bad_page.id, "name": bad_page.name},
-             {"kind": "table", "doc_id": self.doc.id, "id": bad_table.id, "name": bad_table.name}])
-        for failure in summary["failures"]:
-            self.assertIsInstance(failure.get("error"), str)
-            self.assertTrue(failure["error"].strip(), failure)
-        with self.subTest("the failed page"):
-            self.assert_no_file_for(bad_page.id)
-            self.assertEqual(self.manifest_entries("pages")[bad_page.id]["status"], "failed")
-        with self.subTest("the failed table: retried, then failed without a CSV"):
-            self.assertEqual(len(self.fake.requests("GET", rf"/tables/{bad_table.id}/rows$")), 3,
-                             "--max-retries 2 = 3 attempts")
-            self.assertEqual(list(self.doc_dir(self.doc).rglob(f"*__{bad_table.id}.csv")), [])
-            self.assertEqual(self.manifest_entries("tables")[bad_table.id]["status"], "failed")
-        with self.subTest("everything else saved"):
-            self.assert_saved([self.pages[0], self.pages[2]], [self.tables[0], self.tables[2]])
-            self.assertEqual({e["status"] for i, e in self.manifest_entries("tables").items() if i != bad_table.id},
-                             {"ok"})
+        self.assertEqual(summary["counts"]["failures"], 1)
+        self.assertEqual(len(summary["failures"]), 1, summary["failures"])
+        failure = summary["failures"][0]
+        self.assertEqual({key: failure.get(key) for key in ("kind", "doc_id", "id", "name")},
+                         {"kind": kind, "doc_id": self.doc.id, "id": object_id, "name": name})
+        self.assertIsInstance(failure.get("error"), str)
+        self.assertTrue(failure["error"].strip(), failure)
+
+    def test_failed_export_is_recorded_and_other_pages_saved(self) -> None:
+        bad = self.pages[1]
+        bad.export_fail_times = 1000
+        self.assertEqual(self.run_backup(), 1, self.stderr)
+        self.assert_one_failure("page", bad.id, bad.name)
+        self.assert_no_file_for(bad.id)
+        self.assertEqual(self.manifest_entries("pages")[bad.id]["status"], "failed")
+        self.assert_saved([self.pages[0], self.pages[2]], self.tables)
+
+    def test_rows_endpoint_failing_fails_that_table_only(self) -> None:
+        bad = self.tables[1]
+        self.fake.add_fault(rf"/tables/{bad.id}/rows", status=500, times=None)
+        self.assertEqual(self.run_backup("--max-retries", "2"), 1, self.stderr)
+        self.assert_one_failure("table", bad.id, bad.name)
+        self.assertEqual(len(self.fake.requests("GET", rf"/tables/{bad.id}/rows$")), 3, "--max-retries 2 = 3 tries")
+        self.assertEqual(list(self.doc_dir(self.doc).rglob(f"*__{bad.id}.csv")), [], "no CSV for a failed table")
+        entries = self.manifest_entries("tables")
+        self.assertEqual(entries[bad.id]["status"], "failed")
+        self.assertEqual({entries[t.id]["status"] for t in (self.tables[0], self.tables[2])}, {"ok"})
+        self.assert_saved(self.pages, [self.tables[0], self.tables[2]])
 
     def test_expired_export_request_is_started_again(self) -> None:
         page = self.pages[2]
