@@ -139,6 +139,13 @@ class SampleWorkspaceTest(LayoutTestCase):
         self.after = dt.datetime.now(dt.timezone.utc)
         self.requests_logged = len(self.fake.requests(host=None))  # before api_get adds its own
 
+    def backed_up_docs(self) -> List[Doc]:
+        """The docs a default run saves: owned ones (the shared doc is left out)."""
+        return [self.doc, self.data["doc2"], self.data["other_ws_doc"]]
+
+    def all_tables(self) -> List[Table]:
+        return [table for doc in self.backed_up_docs() for table in doc.tables]
+
     def test_pages_nested_hidden_duplicate_and_sync(self) -> None:
         self.assertEqual(self.code, 0, self.stderr)
         pages = self.doc_dir(self.doc) / "pages"
@@ -253,13 +260,10 @@ class SampleWorkspaceTest(LayoutTestCase):
             table_json = read_json(self.find_one(doc_dir, f"*__{view.id}.table.json"))
             self.assertEqual((table_json["id"], table_json["rowCount"]), (view.id, 3))
 
-    def all_tables(self) -> List[Table]:
-        return [t for doc in (self.doc, self.data["doc2"], self.data["other_ws_doc"]) for t in doc.tables]
-
     def test_doc_metadata_manifest_and_summary(self) -> None:
         self.assertEqual(self.code, 0, self.stderr)
         snapshot = self.latest()
-        backed_up = [self.doc, self.data["doc2"], self.data["other_ws_doc"]]
+        backed_up = self.backed_up_docs()
         with self.subTest("doc.json, pages.json and tables.json hold what the API lists"):
             for doc in backed_up:
                 folder = self.doc_dir(doc)
@@ -333,17 +337,12 @@ class SampleWorkspaceTest(LayoutTestCase):
             for record in api:
                 self.assertEqual(record.headers.get("authorization"), f"Bearer {TOKEN}", record.path)
         with self.subTest("no Authorization (and no token) on any download-host request"):
-            canvas = [p for d in (self.doc, self.data["doc2"], self.data["other_ws_doc"]) for p in d.pages
-                      if p.content_type == "canvas"]
+            canvas = [p for d in self.backed_up_docs() for p in d.pages if p.content_type == "canvas"]
             self.assertEqual(len(downloads), len(canvas))
             for record in downloads:
                 self.assertNotIn("authorization", record.headers)
                 self.assertNotIn(TOKEN, json.dumps(record.headers) + record.target)
-        with self.subTest("owned docs only by default: isOwner=true, no shared doc"):
-            listings = self.fake.requests("GET", r"^/docs$")
-            self.assertEqual(listings[0].query.get("isOwner"), "true")
-            self.assertNotIn("workspaceId", listings[0].query)
-            self.assertEqual(list((self.latest() / "docs").glob(f"*__{self.data['shared_doc'].id}")), [])
+        with self.subTest("the shared doc is not touched by default"):
             self.assertEqual(self.fake.requests(path=rf"^/docs/{self.data['shared_doc'].id}"), [])
         with self.subTest("one snapshot named by its UTC start time; latest and latest.txt name it"):
             snapshots = self.snapshots()
@@ -435,7 +434,7 @@ class PaginationTest(LayoutTestCase):
 
 
 class DocSelectionTest(LayoutTestCase):
-    """Owned-only by default is also checked on the sample run; here the flags that change it."""
+    """Which docs are listed and saved: owned by default, --include-shared, --workspace-id."""
 
     def setUp(self) -> None:
         super().setUp()
