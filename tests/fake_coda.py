@@ -697,7 +697,8 @@ class RequestRecord:
     """One request as the fake saw it.
 
     ``path`` is relative to /apis/v1 on the API host; ``status`` 0 means the connection was reset;
-    ``ended`` is taken when the reply is ready, just before it is written.
+    ``ended`` is taken when the reply is ready, just before it is written; ``client_port`` tells
+    connections apart (requests that share one came over a kept-alive connection).
     """
 
     host: str
@@ -711,6 +712,7 @@ class RequestRecord:
     started: float = 0.0
     ended: float = 0.0
     fault: Optional[str] = None
+    client_port: int = 0
 
 
 @dataclass
@@ -722,6 +724,7 @@ class _Request:
     query: Dict[str, str]
     headers: Dict[str, str]
     body: Any
+    client_port: int = 0
 
 
 @dataclass
@@ -921,7 +924,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw_body.decode("utf-8"))
             except (UnicodeDecodeError, ValueError):
                 body = None
-        return _Request(kind, self.command, self.path, path, query, headers, body)
+        return _Request(kind, self.command, self.path, path, query, headers, body, int(self.client_address[1]))
 
     def _send(self, reply: _Reply, request: _Request) -> None:
         if reply.reset:
@@ -1213,7 +1216,7 @@ class FakeCoda:
         record = RequestRecord(
             host=request.host, method=request.method, path=request.path,
             query=dict(request.query), headers=dict(request.headers), body=request.body,
-            target=request.target, started=time.monotonic(),
+            target=request.target, started=time.monotonic(), client_port=request.client_port,
         )
         api = request.host == "api"
         with self._lock:
