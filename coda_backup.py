@@ -2144,8 +2144,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--workspace-id", metavar="ID", help="only docs in this workspace (ws-...)")
     what.add_argument("--skip-hidden-pages", action="store_true", help="leave out pages that are hidden")
     what.add_argument("--no-views", action="store_true", help="back up base tables only, not views")
-    what.add_argument("--page-format", choices=("markdown", "html", "both"), default="markdown",
-                      help="page content format (default: markdown)")
+    what.add_argument("--page-format", choices=("markdown", "md", "html", "both"), default="markdown",
+                      help="page content format (default: markdown; md is the same)")
     what.add_argument("--html-pages", action="store_true", help="same as --page-format both")
     what.add_argument("--rows-json", action="store_true",
                       help="also write each table's rows as NDJSON (<table>.rows.ndjson), values keyed by column id")
@@ -2278,7 +2278,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         if not ok:
             raise ConfigError(message)
     page_format = "both" if args.html_pages else args.page_format
-    formats = ("markdown", "html") if page_format == "both" else (page_format,)
+    formats = {"both": ("markdown", "html"), "md": ("markdown",)}.get(page_format, (page_format,))
     return Options(
         output=output, api_url=api_url_from(args.api_url), include_shared=args.include_shared,
         workspace_id=args.workspace_id, skip_hidden_pages=args.skip_hidden_pages, no_views=args.no_views,

@@ -193,6 +193,7 @@ class PageFormatTest(FeatureTestCase):
     def test_formats(self) -> None:
         cases = [
             (("--page-format", "markdown"), ("markdown",)),
+            (("--page-format", "md"), ("markdown",)),  # the contract's spelling
             (("--page-format", "html"), ("html",)),
             (("--page-format", "both"), ("markdown", "html")),
             (("--html-pages",), ("markdown", "html")),
