@@ -1161,12 +1161,19 @@ def page_entry(page: Dict[str, Any], stem: PurePosixPath, formats: Tuple[str, ..
     }
 
 
-def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
-    """Save one page in every requested format; record, never raise, a failure."""
+def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath,
+                shown_tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> Dict[str, Any]:
+    """Save one page in every requested format; record, never raise, a failure.
+
+    A page's updatedAt covers its own text, not the tables shown on it, so an
+    unchanged page is reused only when the tables and views it hosts are too.
+    """
     formats = job.options.page_formats
     entry = page_entry(page, stem, formats)
     try:
         previous = job.previous.reusable_page(page, formats) if job.previous else None
+        if previous is not None and not _tables_unchanged(job, shown_tables):
+            previous = None
         if previous is not None:
             entry.update(files=job.link_files(previous["files"], stem), status="unchanged",
                          updatedAt=previous["updatedAt"])
@@ -1192,6 +1199,20 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
     finally:
         job.recorder.settle()
     return entry
+
+
+def _tables_unchanged(job: Job, tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> bool:
+    """Whether the data of these tables is what the previous snapshot saw: linked, or read
+    again only because reading it failed last time."""
+    if job.previous is None or job.previous.ignore_updates:
+        return True
+    for future in tables:
+        entry = future.result()
+        before = job.previous.tables.get(entry["id"]) or {}
+        retried = before.get("status") == "failed" and before.get("updatedAt") == entry.get("updatedAt")
+        if not (entry["status"] == "unchanged" or (entry["status"] == "ok" and retried)):
+            return False
+    return True
 
 
 def table_entry(ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
@@ -1223,6 +1244,8 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         entry.update(updatedAt=table.get("updatedAt"), rowCount=table.get("rowCount"),
                      parentTableId=_ref_id(parent_table), browserLink=table.get("browserLink", entry["browserLink"]))
         previous = job.previous.reusable_table(ref["id"], table) if job.previous else None
+        if previous is not None and not _base_table_unchanged(job, doc_id, table):
+            previous = None
         if previous is not None:
             entry["files"].extend(job.link_files(previous["files"], stem))
             entry.update(status="unchanged", rowCount=previous.get("rowCount"), updatedAt=previous["updatedAt"])
@@ -1255,6 +1278,17 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
     finally:
         job.recorder.settle()
     return entry
+
+
+def _base_table_unchanged(job: Job, doc_id: str, table: Dict[str, Any]) -> bool:
+    """A view shows its base table's rows; Coda does not promise to bump the view's
+    updatedAt when they change, so the base table is asked too (one read, only
+    for views that would otherwise be reused)."""
+    base_id = _ref_id(table.get("parentTable"))
+    if base_id is None or job.previous is None or job.previous.ignore_updates:
+        return True
+    before = job.previous.tables.get(base_id)
+    return before is not None and before.get("updatedAt") == job.api.get_table(doc_id, base_id).get("updatedAt")
 
 
 @dataclass
@@ -1329,15 +1363,20 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
         if listing_problem is not None:
             entry.update(status="failed", error=str(listing_problem))
             job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), listing_problem)
+    # Tables go to the pool before pages: a page may wait for the tables it shows (see
+    # export_page), and the queue is first in, first out, so those are already running.
+    hosted: Dict[str, List[concurrent.futures.Future[Dict[str, Any]]]] = {}
+    for table in selected_tables(job.options, doc, tables):
+        stem = job.paths.claim(folder / table_stem(table))
+        job.recorder.queue()
+        future = pool.submit(export_table, job, doc_id, table, stem)
+        work.tables.append(future)
+        hosted.setdefault(_ref_id(table.get("parent")) or "", []).append(future)
     stems = page_stems(pages)
     for page in selected_pages(job.options, pages):
         stem = job.paths.claim(folder / stems[page["id"]])
         job.recorder.queue()
-        work.pages.append(pool.submit(export_page, job, doc_id, page, stem))
-    for table in selected_tables(job.options, doc, tables):
-        stem = job.paths.claim(folder / table_stem(table))
-        job.recorder.queue()
-        work.tables.append(pool.submit(export_table, job, doc_id, table, stem))
+        work.pages.append(pool.submit(export_page, job, doc_id, page, stem, hosted.get(page["id"], [])))
     if job.options.extras:
         work.extras.append(pool.submit(export_doc_extras, job, doc_id, folder))
     return work

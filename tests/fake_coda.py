@@ -27,7 +27,7 @@ forward (one second per change), so ``updatedAt`` comparisons are deterministic.
 
 Switches are plain attributes, settable at any time (see :class:`FakeCoda`): ``latency``,
 ``export_delay``, ``rate_limits``, ``retry_after``, ``fault_rate``, ``fault_kinds``,
-``timeout_sleep``, ``repeat_token``, ``max_limit``, ``gzip``; per page ``export_fail_times``,
+``timeout_sleep``, ``repeat_token``, ``max_limit``, ``gzip``, ``views_follow_base``; per page ``export_fail_times``,
 ``export_expire_times``, ``download_expire_times``; per doc ``forbidden``, ``stale_times``,
 ``acl_forbidden``, ``listed``.
 
@@ -398,7 +398,8 @@ class Table:
     @property
     def updated_tick(self) -> int:
         if self.base is not None:
-            return max(self._updated, self.base.updated_tick)
+            if self.doc.fake.views_follow_base:
+                return max(self._updated, self.base.updated_tick)
         return self._updated
 
     def column(self, name_or_id: str) -> Column:
@@ -1004,6 +1005,9 @@ class FakeCoda:
         self.repeat_token: Optional[Union[str, Pattern[str]]] = None
         self.max_limit = DEFAULT_MAX_LIMIT
         self.gzip = False
+        # Whether Coda bumps a view's updatedAt when its base table changes is not documented;
+        # False lets tests play the worst case.
+        self.views_follow_base = True
         # Test hooks on the API host, called on the handler thread: before_api(request) before
         # anything else (to look at the disk mid-run), after_api(request, reply) once the reply
         # is ready (to script a fault for a later page of a listing, which add_fault cannot).

@@ -297,7 +297,9 @@ class ChangeDetectionTest(IncrementalTestCase):
         self.fake.clear_log()
         second = self.backup("--incremental")
 
-        self.assertEqual(self.export_posts(), [self.export_path(fresh_page)])
+        # The page that now shows the fresh table is exported again too: its export includes it.
+        self.assertEqual(sorted(self.export_posts()),
+                         sorted([self.export_path(fresh_page), self.export_path(ws.overview)]))
         self.assertEqual(set(self.rows_gets()), {self.rows_path(fresh_table)})
         self.assertEqual(self.page_file(second, fresh_page).read_text(encoding="utf-8"), fresh_page.content)
         self.assertEqual(read_csv(self.table_csv(second, fresh_table))[1][6:], ["newbie"])
@@ -538,3 +540,50 @@ class FallbackTest(IncrementalTestCase):
         self.assert_linked(self.page_file(second, ws.details), self.page_file(first, ws.details))
         self.assert_linked(self.table_csv(second, ws.glossary), self.table_csv(first, ws.glossary))
         self.assertEqual(self.verify(), 0, self.stdout)
+
+
+class TablesShownOnPagesTest(IncrementalTestCase):
+    """Coda's page updatedAt covers the page's own text, not the tables it shows, and a view's
+    updatedAt may stay put when its base table changes: neither may leave a stale copy behind."""
+
+    def test_page_showing_a_changed_table_is_exported_again(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        page_updated = ws.overview.updated_at
+        ws.plain.set_cell(0, "Value", "2")  # touches the table and the doc, not the page
+        self.assertEqual(ws.overview.updated_at, page_updated)
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertEqual(self.export_posts(), [self.export_path(ws.overview)])
+        self.assertEqual(set(self.rows_gets()), {self.rows_path(ws.plain)})
+        entries = manifest_entries(self.manifest(second))
+        self.assertEqual(entries[ws.overview.id]["status"], "ok")
+        self.assertEqual(entries[ws.details.id]["status"], "unchanged")
+        self.assert_linked(self.page_file(second, ws.details), self.page_file(first, ws.details))
+
+    def test_view_is_read_again_when_only_its_base_table_changed(self) -> None:
+        self.fake.views_follow_base = False
+        ws = build_small_workspace(self.fake)
+        self.backup()
+        view_updated = ws.open_items.updated_at
+        ws.items.set_cell(0, "Qty", 30)  # apple, an open item: it shows in the view
+        self.assertEqual(ws.open_items.updated_at, view_updated)
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertEqual(set(self.rows_gets()), {self.rows_path(ws.items), self.rows_path(ws.open_items)})
+        view_rows = read_csv(self.table_csv(second, ws.open_items))
+        qty = view_rows[0].index("Qty")
+        self.assertIn("30", [row[qty] for row in view_rows[1:]])
+
+    def test_unchanged_base_table_keeps_the_view_linked(self) -> None:
+        self.fake.views_follow_base = False
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        ws.plain.set_cell(0, "Value", "2")
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertNotIn(self.rows_path(ws.open_items), self.rows_gets())
+        self.assert_linked(self.table_csv(second, ws.open_items), self.table_csv(first, ws.open_items))
