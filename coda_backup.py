@@ -1298,14 +1298,16 @@ class DocWork:
     entry: Dict[str, Any]
     pages: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
     tables: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
-    extras: List[concurrent.futures.Future[List[Dict[str, Any]]]] = field(default_factory=list)
+    extras: List[concurrent.futures.Future[DocExtras]] = field(default_factory=list)
 
     def finish(self) -> Dict[str, Any]:
         """Wait for the doc's objects; leave out the ones a cancellation stopped."""
         self.entry["pages"].extend(_finished(self.pages))
         self.entry["tables"].extend(_finished(self.tables))
-        for records in _finished(self.extras):
-            self.entry["files"].extend(records)
+        for extras in _finished(self.extras):
+            self.entry["files"].extend(extras.files)
+            if extras.errors:
+                self.entry.update(status="failed", error="; ".join(extras.errors))
         return self.entry
 
 
@@ -1399,7 +1401,7 @@ def selected_tables(options: Options, doc: Dict[str, Any], tables: List[Dict[str
     return chosen
 
 
-def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> List[Dict[str, Any]]:
+def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> DocExtras:
     """formulas.json, controls.json and permissions.json, where the token may read them.
 
     The lists give names only, so each formula and control is fetched for its
@@ -1418,18 +1420,30 @@ def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> List[Dict
         ("controls", lambda: with_values("controls", api.iter_controls(doc_id))),
         ("permissions", lambda: api.sharing(doc_id)),
     ]
-    records = []
+    extras = DocExtras()
     for role, fetch in fetchers:
         try:
-            records.append(job.write_json(folder / DOC_FILES[role], fetch(), role))
+            extras.files.append(job.write_json(folder / DOC_FILES[role], fetch(), role))
+        except Cancelled:
+            raise
         except ApiError as exc:
             if exc.status in (401, 403):
                 job.recorder.skip(role, doc_id, f"not allowed for this token (HTTP {exc.status})")
             else:
+                extras.errors.append(f"{role}: {exc}")
                 job.recorder.fail(role, doc_id, doc_id, role, exc)
-        except ListingIncomplete as exc:
+        except Exception as exc:  # listing cut short, the disk, a bug: recorded, the run goes on
+            extras.errors.append(f"{role}: {exc}")
             job.recorder.fail(role, doc_id, doc_id, role, exc)
-    return records
+    return extras
+
+
+@dataclass
+class DocExtras:
+    """What export_doc_extras saved, and what failed (which makes the doc `failed`)."""
+
+    files: List[Dict[str, Any]] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
 
 
 def link_whole_doc(job: Job, previous: Dict[str, Any], entry: Dict[str, Any]) -> None:
@@ -1733,22 +1747,32 @@ def describe_runs(output: Path) -> List[Dict[str, Any]]:
 
 
 def prune_snapshots(output: Path, keep: int, current: Path) -> List[str]:
-    """Delete finished snapshots beyond the newest `keep` (never `latest`, the current or a running one).
+    """Keep the newest `keep` completed snapshots; delete every older one that is not running.
 
+    Only runs with status `completed` count, so nights with errors can never push the last good
+    backup out. `latest` and the current run are never deleted. A folder is renamed away before
+    it is deleted, so a deletion cut short never leaves a half snapshot that claims to be whole.
     Hard links make this safe: a file shared with a kept snapshot lives on there.
     """
     latest = read_latest(output)
     protected = {current.name, latest.name if latest else ""}
-    finished = [folder for folder in reversed(snapshot_folders(output))
-                if read_summary(folder).get("status") in ("completed", "completed_with_errors")]
+    newest_first = list(reversed(snapshot_folders(output)))
+    completed = [folder for folder in newest_first if read_summary(folder).get("status") == "completed"]
+    if len(completed) <= keep:
+        return []
+    oldest_kept = snapshot_key(completed[keep - 1])
     removed = []
-    for folder in finished[keep:]:
-        if folder.name in protected:
+    for folder in newest_first:
+        if snapshot_key(folder) >= oldest_kept or folder.name in protected:
+            continue
+        if read_summary(folder).get("status") == "running":
             continue
         LOG.info("--keep %d: removing old snapshot %s", keep, folder.name)
-        shutil.rmtree(folder)
+        doomed = output / f".deleting-{folder.name}"
+        os.replace(folder, doomed)
         with contextlib.suppress(FileNotFoundError):
             (output / f"{folder.name}.zip").unlink()
+        shutil.rmtree(doomed)
         removed.append(folder.name)
     return removed
 
@@ -2099,6 +2123,10 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 fatal = True
             except Cancelled:
                 pass
+            except Exception as exc:  # a bug or the disk: still leave an honest summary behind
+                LOG.debug("run failed", exc_info=True)
+                recorder.fail("run", None, None, None, exc)
+                fatal = True
             finally:
                 http.close()
         status = run_status(fatal, cancel.is_set(), recorder)
@@ -2109,9 +2137,16 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
             if options.zip:
                 summary = archive(snapshot, started, recorder, stats)
                 status = summary["status"]
-            point_latest(options.output, snapshot)
-            if options.keep is not None:
-                prune_snapshots(options.output, options.keep, snapshot)
+            try:
+                point_latest(options.output, snapshot)
+            except OSError as exc:
+                LOG.error("the backup is complete, but `latest` could not be moved to it: %s", exc)
+                status = "completed_with_errors"
+            if options.keep is not None and status == "completed":
+                try:
+                    prune_snapshots(options.output, options.keep, snapshot)
+                except OSError as exc:
+                    LOG.warning("--keep: could not remove an old snapshot: %s", exc)
         log_outcome(summary, snapshot)
         return exit_code(status, received)
 
