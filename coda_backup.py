@@ -812,7 +812,8 @@ def printable(text: Any) -> str:
 
 def inside(root: Path, relative: PurePosixPath) -> Path:
     """Join a relative path under root, refusing anything that would leave it."""
-    if relative.is_absolute() or any(part in ("", ".", "..") for part in relative.parts):
+    if relative.is_absolute() or any(part in ("", ".", "..") or "\\" in part or ":" in part
+                                     for part in relative.parts):
         raise BackupError(f"refusing unsafe path {str(relative)!r}")
     return root.joinpath(*relative.parts)
 
@@ -1171,8 +1172,8 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
     formats = job.options.page_formats
     entry = page_entry(page, stem, formats)
     try:
-        previous = job.previous.reusable_page(page, formats) if job.previous else None
-        if previous is not None and not _tables_unchanged(job, shown_tables):
+        previous = job.previous.reusable_page(doc_id, page, formats) if job.previous else None
+        if previous is not None and not _tables_unchanged(job, doc_id, shown_tables):
             previous = None
         if previous is not None:
             entry.update(files=job.link_files(previous["files"], stem), status="unchanged",
@@ -1201,14 +1202,14 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
     return entry
 
 
-def _tables_unchanged(job: Job, tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> bool:
+def _tables_unchanged(job: Job, doc_id: str, tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> bool:
     """Whether the data of these tables is what the previous snapshot saw: linked, or read
     again only because reading it failed last time."""
     if job.previous is None or job.previous.ignore_updates:
         return True
     for future in tables:
         entry = future.result()
-        before = job.previous.tables.get(entry["id"]) or {}
+        before = job.previous.tables.get((doc_id, entry["id"])) or {}
         retried = before.get("status") == "failed" and before.get("updatedAt") == entry.get("updatedAt")
         if not (entry["status"] == "unchanged" or (entry["status"] == "ok" and retried)):
             return False
@@ -1223,7 +1224,7 @@ def table_entry(ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
         "parentPageId": _ref_id(ref.get("parent")),
         "parentPageName": _ref_name(ref.get("parent")) or None,
         "browserLink": ref.get("browserLink"),
-        "path": str(with_suffix(stem, ".csv")),
+        "path": str(with_suffix(stem, ROLE_SUFFIXES["csv"])),
         "status": "ok",
         "files": [],
     }
@@ -1243,19 +1244,20 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         parent_table = table.get("parentTable")
         entry.update(updatedAt=table.get("updatedAt"), rowCount=table.get("rowCount"),
                      parentTableId=_ref_id(parent_table), browserLink=table.get("browserLink", entry["browserLink"]))
-        previous = job.previous.reusable_table(ref["id"], table) if job.previous else None
+        entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table"))
+        previous = job.previous.reusable_table(doc_id, table, job.options.rows_json) if job.previous else None
         if previous is not None and not _base_table_unchanged(job, doc_id, table):
             previous = None
         if previous is not None:
-            entry["files"].extend(job.link_files(previous["files"], stem))
+            data_files = [record for record in previous["files"] if record["role"] != "table"]
+            entry["files"].extend(job.link_files(data_files, stem))
             entry.update(status="unchanged", rowCount=previous.get("rowCount"), updatedAt=previous["updatedAt"])
             job.recorder.unchanged(kind)
         else:
-            entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table"))
             columns, problem = read_all(api.iter_columns(doc_id, ref["id"]))
             if problem is not None:
                 raise problem
-            entry["files"].append(job.write_json(with_suffix(stem, ".columns.json"), columns, "columns"))
+            entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns"))
             csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
             ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
             count, problem = write_rows_csv(inside(job.root, csv_path), columns, api.iter_rows(doc_id, ref["id"]),
@@ -1287,7 +1289,7 @@ def _base_table_unchanged(job: Job, doc_id: str, table: Dict[str, Any]) -> bool:
     base_id = _ref_id(table.get("parentTable"))
     if base_id is None or job.previous is None or job.previous.ignore_updates:
         return True
-    before = job.previous.tables.get(base_id)
+    before = job.previous.tables.get((doc_id, base_id))
     return before is not None and before.get("updatedAt") == job.api.get_table(doc_id, base_id).get("updatedAt")
 
 
@@ -1611,27 +1613,37 @@ class RunLock:
 
 
 class PreviousSnapshot:
-    """The last finished snapshot and its manifest, indexed by object id for --incremental."""
+    """The last finished snapshot and its manifest, for --incremental and --retry-failed.
+
+    Pages and tables are indexed by (doc id, object id): ids are unique only within a doc, and
+    a copy of a doc may well keep them. Every field the reuse code reads is checked here, so a
+    manifest that is damaged in any way is not used at all (a full backup follows).
+    """
 
     def __init__(self, root: Path, manifest: Dict[str, Any], ignore_updates: bool = False) -> None:
         self.root = root
         # --retry-failed: reuse every object that was saved, changed or not; refetch only failures.
         self.ignore_updates = ignore_updates
-        self.layout = manifest.get("options", {}).get("layout")
+        options = manifest.get("options")
+        if not isinstance(options, dict) or not isinstance(manifest.get("docs"), list):
+            raise ValueError("manifest without options or docs")
+        self.layout = options.get("layout")
         self.docs: Dict[str, Dict[str, Any]] = {}
-        self.pages: Dict[str, Dict[str, Any]] = {}
-        self.tables: Dict[str, Dict[str, Any]] = {}
+        self.pages: Dict[Tuple[str, str], Dict[str, Any]] = {}
+        self.tables: Dict[Tuple[str, str], Dict[str, Any]] = {}
         for doc in manifest["docs"]:
-            self.docs[str(doc["id"])] = doc
+            _check_entry(root, doc)
+            if not isinstance(doc.get("pages"), list) or not isinstance(doc.get("tables"), list):
+                raise ValueError(f"doc {doc['id']!r} without pages or tables")
+            self.docs[doc["id"]] = doc
             for page in doc["pages"]:
-                self.pages[str(page["id"])] = page
+                _check_entry(root, page)
+                self.pages[(doc["id"], page["id"])] = page
             for table in doc["tables"]:
-                self.tables[str(table["id"])] = table
-        for entry in [*self.docs.values(), *self.pages.values(), *self.tables.values()]:
-            for record in entry["files"]:
-                inside(root, PurePosixPath(record["path"]))  # reject a manifest that points outside
-                if record["role"] not in ROLE_SUFFIXES and record["role"] not in DOC_FILES:
-                    raise ValueError(f"unknown file role {record['role']!r}")
+                _check_entry(root, table)
+                if not isinstance(table.get("rowCount"), (int, type(None))):
+                    raise ValueError(f"table {table['id']!r} has a rowCount that is not a number")
+                self.tables[(doc["id"], table["id"])] = table
 
     @classmethod
     def load(cls, output: Path, ignore_updates: bool = False) -> Optional[PreviousSnapshot]:
@@ -1660,15 +1672,18 @@ class PreviousSnapshot:
             return None
         return entry
 
-    def reusable_page(self, page: Dict[str, Any], formats: Tuple[str, ...]) -> Optional[Dict[str, Any]]:
-        entry = self.pages.get(page["id"])
+    def reusable_page(self, doc_id: str, page: Dict[str, Any], formats: Tuple[str, ...]) -> Optional[Dict[str, Any]]:
+        entry = self.pages.get((doc_id, page["id"]))
         if entry is None or entry.get("formats") != list(formats):
             return None
         return entry if self._unchanged(entry, page.get("updatedAt")) else None
 
-    def reusable_table(self, table_id: str, table: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        entry = self.tables.get(table_id)
-        if entry is None:
+    def reusable_table(self, doc_id: str, table: Dict[str, Any], rows_json: bool) -> Optional[Dict[str, Any]]:
+        """The previous entry if its data can be linked: same updatedAt and the same files
+        (a run that now asks for --rows-json needs the NDJSON too)."""
+        entry = self.tables.get((doc_id, table["id"]))
+        wanted = {"table", "columns", "csv"} | ({"rows"} if rows_json else set())
+        if entry is None or {record["role"] for record in entry["files"]} != wanted:
             return None
         return entry if self._unchanged(entry, table.get("updatedAt")) else None
 
@@ -1684,6 +1699,24 @@ class PreviousSnapshot:
             except OSError:
                 return False
         return True
+
+
+def _check_entry(root: Path, entry: Any) -> None:
+    """Raise ValueError unless a manifest entry has what reuse reads, of the right types."""
+    if not isinstance(entry, dict):
+        raise ValueError("manifest entry is not an object")
+    for key, kinds in (("id", str), ("status", str), ("path", str), ("updatedAt", (str, type(None)))):
+        if not isinstance(entry.get(key), kinds):
+            raise ValueError(f"manifest entry {entry.get('id')!r}: bad {key}")
+    if not isinstance(entry.get("files"), list):
+        raise ValueError(f"manifest entry {entry['id']!r}: no files list")
+    for record in entry["files"]:
+        if not (isinstance(record, dict) and isinstance(record.get("path"), str)
+                and isinstance(record.get("size"), int) and not isinstance(record.get("size"), bool)
+                and isinstance(record.get("sha256"), str)
+                and (record.get("role") in ROLE_SUFFIXES or record.get("role") in DOC_FILES)):
+            raise ValueError(f"manifest entry {entry['id']!r}: bad file record")
+        inside(root, PurePosixPath(record["path"]))  # a manifest must not point outside
 
 
 def snapshot_folders(output: Path) -> List[Path]:
@@ -2035,7 +2068,7 @@ def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot
         if problem is not None:
             recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), problem)
     for page in selected_pages(options, pages):
-        unchanged = previous is not None and previous.reusable_page(page, options.page_formats) is not None
+        unchanged = previous is not None and previous.reusable_page(doc["id"], page, options.page_formats) is not None
         exportable = page.get("contentType", "canvas") == "canvas"
         note = "unchanged" if unchanged else ("export" if exportable else "not exportable")
         totals["pages"] += 1
@@ -2048,7 +2081,7 @@ def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot
         except ApiError as exc:
             recorder.fail(kind, doc["id"], ref["id"], ref.get("name"), exc)
             continue
-        unchanged = previous is not None and previous.reusable_table(ref["id"], table) is not None
+        unchanged = previous is not None and previous.reusable_table(doc["id"], table, options.rows_json) is not None
         rows = table.get("rowCount")
         totals[f"{kind}s"] += 1
         totals["rows"] += rows if isinstance(rows, int) else 0

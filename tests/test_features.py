@@ -534,10 +534,12 @@ class RetryFailedTest(FeatureTestCase):
                     with self.subTest(path=record["path"]):
                         old, new = first / record["path"], second / record["path"]
                         self.assertEqual(old.read_bytes(), new.read_bytes())
+                        if record["role"] == "table":
+                            continue  # the table object is fetched anyway, so it is written fresh
                         if os.name == "posix":
                             self.assertEqual(old.stat().st_ino, new.stat().st_ino, "hard-linked, not copied")
                         linked += 1
-        self.assertGreaterEqual(linked, len(self.ws.pages) - 1 + 4 * len(self.ws.tables))
+        self.assertGreaterEqual(linked, len(self.ws.pages) - 1 + 3 * len(self.ws.tables))
         self.assert_verifies()
 
 
@@ -575,6 +577,17 @@ class KeepTest(FeatureTestCase):
         self.assertEqual(self.run_backup("--incremental", "--no-extras", "--keep", "1"), 3, self.stderr)
         self.assertTrue(middle.is_dir())
         self.assertEqual(self.latest(), newest)
+
+    def test_nights_with_errors_never_push_out_the_last_good_backup(self) -> None:
+        self.assertEqual(self.run_backup("--no-extras", "--keep", "1"), 0, self.stderr)
+        good = self.latest()
+        for doc in self.fake.docs:  # the token loses access to every doc: each night "finishes" with errors
+            doc.forbidden = True
+        for _ in range(2):
+            self.assertEqual(self.run_backup("--no-extras", "--keep", "1"), 1, self.stderr)
+        self.assertTrue(good.is_dir(), "the last completed snapshot must survive --keep")
+        self.assertEqual(len(self.snapshots()), 3)
+        self.assertEqual(self.summary(good)["status"], "completed")
 
     def test_a_later_snapshot_of_the_same_second_sorts_newest(self) -> None:
         """Names order snapshots for --keep and --list-runs, also after pruning freed a name.

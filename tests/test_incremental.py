@@ -231,7 +231,10 @@ class ChangeDetectionTest(IncrementalTestCase):
                 expected = "skipped" if child["id"] == data["sync_page"].id else "unchanged"
                 self.assertEqual(child["status"], expected)
                 for record in child["files"]:
-                    self.assert_linked(second / record["path"], first / record["path"])
+                    if record["role"] == "table":  # fetched anyway, so written fresh: same bytes
+                        self.assertEqual((second / record["path"]).read_bytes(), (first / record["path"]).read_bytes())
+                    else:
+                        self.assert_linked(second / record["path"], first / record["path"])
         self.assert_linked(self.page_file(second, data["page_a"]), self.page_file(first, data["page_a"]))
         self.assert_linked(self.table_csv(second, data["tasks"]), self.table_csv(first, data["tasks"]))
         self.assert_linked(self.table_csv(second, data["view"]), self.table_csv(first, data["view"]))
@@ -426,12 +429,27 @@ class FallbackTest(IncrementalTestCase):
             manifest["version"] = 999
             return json.dumps(manifest)
 
+        def without_size(manifest: Dict[str, Any]) -> str:
+            del manifest["docs"][0]["pages"][0]["files"][0]["size"]
+            return json.dumps(manifest)
+
+        def text_row_count(manifest: Dict[str, Any]) -> str:
+            manifest["docs"][0]["tables"][0]["rowCount"] = "many"
+            return json.dumps(manifest)
+
+        def windows_escape(manifest: Dict[str, Any]) -> str:
+            manifest["docs"][0]["pages"][0]["files"][0]["path"] = "docs\\..\\..\\x.md"
+            return json.dumps(manifest)
+
         breakers = {
             "deleted": None,
             "truncated": lambda manifest: json.dumps(manifest)[:200],
             "array": lambda manifest: json.dumps(manifest["docs"]),
             "version 999": version_999,
             "path outside": outside,
+            "file record without size": without_size,
+            "rowCount not a number": text_row_count,
+            "backslash path": windows_escape,
         }
         for case, breaker in breakers.items():
             with self.subTest(case=case):
@@ -587,3 +605,59 @@ class TablesShownOnPagesTest(IncrementalTestCase):
 
         self.assertNotIn(self.rows_path(ws.open_items), self.rows_gets())
         self.assert_linked(self.table_csv(second, ws.open_items), self.table_csv(first, ws.open_items))
+
+
+class ReuseGuardTest(IncrementalTestCase):
+    """What must never be linked from the previous snapshot."""
+
+    def test_same_ids_in_two_docs_are_not_mixed_up(self) -> None:
+        # A copy of a doc may keep its page and table ids; ids are unique only within a doc.
+        original = self.fake.add_doc("Original")
+        copy = self.fake.add_doc("Copy")
+        for doc, text in ((original, "original"), (copy, "copy")):
+            page = doc.add_page("Notes", page_id="canvas-same", content=f"# Notes\n\n{text}\n")
+            doc.add_table("Data", columns=["Value"], rows=[{"Value": text}], parent_page=page, table_id="grid-same")
+        self.backup()
+        original.touch()  # both docs are looked at again, object by object
+        copy.touch()
+        second = self.backup("--incremental")
+        for doc, text in ((original, "original"), (copy, "copy")):
+            folder = self.doc_dir(doc, second)
+            self.assertIn(text, self.find_one(folder, "*__canvas-same.md").read_text(encoding="utf-8"))
+            self.assertEqual(read_csv(self.find_one(folder, "*__grid-same.csv"))[1][6:], [text])
+
+    def test_asking_for_rows_json_later_writes_it_for_unchanged_tables(self) -> None:
+        ws = build_small_workspace(self.fake)
+        self.backup()
+        ws.alpha.touch()  # doc changed, tables not: table-level reuse must still add the NDJSON
+        self.fake.clear_log()
+        second = self.backup("--incremental", "--rows-json")
+        self.assertEqual(len(set(self.rows_gets())), 4, "every table is read again for its NDJSON")
+        ndjson = sorted(path.name for path in second.rglob("*.rows.ndjson"))
+        self.assertEqual(len(ndjson), 4, ndjson)
+        third = self.backup("--incremental", "--rows-json")
+        self.assertEqual(len(list(third.rglob("*.rows.ndjson"))), 4)
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+    def test_failed_extras_are_fetched_again(self) -> None:
+        ws = build_small_workspace(self.fake)
+        ws.alpha.add_formula("Total", 42)
+        self.fake.add_fault(r"/formulas$", status=500, times=None)
+        first = self.backup("--max-retries", "0", expect=1, extras=True)
+        self.assertEqual(list(first.rglob("formulas.json")), list(self.doc_dir(ws.beta, first).glob("formulas.json")))
+        self.fake.clear_faults()
+        second = self.backup("--incremental", extras=True)
+        formulas = read_json(self.doc_dir(ws.alpha, second) / "formulas.json")
+        self.assertEqual([item["value"] for item in formulas], [42])
+        self.assertEqual(self.summary(second)["status"], "completed")
+
+    def test_renamed_table_gets_a_fresh_table_json(self) -> None:
+        ws = build_small_workspace(self.fake)
+        self.backup()
+        ws.plain.name = "Plain Renamed"  # a rename that leaves updatedAt alone
+        ws.alpha.touch()
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+        table_json = read_json(self.find_one(second / "docs", f"*__{ws.plain.id}.table.json"))
+        self.assertEqual(table_json["name"], "Plain Renamed")
+        self.assertNotIn(self.rows_path(ws.plain), self.rows_gets())
