@@ -1533,83 +1533,91 @@ def point_latest(output: Path, snapshot: Path) -> None:
                 link.unlink()
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process runs on this host; used to spot a stale lock."""
-    if pid <= 0:
-        return False
-    if sys.platform == "win32":
-        import ctypes
+def try_os_lock(handle: IO[str]) -> bool:
+    """Take an exclusive, non-blocking OS lock on an open file; False if another process has it.
 
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return kernel32.GetLastError() == 5  # access denied: it exists
-        code = ctypes.c_ulong()
-        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return code.value == 259  # STILL_ACTIVE
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
+    The OS drops the lock when its holder dies, however it dies (kill -9, a reboot), so a
+    crashed run never leaves the folder locked, and a reused pid cannot fool anybody.
+    """
+    if sys.platform == "win32":
+        import msvcrt
+
+        handle.seek(0)
+        try:
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
         return True
+    import fcntl
+
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
     return True
 
 
 class RunLock:
-    """`DIR/.lock`, created exclusively, holding pid, host and start time.
+    """`DIR/.lock` held for a run's whole life: an OS lock on the open file, and inside it the
+    holder's pid, host and start time, for the message a second run prints.
 
-    O_EXCL creation works on every OS and file system we care about. A lock
-    whose holder is gone from this host is taken over with a warning; one
-    that cannot be read is taken over only once it is an hour old.
+    A lock file whose OS lock nobody holds was left by a run that died: it is taken over with
+    a warning.
     """
-
-    STALE_UNREADABLE_SECONDS = 3600
 
     def __init__(self, output: Path) -> None:
         self.path = output / LOCK_NAME
-        self._held = False
+        self._handle: Optional[IO[str]] = None
 
     def __enter__(self) -> RunLock:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": iso(utc_now())}
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(info, handle)
-            self._held = True
-            return self
-        raise LockedError(f"could not take the lock {self.path}")
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            handle = os.fdopen(fd, "r+", encoding="utf-8")
+            if not try_os_lock(handle):
+                holder = self._holder(handle)
+                handle.close()
+                raise LockedError(f"another run ({holder}) holds {self.path}")
+            if self._still_the_lock_file(handle):
+                break
+            handle.close()  # the holder removed it as we opened it: start over on the new file
+        else:
+            raise LockedError(f"could not take the lock {self.path}")
+        left = self._holder(handle)
+        if left != "unknown holder":
+            LOG.warning("taking over the lock left by a run that is gone (%s)", left)
+        handle.seek(0)
+        handle.truncate()
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started_at": iso(utc_now())}, handle)
+        handle.flush()
+        self._handle = handle
+        return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._held:
+        if self._handle is None:
+            return
+        if os.name == "posix":  # remove it while still holding it, so no one locks a dead file
             with contextlib.suppress(OSError):
                 self.path.unlink()
-            self._held = False
+        self._handle.close()
+        self._handle = None
+        if os.name != "posix":
+            with contextlib.suppress(OSError):
+                self.path.unlink()
 
-    def _take_over_if_stale(self) -> None:
+    def _still_the_lock_file(self, handle: IO[str]) -> bool:
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-            pid, host, since = int(holder["pid"]), str(holder["host"]), str(holder.get("started_at"))
-        except FileNotFoundError:
-            return
+            return os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path))
+        except OSError:
+            return False
+
+    @staticmethod
+    def _holder(handle: IO[str]) -> str:
+        try:
+            handle.seek(0)
+            info = json.loads(handle.read() or "null")
+            return f"pid {info['pid']} on {info['host']}, started {info.get('started_at')}"
         except (OSError, ValueError, KeyError, TypeError):
-            with contextlib.suppress(OSError):
-                if time.time() - self.path.stat().st_mtime > self.STALE_UNREADABLE_SECONDS:
-                    LOG.warning("taking over an unreadable old lock %s", self.path)
-                    self.path.unlink()
-                    return
-            raise LockedError(f"{self.path} is held by another run (lock file unreadable)") from None
-        if host == socket.gethostname() and not pid_alive(pid):
-            LOG.warning("taking over a stale lock of pid %s (no longer running) from %s", pid, since)
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            return
-        raise LockedError(f"another run (pid {pid} on {host}, started {since}) holds {self.path}")
+            return "unknown holder"
 
 
 class PreviousSnapshot:

@@ -12,7 +12,6 @@ import collections
 import hashlib
 import json
 import os
-import socket
 import sys
 import threading
 import time
@@ -432,9 +431,8 @@ class DryRunTest(FeatureTestCase):
         """What --incremental would skip, while another run holds the lock; nothing is touched."""
         self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
         self.ws.details.touch()  # alpha changes, but only one page of it
-        lock = self.out / ".lock"
-        lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                    "started_at": "2026-01-01T00:00:00Z"}), encoding="utf-8")
+        held = coda_backup.RunLock(self.out).__enter__()  # as another run would hold it
+        self.addCleanup(held.__exit__, None, None, None)
         self.assertEqual(self.run_backup("--no-extras"), 4, "control: a real run sees the lock as held")
         before = {path: (p.stat().st_size, p.stat().st_mtime_ns) for path, p in files_under(self.out).items()}
         entries_before = sorted(p.name for p in self.out.iterdir())
@@ -444,7 +442,7 @@ class DryRunTest(FeatureTestCase):
         after = {path: (p.stat().st_size, p.stat().st_mtime_ns) for path, p in files_under(self.out).items()}
         self.assertEqual(after, before)
         self.assertEqual(sorted(p.name for p in self.out.iterdir()), entries_before)
-        self.assertTrue(lock.is_file())
+        self.assertTrue((self.out / coda_backup.LOCK_NAME).is_file())
         self.assertEqual(len(self.lines_for(self.ws.details.id)), 1, self.stdout)
         self.assertNotIn("unchanged", self.lines_for(self.ws.details.id)[0])
         for obj in (self.ws.overview, self.ws.notes, self.ws.tasks, self.ws.archive):

@@ -19,15 +19,13 @@ import unittest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from test_resilience import ENOUGH_RETRIES, ResilienceCase, build_nightly, rows_path, snapshot_dirs
 
 import coda_backup
 from fake_coda import FAULT_KINDS
 from support import FAST_FLAGS, TOKEN, read_json
 
+ROOT = Path(__file__).resolve().parent.parent
 WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
 
@@ -279,16 +277,50 @@ class LockTest(ResilienceCase):
         (self.out / coda_backup.LOCK_NAME).write_text(json.dumps(holder), encoding="utf-8")
         return holder
 
+    def hold_lock_in_another_process(self) -> subprocess.Popen:
+        """A second process that takes the run lock the way a run does, then waits."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        code = ("import sys, time; from pathlib import Path; import coda_backup; "
+                "lock = coda_backup.RunLock(Path(sys.argv[1])); lock.__enter__(); "
+                "print('locked', flush=True); time.sleep(60)")
+        holder = subprocess.Popen([sys.executable, "-c", code, str(self.out)], cwd=str(ROOT),
+                                  stdout=subprocess.PIPE, text=True)
+        self.addCleanup(lambda: (holder.kill(), holder.wait(timeout=10), holder.stdout and holder.stdout.close()))
+        assert holder.stdout is not None
+        self.assertEqual(holder.stdout.readline().strip(), "locked")
+        return holder
+
     def test_a_live_lock_exits_4_and_names_the_holder(self) -> None:
         build_nightly(self.fake)
-        holder = self.write_lock(os.getpid())
+        holder = self.hold_lock_in_another_process()
+        before = read_json(self.out / coda_backup.LOCK_NAME)
         code = self.run_backup()
         self.assertEqual(code, 4, self.stderr)
-        self.assertIn(str(os.getpid()), self.stderr)
-        self.assertIn(holder["host"], self.stderr)
-        self.assertEqual(read_json(self.out / coda_backup.LOCK_NAME), holder, "the holder's lock was touched")
+        self.assertIn(f"pid {holder.pid}", self.stderr)
+        self.assertIn(socket.gethostname(), self.stderr)
+        self.assertEqual(read_json(self.out / coda_backup.LOCK_NAME), before, "the holder's lock was touched")
         self.assertEqual(snapshot_dirs(self.out), set(), "a locked-out run created a snapshot")
         self.assertEqual(self.fake.log, [], "a locked-out run talked to the API")
+
+    def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(self) -> None:
+        build_nightly(self.fake)
+        holder = self.hold_lock_in_another_process()
+        holder.kill()  # kill -9: no cleanup runs, the lock file stays behind
+        holder.wait(timeout=10)
+        self.assertTrue((self.out / coda_backup.LOCK_NAME).exists())
+        code, snapshot = self.run_new()
+        self.assertEqual(code, 0, self.stderr)
+        self.assertRegex(self.stderr, rf"WARNING.*\b{holder.pid}\b")
+        self.assertFalse((self.out / coda_backup.LOCK_NAME).exists(), "lock not removed after the run")
+        self.assertEqual(coda_backup.read_latest(self.out), snapshot)
+
+    def test_a_reused_pid_does_not_keep_the_folder_locked(self) -> None:
+        # After a reboot the dead run's pid may belong to another live process (here: this one).
+        build_nightly(self.fake)
+        self.write_lock(os.getpid())
+        code, _ = self.run_new()
+        self.assertEqual(code, 0, self.stderr)
+        self.assertIn("taking over the lock", self.stderr)
 
     def test_a_stale_lock_is_taken_over_with_a_warning(self) -> None:
         build_nightly(self.fake)
