@@ -83,6 +83,7 @@ RATE_WINDOW_MARGIN = 1.05  # pace against a slightly longer window: clocks and t
 RATE_RECOVERY_WINDOWS = 5.0  # after a 429, climb back to the full rate over this many windows
 MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
+IDLE_RECONNECT_AFTER = 1.0  # seconds idle after which a dropped keep-alive connection is reopened silently
 
 # Enough workers to keep the write limit busy while exports render (about 3 s each).
 DEFAULT_CONCURRENCY = 8
@@ -110,7 +111,6 @@ RESERVED_NAMES = frozenset(
 )
 
 CSV_META_HEADER = ["_row_id", "_row_name", "_row_index", "_created_at", "_updated_at", "_browser_link"]
-PAGE_FORMATS = {"markdown": ".md", "html": ".html"}
 
 SNAPSHOT_TIME_FORMAT = "%Y-%m-%dT%H%M%SZ"
 SNAPSHOT_NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z(-\d+)?$")
@@ -357,6 +357,16 @@ class HttpClient:
         if self._cancel.is_set():
             raise Cancelled("cancelled")
 
+    def abort(self) -> None:
+        """Cut every open connection (from the signal handler): blocked reads end at once and
+        the workers, seeing the cancel flag, stop."""
+        with self._opened_lock:
+            opened = list(self._opened)
+        for conn in opened:
+            if conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Close every keep-alive connection; call once the workers are done."""
         with self._opened_lock:
@@ -447,19 +457,27 @@ class HttpClient:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        conn = self._connection(parts.scheme, parts.netloc)
         LOG.debug("%s %s", method, _redact_url(url))
-        try:
-            with self._in_flight:
-                conn.request(method, target, body=body, headers=headers)
-                raw = conn.getresponse()
-                data = raw.read()
-            reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)
-            if raw.will_close:
+        for second_try in (False, True):
+            conn, idle = self._connection(parts.scheme, parts.netloc)
+            try:
+                with self._in_flight:
+                    conn.request(method, target, body=body, headers=headers)
+                    raw = conn.getresponse()
+                    data = raw.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self._drop_connection(parts.scheme, parts.netloc)
-        except BaseException:
+                # Servers close keep-alive connections that sat idle; finding one closed is not a
+                # failed attempt. A connection in steady use that breaks is one, and counts.
+                if idle < IDLE_RECONNECT_AFTER or second_try:
+                    raise
+            except BaseException:
+                self._drop_connection(parts.scheme, parts.netloc)
+                raise
+        reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)
+        if raw.will_close:
             self._drop_connection(parts.scheme, parts.netloc)
-            raise
         if reply.headers.get("content-encoding", "").lower() == "gzip":
             try:
                 reply.body = gzip.decompress(reply.body)
@@ -467,23 +485,29 @@ class HttpClient:
                 raise _Transient(f"corrupt gzip body: {exc}", reply.status) from exc
         return reply
 
-    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
-        connections: Dict[Tuple[str, str], http.client.HTTPConnection]
-        connections = self._local.__dict__.setdefault("connections", {})
+    def _connection(self, scheme: str, netloc: str) -> Tuple[http.client.HTTPConnection, float]:
+        """This thread's connection to a host, and how long it has sat idle (0 when new)."""
+        state = self._local.__dict__
+        connections: Dict[Tuple[str, str], http.client.HTTPConnection] = state.setdefault("connections", {})
+        last_used: Dict[Tuple[str, str], float] = state.setdefault("last_used", {})
+        now = time.monotonic()
         conn = connections.get((scheme, netloc))
-        if conn is None:
-            if scheme == "https":
-                with self._opened_lock:
-                    self._ssl = self._ssl or ssl.create_default_context()
-                conn = http.client.HTTPSConnection(netloc, timeout=self.settings.timeout, context=self._ssl)
-            elif scheme == "http":
-                conn = http.client.HTTPConnection(netloc, timeout=self.settings.timeout)
-            else:
-                raise ApiError(0, f"unsupported URL scheme {scheme!r}")
-            connections[(scheme, netloc)] = conn
+        idle = now - last_used.get((scheme, netloc), now)
+        last_used[(scheme, netloc)] = now
+        if conn is not None:
+            return conn, idle
+        if scheme == "https":
             with self._opened_lock:
-                self._opened.append(conn)
-        return conn
+                self._ssl = self._ssl or ssl.create_default_context()
+            conn = http.client.HTTPSConnection(netloc, timeout=self.settings.timeout, context=self._ssl)
+        elif scheme == "http":
+            conn = http.client.HTTPConnection(netloc, timeout=self.settings.timeout)
+        else:
+            raise ApiError(0, f"unsupported URL scheme {scheme!r}")
+        connections[(scheme, netloc)] = conn
+        with self._opened_lock:
+            self._opened.append(conn)
+        return conn, 0.0
 
     def _drop_connection(self, scheme: str, netloc: str) -> None:
         conn = self._local.__dict__.get("connections", {}).pop((scheme, netloc), None)
@@ -503,9 +527,7 @@ def _interpret_api_response(response: Response, url: str, strict: bool, secret: 
             return json.loads(response.body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise _Transient(f"HTTP {status} with a body that is not valid JSON", status) from exc
-    message = _error_message(response.body)
-    if secret:
-        message = message.replace(secret, "[redacted]")
+    message = _error_message(response.body, secret)
     if status == 429:
         raise _Transient("HTTP 429: rate limited", 429, _retry_after(response.headers.get("retry-after")))
     if status >= 500:
@@ -515,9 +537,15 @@ def _interpret_api_response(response: Response, url: str, strict: bool, secret: 
     raise ApiError(status, message, url)
 
 
-def _error_message(body: bytes) -> str:
-    """Coda's error bodies are {statusCode, statusMessage, message}; fall back to text."""
-    text = body[:2000].decode("utf-8", "replace")
+def _error_message(body: bytes, secret: str) -> str:
+    """Coda's error bodies are {statusCode, statusMessage, message}; fall back to text.
+
+    The token is cut out of the whole body before anything is shortened, so no piece of it
+    survives into the summary.
+    """
+    text = body[:65536].decode("utf-8", "replace")
+    if secret:
+        text = text.replace(secret, "[redacted]")
     try:
         payload = json.loads(text)
     except ValueError:
@@ -669,9 +697,12 @@ class CodaApi:
                 else:
                     problems.append("an item without an id was skipped")
             token = page.get("nextPageToken")
-            if not token:
+            if token is None or token == "":
                 break
-            if not isinstance(token, str) or token in seen_tokens:
+            if not isinstance(token, str):
+                problems.append("the answer has a page token that is not text; stopped paging")
+                break
+            if token in seen_tokens:
                 problems.append("the server repeated a page token; stopped paging")
                 break
             seen_tokens.add(token)
@@ -914,7 +945,8 @@ def csv_cell(value: Any) -> str:
 
 def csv_record(row: Dict[str, Any], column_ids: List[str]) -> List[str]:
     values = row.get("values")
-    values = values if isinstance(values, dict) else {}
+    if not isinstance(values, dict):
+        raise ApiError(0, f"row {row.get('id')!r} has values that are not an object")
     meta = [row.get("id"), row.get("name"), row.get("index"), row.get("createdAt"),
             row.get("updatedAt"), row.get("browserLink")]
     return [csv_cell(value) for value in meta] + [csv_cell(values.get(column_id)) for column_id in column_ids]
@@ -960,10 +992,11 @@ def link_or_copy(source: Path, target: Path) -> None:
     make_private_dir(target.parent)
     try:
         os.link(source, target)
+    except FileExistsError:
+        raise
     except OSError:
-        temp = target.with_name(f".tmp-{os.getpid()}-{threading.get_ident()}-{target.name[:40]}")
-        shutil.copy2(source, temp)
-        os.replace(temp, target)
+        with atomic_file(target) as handle, open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
 
 
 # --- Exporters ----------------------------------------------------------------
@@ -1086,7 +1119,6 @@ class Job:
     paths: PathAllocator
     recorder: RunRecorder
     previous: Optional[PreviousSnapshot]
-    cancel: threading.Event
 
     def write_json(self, relative: PurePosixPath, value: Any, role: str) -> Dict[str, Any]:
         write_json_atomic(inside(self.root, relative), value)
@@ -1116,9 +1148,9 @@ def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -
     for a fresh one. Both are bounded.
     """
     api, options = job.api, job.options
+    deadline = time.monotonic() + options.export_timeout  # for the page, however often it restarts
     for _ in range(MAX_EXPORT_STARTS):
         request_id = api.start_export(doc_id, page_id, output_format)
-        deadline = time.monotonic() + options.export_timeout
         refreshes = 0
         while True:
             api.http.sleep(options.poll_interval)
@@ -1127,12 +1159,16 @@ def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -
             except ApiError as exc:
                 if exc.status != 404:
                     raise
+                if time.monotonic() > deadline:
+                    raise ExportError(f"export did not finish within {options.export_timeout:g}s") from exc
                 LOG.info("export of page %s expired (404); starting it again", page_id)
                 break
             if status.get("error") or str(status.get("status", "")).lower() == "failed":
                 raise ExportError(f"export failed: {status.get('error') or 'no reason given'}")
             link = status.get("downloadLink")
-            if isinstance(link, str) and link:
+            if link is not None and not isinstance(link, str):
+                raise ExportError(f"export answer has a downloadLink that is not a URL: {link!r:.100}")
+            if link:
                 try:
                     return api.download(link)
                 except ExpiredLink as exc:
@@ -1179,7 +1215,7 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
             entry.update(files=job.link_files(previous["files"], stem), status="unchanged",
                          updatedAt=previous["updatedAt"])
             job.recorder.unchanged("pages")
-        elif page.get("contentType", "canvas") != "canvas":
+        elif (page.get("contentType") or "canvas") != "canvas":
             entry["status"] = "skipped"
             entry["reason"] = f"the API cannot export {page.get('contentType')} pages"
             job.recorder.count("pages_not_exportable")
@@ -1779,7 +1815,7 @@ def describe_runs(output: Path) -> List[Dict[str, Any]]:
             "started_at": summary.get("started_at"),
             "duration_s": summary.get("duration_s"),
             "counts": counts,
-            "failures": len(summary.get("failures") or []),
+            "failures": len(summary["failures"]) if isinstance(summary.get("failures"), list) else 0,
             "size_bytes": size,
             "unique_bytes": unique,
             "zip": (output / f"{folder.name}.zip").is_file(),
@@ -1828,7 +1864,7 @@ def zip_snapshot(snapshot: Path) -> Path:
     return target
 
 
-def manifest_files(manifest: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+def manifest_files(manifest: Dict[str, Any]) -> Iterator[Any]:
     for doc in manifest.get("docs", []):
         yield from doc.get("files", [])
         for child in doc.get("pages", []) + doc.get("tables", []):
@@ -1844,6 +1880,9 @@ def verify_snapshot(snapshot: Path) -> List[str]:
         return [f"{MANIFEST_NAME}: unreadable ({exc})"]
     problems = []
     for record in records:
+        if not isinstance(record, dict):
+            problems.append(f"{MANIFEST_NAME}: a file record is not an object")
+            continue
         relative = PurePosixPath(str(record.get("path")))
         try:
             actual = file_record(snapshot, relative)
@@ -1862,18 +1901,21 @@ def verify_snapshot(snapshot: Path) -> List[str]:
 
 
 @contextlib.contextmanager
-def cancel_on_signals(cancel: threading.Event) -> Iterator[List[int]]:
-    """Turn SIGINT/SIGTERM into a cancel flag: workers stop at their next request or sleep."""
+def cancel_on_signals(cancel: threading.Event, on_cancel: Callable[[], None] = lambda: None) -> Iterator[List[int]]:
+    """Turn SIGINT/SIGTERM (and Ctrl+Break on Windows) into a cancel flag: workers stop at their
+    next request or sleep, and `on_cancel` cuts the requests in flight."""
     received: List[int] = []
 
     def handler(signum: int, _frame: Any) -> None:
         received.append(signum)
         cancel.set()
+        on_cancel()
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, handler)
+        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGBREAK", None)):
+            if signum is not None:
+                previous[signum] = signal.signal(signum, handler)
     try:
         yield received
     finally:
@@ -1968,6 +2010,12 @@ class Monitor:
                 f"| failures {counts['failures']} | ETA {eta}")
 
 
+def client_settings(options: Options) -> ClientSettings:
+    return ClientSettings(api_url=options.api_url, max_retries=options.max_retries, timeout=options.timeout,
+                          retry_delay=options.retry_delay, rate_limits=options.rate_limits,
+                          strict_latest=options.strict_latest, max_in_flight=options.concurrency)
+
+
 def check_access(api: CodaApi) -> Dict[str, Any]:
     """Call /whoami first: a bad token or an unreachable API ends the run before any work."""
     try:
@@ -2038,14 +2086,12 @@ def dry_run(options: Options, token: str) -> int:
     count; makes no export request, reads no rows, writes nothing, takes no lock.
     """
     cancel = threading.Event()
-    settings = ClientSettings(api_url=options.api_url, max_retries=options.max_retries, timeout=options.timeout,
-                              retry_delay=options.retry_delay, rate_limits=options.rate_limits,
-                              max_in_flight=options.concurrency)
-    api = CodaApi(HttpClient(settings, token, cancel))
+    http = HttpClient(client_settings(options), token, cancel)
+    api = CodaApi(http)
     recorder = RunRecorder()
     previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
     totals = {"docs": 0, "pages": 0, "tables": 0, "views": 0, "rows": 0, "unchanged": 0}
-    with cancel_on_signals(cancel):
+    with cancel_on_signals(cancel, http.abort) as received:
         try:
             check_access(api)
             for doc in list_docs(api, options, recorder):
@@ -2060,7 +2106,7 @@ def dry_run(options: Options, token: str) -> int:
             print(f"coda-backup: {exc}", file=sys.stderr)
             return EXIT_FATAL
         except Cancelled:
-            return EXIT_SIGINT
+            return exit_code("cancelled", received)
     print(f"would back up {totals['docs']} docs, {totals['pages']} pages, {totals['tables']} tables, "
           f"{totals['views']} views, {totals['rows']} rows; {totals['unchanged']} unchanged "
           f"(linked, not downloaded); {len(recorder.failures)} problems")
@@ -2077,7 +2123,7 @@ def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot
             recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), problem)
     for page in selected_pages(options, pages):
         unchanged = previous is not None and previous.reusable_page(doc["id"], page, options.page_formats) is not None
-        exportable = page.get("contentType", "canvas") == "canvas"
+        exportable = (page.get("contentType") or "canvas") == "canvas"
         note = "unchanged" if unchanged else ("export" if exportable else "not exportable")
         totals["pages"] += 1
         totals["unchanged"] += int(unchanged)
@@ -2137,17 +2183,13 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
     except OSError as exc:
         raise ConfigError(f"cannot create --output {options.output}: {exc.strerror or exc}") from None
     cancel = threading.Event()
-    with RunLock(options.output), cancel_on_signals(cancel) as received:
+    recorder, stats = RunRecorder(), RequestStats()
+    http = HttpClient(client_settings(options), token, cancel, stats)
+    with RunLock(options.output), cancel_on_signals(cancel, http.abort) as received:
         started = utc_now()
         snapshot = create_snapshot(options.output, started)
-        recorder, stats = RunRecorder(), RequestStats()
-        settings = ClientSettings(api_url=options.api_url, max_retries=options.max_retries,
-                                  timeout=options.timeout, retry_delay=options.retry_delay,
-                                  rate_limits=options.rate_limits, strict_latest=options.strict_latest,
-                                  max_in_flight=options.concurrency)
-        http = HttpClient(settings, token, cancel, stats)
         previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
-        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous, cancel)
+        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous)
         LOG.info("writing snapshot %s", snapshot)
         docs: List[Dict[str, Any]] = []
         fatal = False

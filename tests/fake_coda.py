@@ -874,6 +874,7 @@ class _Handler(BaseHTTPRequestHandler):
         return "AmazonS3" if self.server.kind == "download" else "coda-fake"
 
     def setup(self) -> None:
+        self.timeout = self.server.fake.idle_timeout  # read by StreamRequestHandler.setup
         super().setup()
         if not self.server.fake._register_connection(self.connection):
             self.close_connection = True
@@ -1008,6 +1009,9 @@ class FakeCoda:
         # Whether Coda bumps a view's updatedAt when its base table changes is not documented;
         # False lets tests play the worst case.
         self.views_follow_base = True
+        # Seconds a keep-alive connection may sit idle before the server closes it, as load
+        # balancers do (applies to connections opened after it is set).
+        self.idle_timeout = 60.0
         # Test hooks on the API host, called on the handler thread: before_api(request) before
         # anything else (to look at the disk mid-run), after_api(request, reply) once the reply
         # is ready (to script a fault for a later page of a listing, which add_fault cannot).

@@ -883,3 +883,24 @@ class DefaultRunTest(FeatureTestCase):
                 self.assertIn(entry["path"], {record["path"] for record in entry["files"]})
         child = manifest_entry(manifest, "pages", self.ws.page_c.id)
         self.assertEqual(child["parentId"], self.ws.page_b.id)
+
+
+class DamagedFilesTest(FeatureTestCase):
+    """Hand-edited or damaged local files give a clear answer, never a traceback."""
+
+    def test_list_runs_and_verify_survive_damaged_files(self) -> None:
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        snapshot = self.latest()
+        summary = read_json(snapshot / "summary.json")
+        summary["failures"], summary["counts"] = 3, "lots"
+        (snapshot / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        self.assertEqual(self.run_main(["--list-runs", "--output", str(self.out)]), 0, self.stderr)
+        self.assertIn(snapshot.name, self.stdout)
+        self.assertNotIn("Traceback", self.stderr)
+
+        manifest = read_json(snapshot / "manifest.json")
+        manifest["docs"][0]["files"].append("not a record")
+        (snapshot / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        self.assertEqual(self.run_main(["--verify", "--output", str(self.out)]), 1, self.stderr)
+        self.assertIn("not an object", self.stdout)
+        self.assertNotIn("Traceback", self.stderr)

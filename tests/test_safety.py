@@ -261,11 +261,58 @@ class SignalTest(ResilienceCase):
                 self.assertFalse((self.out / coda_backup.LOCK_NAME).exists(), "lock left behind")
                 self.assertNoLeftovers()
 
+    @unittest.skipUnless(os.name == "posix", "POSIX signals")
+    def test_a_request_on_the_wire_does_not_delay_the_stop(self) -> None:
+        build_nightly(self.fake)
+        self.fake.latency = 30.0  # the first request hangs far longer than anyone would wait
+        env = dict(os.environ, CODA_API_TOKEN=TOKEN)
+        env.pop("CODA_API_URL", None)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "coda_backup.py"), "--output", str(self.out), "--api-url", self.fake.api_url,
+             *FAST_FLAGS, "--timeout", "60"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self.addCleanup(self._reap, proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self.fake.log:
+            time.sleep(0.02)
+        self.assertTrue(self.fake.log, "no request started")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+        self.assertLess(time.monotonic() - sent, 3, "waited for the hanging request")
+        self.assertEqual(proc.returncode, 143, stderr.decode("utf-8", "replace"))
+
     @staticmethod
     def _reap(proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+# --- answers of the wrong shape -------------------------------------------------------------
+
+class WrongShapeTest(ResilienceCase):
+    """Answers that parse but do not have the shape the API promises: recorded, never saved as if fine."""
+
+    def test_rows_whose_values_are_not_an_object_fail_that_table(self) -> None:
+        data = build_nightly(self.fake)
+        people = data["people"]
+        body = {"items": [{"id": "i-1", "type": "row", "name": "x", "index": 0, "values": ["Ana"]}]}
+        self.fake.add_fault(rows_path(people) + "$", status=200, body=body, times=None)
+        self.assertEqual(self.run_backup(), 1, self.stderr)
+        failures = self.summary()["failures"]
+        self.assertEqual([(f["kind"], f["id"]) for f in failures], [("table", people.id)])
+        self.assertEqual(list(self.latest().rglob(f"*__{people.id}.csv")), [])
+
+    def test_a_download_link_that_is_not_text_fails_fast(self) -> None:
+        data = build_nightly(self.fake)
+        notes = data["notes"]
+        body = {"id": "x", "status": "complete", "downloadLink": 12345}
+        self.fake.add_fault(rf"/pages/{notes.id}/export/", status=200, body=body, times=None)
+        self.assertEqual(self.run_backup(), 1, self.stderr)
+        self.assertEqual(len(self.fake.requests("GET", rf"/pages/{notes.id}/export/")), 1, "no polling on")
+        self.assertIn("downloadLink", self.summary()["failures"][0]["error"])
 
 
 # --- the lock ------------------------------------------------------------------------------

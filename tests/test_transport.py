@@ -71,6 +71,21 @@ class ConnectionTest(BackupTestCase):
         self.assertTrue(agent.startswith(f"coda-backup/{coda_backup.__version__}"), agent)
 
 
+class IdleConnectionTest(BackupTestCase):
+    def test_a_connection_the_server_closed_while_idle_is_reopened_without_a_retry(self) -> None:
+        self.fake.add_doc("Idle Doc").add_page("Only Page")
+        self.fake.idle_timeout = 0.2
+        self.fake.export_delay = 0.25
+        # --max-retries 0: a closed connection counted as an attempt would fail the run
+        code = self.run_backup("--max-retries", "0", "--concurrency", "1", "--no-extras",
+                               "--poll-interval", str(coda_backup.IDLE_RECONNECT_AFTER + 0.1))
+        self.assertEqual(code, 0, self.stderr)
+        self.assertEqual(self.summary()["requests"]["retries"], 0)
+        post, = self.fake.requests("POST", r"/export$")
+        poll, = self.fake.requests("GET", r"/export/")
+        self.assertNotEqual(post.client_port, poll.client_port, "the idle connection was really closed")
+
+
 class StatusLineTest(unittest.TestCase):
     def test_log_lines_scroll_above_the_status(self) -> None:
         stream = io.StringIO()
