@@ -883,11 +883,24 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp_name, path)
+        replace_file(temp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temp_name)
         raise
+
+
+def replace_file(source: str, target: Path) -> None:
+    """os.replace, a few times more on Windows, where a virus scanner or a reader holding the
+    target open makes it fail for a moment."""
+    for attempt in range(6 if os.name == "nt" else 1):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == 5:
+                raise
+            time.sleep(0.05 * 2 ** attempt)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -1554,6 +1567,11 @@ def point_latest(output: Path, snapshot: Path) -> None:
     """
     write_bytes_atomic(output / LATEST_TXT, (snapshot.name + "\n").encode("utf-8"))
     link = output / LATEST_LINK
+    if os.name == "nt":  # symlinks need privileges there, and a directory link cannot be replaced
+        with contextlib.suppress(OSError):
+            if link.is_symlink():
+                link.unlink()
+        return
     temp = output / f".latest-{os.getpid()}"
     try:
         with contextlib.suppress(FileNotFoundError):
@@ -1852,6 +1870,18 @@ def prune_snapshots(output: Path, keep: int, current: Path) -> List[str]:
         shutil.rmtree(doomed)
         removed.append(folder.name)
     return removed
+
+
+def mark_abandoned(output: Path) -> None:
+    """Relabel snapshots left `running` by a run that died (kill -9, Task Scheduler's End,
+    a power cut) as `abandoned`: only the lock holder may call this, so none of them runs."""
+    for folder in snapshot_folders(output):
+        summary = read_summary(folder)
+        if summary.get("status") == "running":
+            LOG.warning("snapshot %s was left unfinished by a run that is gone; marking it abandoned", folder.name)
+            summary["status"] = "abandoned"
+            with contextlib.suppress(OSError):
+                write_json_atomic(folder / SUMMARY_NAME, summary)
 
 
 def zip_snapshot(snapshot: Path) -> Path:
@@ -2186,6 +2216,7 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
     recorder, stats = RunRecorder(), RequestStats()
     http = HttpClient(client_settings(options), token, cancel, stats)
     with RunLock(options.output), cancel_on_signals(cancel, http.abort) as received:
+        mark_abandoned(options.output)
         started = utc_now()
         snapshot = create_snapshot(options.output, started)
         previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None

@@ -555,6 +555,8 @@ class KeepTest(FeatureTestCase):
     def test_prunes_oldest_finished_with_their_zip(self) -> None:
         crashed = self.fake_snapshot("2000-01-01T000000Z", "running")
         self.assertEqual(self.run_backup("--zip", "--no-extras"), 0, self.stderr)
+        self.assertEqual(self.summary(crashed)["status"], "abandoned", "the lock holder knows it is dead")
+        self.assertIn("abandoned", self.stderr)
         oldest = self.latest()
         self.assertTrue((self.out / f"{oldest.name}.zip").is_file())
         # incremental runs hard-link oldest's files: pruning it must not hurt them
@@ -568,7 +570,7 @@ class KeepTest(FeatureTestCase):
         self.assertFalse((self.out / f"{oldest.name}.zip").exists(), "its zip goes too")
         self.assertTrue(middle.is_dir())
         self.assertTrue(newest.is_dir())
-        self.assertTrue(crashed.is_dir(), "a snapshot that never finished is not pruned")
+        self.assertFalse(crashed.exists(), "an abandoned snapshot older than the kept ones goes too")
         self.assert_verifies()
 
         self.set_env("CODA_API_TOKEN", "refused-token")  # a run that fails (exit 3) prunes nothing
