@@ -70,6 +70,7 @@ USER_AGENT = f"coda-backup/{__version__} (+https://github.com/coda-backup; pytho
 # Coda silently clamps `limit` to its own maximum, so asking for more is free.
 LIST_LIMIT = 200
 ROW_LIMIT = 500
+SMALL_ROW_LIMIT = 50  # after a 504: Coda's advice for tables too large to page quickly
 COLUMN_LIMIT = 100  # the documented maximum for the columns endpoint
 MAX_LIST_PAGES = 100_000  # a server that paginates forever still ends
 
@@ -632,10 +633,10 @@ class CodaApi:
         path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}/columns"
         return self._paginate(path, {"limit": str(COLUMN_LIMIT)}, doc_scoped=True)
 
-    def iter_rows(self, doc_id: str, table_id: str) -> Iterator[Dict[str, Any]]:
+    def iter_rows(self, doc_id: str, table_id: str, limit: int = ROW_LIMIT) -> Iterator[Dict[str, Any]]:
         """Rows keyed by column id; without useColumnNames, which breaks on renames and duplicates."""
         path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}/rows"
-        params = {"limit": str(ROW_LIMIT), "valueFormat": "simpleWithArrays"}
+        params = {"limit": str(limit), "valueFormat": "simpleWithArrays"}
         return self._paginate(path, params, doc_scoped=True)
 
     def iter_formulas(self, doc_id: str) -> Iterator[Dict[str, Any]]:
@@ -1309,8 +1310,7 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
             entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns"))
             csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
             ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
-            count, problem = write_rows_csv(inside(job.root, csv_path), columns, api.iter_rows(doc_id, ref["id"]),
-                                            inside(job.root, ndjson_path) if ndjson_path else None)
+            count, problem = read_rows(job, doc_id, ref["id"], columns, csv_path, ndjson_path)
             entry["files"].append(dict(file_record(job.root, csv_path), role="csv"))
             if ndjson_path is not None:
                 entry["files"].append(dict(file_record(job.root, ndjson_path), role="rows"))
@@ -1329,6 +1329,23 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
     finally:
         job.recorder.settle()
     return entry
+
+
+def read_rows(job: Job, doc_id: str, table_id: str, columns: List[Dict[str, Any]], csv_path: PurePosixPath,
+              ndjson_path: Optional[PurePosixPath]) -> Tuple[int, Optional[BackupError]]:
+    """Stream a table's rows to disk. Coda answers 504 when a page of a large table takes too
+    long to build; its advice is to start the listing again with a smaller limit."""
+    def write(limit: int) -> Tuple[int, Optional[BackupError]]:
+        return write_rows_csv(inside(job.root, csv_path), columns, job.api.iter_rows(doc_id, table_id, limit),
+                              inside(job.root, ndjson_path) if ndjson_path else None)
+
+    try:
+        return write(ROW_LIMIT)
+    except ApiError as exc:
+        if exc.status != 504:
+            raise
+    LOG.info("rows of table %s timed out (504); reading them again %d at a time", table_id, SMALL_ROW_LIMIT)
+    return write(SMALL_ROW_LIMIT)
 
 
 def _base_table_unchanged(job: Job, doc_id: str, table: Dict[str, Any]) -> bool:

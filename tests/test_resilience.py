@@ -324,6 +324,15 @@ class RecordedFailureTest(ResilienceCase):
                 self.assertEqual({n: got.get(n) for n in others}, others, "other objects not saved intact")
         self.assertNoLeftovers()
 
+    def test_rows_that_keep_timing_out_are_read_again_in_smaller_pages(self) -> None:
+        data = build_nightly(self.fake, big_rows=120)
+        tasks = data["tasks"]
+        self.fake.add_fault(rows_path(tasks) + "$", status=504, times=2)  # every attempt of the first listing
+        self.assertEqual(self.run_backup("--max-retries", "1"), 0, self.stderr)
+        limits = [record.query.get("limit") for record in self.fake.requests("GET", rows_path(tasks) + "$")]
+        self.assertEqual(limits[:3], [str(coda_backup.ROW_LIMIT)] * 2 + [str(coda_backup.SMALL_ROW_LIMIT)])
+        self.assertEqual(len(read_csv(self.find_one(self.latest(), f"*__{tasks.id}.csv"))), 1 + 120)
+
     def test_max_retries_bounds_attempts_per_request(self) -> None:
         data = build_nightly(self.fake)
         people = data["people"]
