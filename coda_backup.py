@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -84,7 +85,7 @@ RATE_WINDOW_MARGIN = 1.05  # pace against a slightly longer window: clocks and t
 RATE_RECOVERY_WINDOWS = 5.0  # after a 429, climb back to the full rate over this many windows
 MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
-IDLE_RECONNECT_AFTER = 1.0  # seconds idle after which a dropped keep-alive connection is reopened silently
+SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
 
 # Enough workers to keep the write limit busy while exports render (about 3 s each).
 DEFAULT_CONCURRENCY = 8
@@ -359,14 +360,19 @@ class HttpClient:
             raise Cancelled("cancelled")
 
     def abort(self) -> None:
-        """Cut every open connection (from the signal handler): blocked reads end at once and
-        the workers, seeing the cancel flag, stop."""
+        """Cut every open connection after a cancel: blocked reads end at once and the workers,
+        seeing the cancel flag, stop.
+
+        The plain socket shutdown is used on purpose: SSLSocket.shutdown first drops the TLS
+        layer, and a worker writing in that instant would send its request in clear text.
+        """
         with self._opened_lock:
             opened = list(self._opened)
         for conn in opened:
-            if conn.sock is not None:
+            sock = conn.sock
+            if sock is not None:
                 with contextlib.suppress(OSError):
-                    conn.sock.shutdown(socket.SHUT_RDWR)
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
     def close(self) -> None:
         """Close every keep-alive connection; call once the workers are done."""
@@ -459,23 +465,16 @@ class HttpClient:
         if parts.query:
             target += "?" + parts.query
         LOG.debug("%s %s", method, _redact_url(url))
-        for second_try in (False, True):
-            conn, idle = self._connection(parts.scheme, parts.netloc)
-            try:
-                with self._in_flight:
-                    conn.request(method, target, body=body, headers=headers)
-                    raw = conn.getresponse()
-                    data = raw.read()
-                break
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._drop_connection(parts.scheme, parts.netloc)
-                # Servers close keep-alive connections that sat idle; finding one closed is not a
-                # failed attempt. A connection in steady use that breaks is one, and counts.
-                if idle < IDLE_RECONNECT_AFTER or second_try:
-                    raise
-            except BaseException:
-                self._drop_connection(parts.scheme, parts.netloc)
-                raise
+        conn = self._connection(parts.scheme, parts.netloc)
+        try:
+            with self._in_flight:
+                self.check_cancelled()
+                conn.request(method, target, body=body, headers=headers)
+                raw = conn.getresponse()
+                data = raw.read()
+        except BaseException:
+            self._drop_connection(parts.scheme, parts.netloc)
+            raise
         reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)
         if raw.will_close:
             self._drop_connection(parts.scheme, parts.netloc)
@@ -486,17 +485,20 @@ class HttpClient:
                 raise _Transient(f"corrupt gzip body: {exc}", reply.status) from exc
         return reply
 
-    def _connection(self, scheme: str, netloc: str) -> Tuple[http.client.HTTPConnection, float]:
-        """This thread's connection to a host, and how long it has sat idle (0 when new)."""
-        state = self._local.__dict__
-        connections: Dict[Tuple[str, str], http.client.HTTPConnection] = state.setdefault("connections", {})
-        last_used: Dict[Tuple[str, str], float] = state.setdefault("last_used", {})
-        now = time.monotonic()
+    def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        """This thread's connection to a host: the kept-alive one unless the server closed it.
+
+        Servers close idle keep-alive connections; a closed one reads as ready (end of file),
+        so it is replaced before a request is sent on it, and no request is ever sent twice.
+        """
+        connections: Dict[Tuple[str, str], http.client.HTTPConnection]
+        connections = self._local.__dict__.setdefault("connections", {})
         conn = connections.get((scheme, netloc))
-        idle = now - last_used.get((scheme, netloc), now)
-        last_used[(scheme, netloc)] = now
         if conn is not None:
-            return conn, idle
+            sock = conn.sock
+            if sock is None or not select.select([sock], [], [], 0)[0]:
+                return conn
+            self._drop_connection(scheme, netloc)
         if scheme == "https":
             with self._opened_lock:
                 self._ssl = self._ssl or ssl.create_default_context()
@@ -508,12 +510,14 @@ class HttpClient:
         connections[(scheme, netloc)] = conn
         with self._opened_lock:
             self._opened.append(conn)
-        return conn, 0.0
+        return conn
 
     def _drop_connection(self, scheme: str, netloc: str) -> None:
         conn = self._local.__dict__.get("connections", {}).pop((scheme, netloc), None)
         if conn is not None:
             conn.close()
+            with self._opened_lock, contextlib.suppress(ValueError):
+                self._opened.remove(conn)
 
 
 def _interpret_api_response(response: Response, url: str, strict: bool, secret: str) -> Any:
@@ -1949,23 +1953,38 @@ def verify_snapshot(snapshot: Path) -> List[str]:
 
 @contextlib.contextmanager
 def cancel_on_signals(cancel: threading.Event, on_cancel: Callable[[], None] = lambda: None) -> Iterator[List[int]]:
-    """Turn SIGINT/SIGTERM (and Ctrl+Break on Windows) into a cancel flag: workers stop at their
-    next request or sleep, and `on_cancel` cuts the requests in flight."""
+    """Turn SIGINT/SIGTERM (and Ctrl+Break on Windows) into a cancel: workers stop at their next
+    request or sleep, and `on_cancel` cuts the requests in flight.
+
+    The handler only appends to a list: it runs between two bytecodes of the main thread, which
+    may hold any lock at that moment, so taking one there could hang the process. A watcher
+    thread notices within SIGNAL_POLL seconds and does the rest.
+    """
     received: List[int] = []
+    stop = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
         received.append(signum)
-        cancel.set()
-        on_cancel()
+
+    def watch() -> None:
+        while not stop.wait(SIGNAL_POLL):
+            if received:
+                cancel.set()
+                on_cancel()
+                return
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGBREAK", None)):
             if signum is not None:
                 previous[signum] = signal.signal(signum, handler)
+    watcher = threading.Thread(target=watch, name="coda-signals", daemon=True)
+    watcher.start()
     try:
         yield received
     finally:
+        stop.set()
+        watcher.join()
         for signum, old in previous.items():
             signal.signal(signum, old)
 

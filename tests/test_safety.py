@@ -283,6 +283,28 @@ class SignalTest(ResilienceCase):
         self.assertLess(time.monotonic() - sent, 3, "waited for the hanging request")
         self.assertEqual(proc.returncode, 143, stderr.decode("utf-8", "replace"))
 
+    @unittest.skipUnless(os.name == "posix", "POSIX signals")
+    def test_a_cut_request_is_not_sent_again(self) -> None:
+        build_nightly(self.fake)
+        self.fake.timeout_sleep = 30.0
+        self.fake.add_fault(r"^/docs$", kind="timeout", times=None)  # the doc listing hangs
+        env = dict(os.environ, CODA_API_TOKEN=TOKEN)
+        env.pop("CODA_API_URL", None)
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "coda_backup.py"), "--output", str(self.out), "--api-url", self.fake.api_url,
+             *FAST_FLAGS, "--timeout", "60", "--max-retries", "3"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        self.addCleanup(self._reap, proc)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self.fake.requests("GET", r"^/docs$"):
+            time.sleep(0.02)
+        time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 143, stderr.decode("utf-8", "replace"))
+        self.assertEqual(len(self.fake.requests("GET", r"^/docs$")), 1, "the cut request went out again")
+
     @staticmethod
     def _reap(proc: subprocess.Popen[bytes]) -> None:
         if proc.poll() is None:

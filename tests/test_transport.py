@@ -72,13 +72,12 @@ class ConnectionTest(BackupTestCase):
 
 
 class IdleConnectionTest(BackupTestCase):
-    def test_a_connection_the_server_closed_while_idle_is_reopened_without_a_retry(self) -> None:
+    def test_a_connection_the_server_closed_while_idle_is_replaced_before_use(self) -> None:
         self.fake.add_doc("Idle Doc").add_page("Only Page")
         self.fake.idle_timeout = 0.2
         self.fake.export_delay = 0.25
         # --max-retries 0: a closed connection counted as an attempt would fail the run
-        code = self.run_backup("--max-retries", "0", "--concurrency", "1", "--no-extras",
-                               "--poll-interval", str(coda_backup.IDLE_RECONNECT_AFTER + 0.1))
+        code = self.run_backup("--max-retries", "0", "--concurrency", "1", "--no-extras", "--poll-interval", "0.5")
         self.assertEqual(code, 0, self.stderr)
         self.assertEqual(self.summary()["requests"]["retries"], 0)
         post, = self.fake.requests("POST", r"/export$")
