@@ -2181,33 +2181,52 @@ def dry_run(options: Options, token: str) -> int:
 
 def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot], doc: Dict[str, Any],
              totals: Dict[str, int], recorder: RunRecorder) -> None:
-    """Print one doc's pages and tables for --dry-run."""
-    pages, page_problem = read_all(api.iter_pages(doc["id"]))
-    tables, table_problem = read_all(api.iter_tables(doc["id"]))
+    """Print one doc's pages and tables for --dry-run, deciding reuse as a run would."""
+    doc_id = doc["id"]
+    pages, page_problem = read_all(api.iter_pages(doc_id))
+    tables, table_problem = read_all(api.iter_tables(doc_id))
     for problem in (page_problem, table_problem):
         if problem is not None:
-            recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), problem)
+            recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
+    fetched: Dict[str, Dict[str, Any]] = {}
+    for ref in selected_tables(options, doc, tables):
+        try:
+            fetched[ref["id"]] = api.get_table(doc_id, ref["id"])
+        except ApiError as exc:
+            kind = "view" if ref.get("tableType") == "view" else "table"
+            recorder.fail(kind, doc_id, ref["id"], ref.get("name"), exc)
+
+    def table_unchanged(table: Dict[str, Any]) -> bool:
+        if previous is None or previous.reusable_table(doc_id, table, options.rows_json) is None:
+            return False
+        base_id = _ref_id(table.get("parentTable"))
+        if base_id is None or previous.ignore_updates:
+            return True
+        try:
+            base = fetched.get(base_id) or api.get_table(doc_id, base_id)
+        except ApiError:
+            return False
+        before = previous.tables.get((doc_id, base_id))
+        return before is not None and before.get("updatedAt") == base.get("updatedAt")
+
+    unchanged_tables = {table_id for table_id, table in fetched.items() if table_unchanged(table)}
     for page in selected_pages(options, pages):
-        unchanged = previous is not None and previous.reusable_page(doc["id"], page, options.page_formats) is not None
+        hosted = [ref["id"] for ref in tables if _ref_id(ref.get("parent")) == page["id"] and ref["id"] in fetched]
+        unchanged = (previous is not None and previous.reusable_page(doc_id, page, options.page_formats) is not None
+                     and (previous.ignore_updates or all(table_id in unchanged_tables for table_id in hosted)))
         exportable = (page.get("contentType") or "canvas") == "canvas"
         note = "unchanged" if unchanged else ("export" if exportable else "not exportable")
         totals["pages"] += 1
         totals["unchanged"] += int(unchanged)
         print(f"  page  {printable(page.get('name'))} ({printable(page['id'])}): {note}")
-    for ref in selected_tables(options, doc, tables):
-        kind = "view" if ref.get("tableType") == "view" else "table"
-        try:
-            table = api.get_table(doc["id"], ref["id"])
-        except ApiError as exc:
-            recorder.fail(kind, doc["id"], ref["id"], ref.get("name"), exc)
-            continue
-        unchanged = previous is not None and previous.reusable_table(doc["id"], table, options.rows_json) is not None
+    for table_id, table in fetched.items():
+        kind = "view" if table.get("tableType") == "view" else "table"
         rows = table.get("rowCount")
         totals[f"{kind}s"] += 1
         totals["rows"] += rows if isinstance(rows, int) else 0
-        totals["unchanged"] += int(unchanged)
-        print(f"  {kind:<5} {printable(ref.get('name'))} ({printable(ref['id'])}): {rows} rows, "
-              f"{'unchanged' if unchanged else 'read'}")
+        totals["unchanged"] += int(table_id in unchanged_tables)
+        print(f"  {kind:<5} {printable(table.get('name'))} ({printable(table_id)}): {rows} rows, "
+              f"{'unchanged' if table_id in unchanged_tables else 'read'}")
 
 
 def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,

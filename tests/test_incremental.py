@@ -564,6 +564,28 @@ class TablesShownOnPagesTest(IncrementalTestCase):
     """Coda's page updatedAt covers the page's own text, not the tables it shows, and a view's
     updatedAt may stay put when its base table changes: neither may leave a stale copy behind."""
 
+    def assert_dry_run_agrees(self, first: Path, second: Path) -> None:
+        """--dry-run --incremental against the first snapshot says what the real run then did."""
+        output = self.out.parent / "dry"
+        shutil.copytree(self.out, output, symlinks=True)
+        shutil.rmtree(output / second.name)
+        (output / "latest.txt").write_text(first.name + "\n", encoding="utf-8")
+        (output / "latest").unlink()
+        self.assertEqual(self.run_main(["--dry-run", "--incremental", "--no-extras", "--output", str(output),
+                                        "--api-url", self.fake.api_url, "--rate-limits", "none"]), 0, self.stderr)
+        said = {}
+        for line in self.stdout.splitlines():
+            match = re.search(r"\((\S+)\): .*?(unchanged|export|read)$", line)
+            if match:
+                said[match.group(1)] = match.group(2) == "unchanged"
+        for doc in self.manifest(second)["docs"]:
+            if doc["status"] == "unchanged":  # linked whole: the dry run lists the doc only
+                self.assertIn(f"({doc['id']}): unchanged", self.stdout)
+                continue
+            for child in doc["pages"] + doc["tables"]:
+                if child["status"] in ("ok", "unchanged"):
+                    self.assertEqual(said.get(child["id"]), child["status"] == "unchanged", child["name"])
+
     def test_page_showing_a_changed_table_is_exported_again(self) -> None:
         ws = build_small_workspace(self.fake)
         first = self.backup()
@@ -575,6 +597,7 @@ class TablesShownOnPagesTest(IncrementalTestCase):
 
         self.assertEqual(self.export_posts(), [self.export_path(ws.overview)])
         self.assertEqual(set(self.rows_gets()), {self.rows_path(ws.plain)})
+        self.assert_dry_run_agrees(first, second)
         entries = manifest_entries(self.manifest(second))
         self.assertEqual(entries[ws.overview.id]["status"], "ok")
         self.assertEqual(entries[ws.details.id]["status"], "unchanged")
@@ -583,7 +606,7 @@ class TablesShownOnPagesTest(IncrementalTestCase):
     def test_view_is_read_again_when_only_its_base_table_changed(self) -> None:
         self.fake.views_follow_base = False
         ws = build_small_workspace(self.fake)
-        self.backup()
+        first = self.backup()
         view_updated = ws.open_items.updated_at
         ws.items.set_cell(0, "Qty", 30)  # apple, an open item: it shows in the view
         self.assertEqual(ws.open_items.updated_at, view_updated)
@@ -591,6 +614,7 @@ class TablesShownOnPagesTest(IncrementalTestCase):
         second = self.backup("--incremental")
 
         self.assertEqual(set(self.rows_gets()), {self.rows_path(ws.items), self.rows_path(ws.open_items)})
+        self.assert_dry_run_agrees(first, second)
         view_rows = read_csv(self.table_csv(second, ws.open_items))
         qty = view_rows[0].index("Qty")
         self.assertIn("30", [row[qty] for row in view_rows[1:]])
