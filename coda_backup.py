@@ -59,7 +59,7 @@ import zipfile
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, Optional, Tuple
 
 __version__ = "0.1.0"
 
@@ -117,6 +117,7 @@ CSV_META_HEADER = ["_row_id", "_row_name", "_row_index", "_created_at", "_update
 SNAPSHOT_TIME_FORMAT = "%Y-%m-%dT%H%M%SZ"
 SNAPSHOT_NAME_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{6}Z(-\d+)?$")
 LOCK_NAME = ".lock"
+WINDOWS_LOCK_OFFSET = 1 << 20  # the byte Windows locks, far past the holder's JSON
 LATEST_LINK = "latest"
 LATEST_TXT = "latest.txt"
 SUMMARY_NAME = "summary.json"
@@ -329,12 +330,12 @@ class HttpClient:
     # Public calls -------------------------------------------------------------
 
     def get_json(self, path: str, params: Optional[Dict[str, str]] = None, category: str = "read",
-                 doc_scoped: bool = False) -> Any:
-        """GET an API path and return its JSON, retrying what a retry may cure."""
-        return self._call_api("GET", path, params, None, category, doc_scoped)
+                 doc_scoped: bool = False, final: Tuple[int, ...] = ()) -> Any:
+        """GET an API path and return its JSON, retrying what a retry may cure (but no status in `final`)."""
+        return self._call_api("GET", path, params, None, category, doc_scoped, final)
 
     def post_json(self, path: str, body: Dict[str, Any], doc_scoped: bool = False) -> Any:
-        return self._call_api("POST", path, None, body, "write", doc_scoped)
+        return self._call_api("POST", path, None, body, "write", doc_scoped, ())
 
     def download(self, url: str) -> bytes:
         """GET a presigned storage URL without credentials, following redirects.
@@ -384,7 +385,7 @@ class HttpClient:
     # Retry loop ---------------------------------------------------------------
 
     def _call_api(self, method: str, path: str, params: Optional[Dict[str, str]],
-                  body: Optional[Dict[str, Any]], category: str, doc_scoped: bool) -> Any:
+                  body: Optional[Dict[str, Any]], category: str, doc_scoped: bool, final: Tuple[int, ...]) -> Any:
         url = self.settings.api_url + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -399,6 +400,8 @@ class HttpClient:
 
         def attempt() -> Any:
             response = self._send(method, url, headers, payload)
+            if response.status in final:
+                raise ApiError(response.status, _error_message(response.body, self._token), url)
             return _interpret_api_response(response, url, strict, self._token)
 
         return self._with_retries(attempt, category, url)
@@ -641,7 +644,8 @@ class CodaApi:
         """Rows keyed by column id; without useColumnNames, which breaks on renames and duplicates."""
         path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}/rows"
         params = {"limit": str(limit), "valueFormat": "simpleWithArrays"}
-        return self._paginate(path, params, doc_scoped=True)
+        # At the full page size a 504 means "too big to build in time": the caller goes smaller.
+        return self._paginate(path, params, doc_scoped=True, final=(504,) if limit > SMALL_ROW_LIMIT else ())
 
     def iter_formulas(self, doc_id: str) -> Iterator[Dict[str, Any]]:
         return self._paginate(f"/docs/{_quote(doc_id)}/formulas", {"limit": str(LIST_LIMIT)}, doc_scoped=True)
@@ -682,7 +686,7 @@ class CodaApi:
         return self.http.download(url)
 
     def _paginate(self, path: str, params: Dict[str, str], category: str = "read",
-                  doc_scoped: bool = False) -> Iterator[Dict[str, Any]]:
+                  doc_scoped: bool = False, final: Tuple[int, ...] = ()) -> Iterator[Dict[str, Any]]:
         """Yield every item of a list endpoint, following nextPageToken.
 
         A token seen before, a page without an `items` list or items without
@@ -692,7 +696,7 @@ class CodaApi:
         query = dict(params)
         problems: List[str] = []
         for _ in range(MAX_LIST_PAGES):
-            page = _expect_dict(self.http.get_json(path, query, category, doc_scoped), path)
+            page = _expect_dict(self.http.get_json(path, query, category, doc_scoped, final), path)
             items = page.get("items")
             if not isinstance(items, list):
                 raise ListingIncomplete(f"{path}: answer has no items list")
@@ -1027,6 +1031,8 @@ ROLE_SUFFIXES = {
     "table": ".table.json",
     "rows": ".rows.ndjson",
 }
+PAGE_ROLES = ("markdown", "html")
+TABLE_ROLES = ("table", "columns", "csv", "rows")
 DOC_FILES = {"doc": "doc.json", "pages": "pages.json", "tables": "tables.json",
              "formulas": "formulas.json", "controls": "controls.json", "permissions": "permissions.json"}
 
@@ -1413,12 +1419,12 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
     A doc the previous snapshot already holds unchanged is linked whole,
     without a single request.
     """
-    folder = job.paths.claim(doc_folder(doc))
+    previous = job.previous.reusable_doc(doc, job.options.layout_key()) if job.previous else None
+    folder = job.paths.claim(PurePosixPath(previous["path"]) if previous is not None else doc_folder(doc))
     work = DocWork(doc_entry(doc, folder))
     job.recorder.count("docs")
     entry = work.entry
-    previous = job.previous.reusable_doc(doc, job.options.layout_key()) if job.previous else None
-    if previous is not None:
+    if previous is not None and str(folder) == previous["path"]:
         link_whole_doc(job, previous, entry)
         return work
     doc_id = doc["id"]
@@ -1617,7 +1623,7 @@ def try_os_lock(handle: IO[str]) -> bool:
     if sys.platform == "win32":
         import msvcrt
 
-        handle.seek(0)
+        handle.seek(WINDOWS_LOCK_OFFSET)  # Windows locks are mandatory: keep the JSON readable
         try:
             msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
         except OSError:
@@ -1629,7 +1635,20 @@ def try_os_lock(handle: IO[str]) -> bool:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as exc:  # e.g. NFS without a lock daemon
+        LOG.warning("this file system cannot lock %s (%s); two runs at once would not be noticed",
+                    handle.name, exc.strerror or exc)
     return True
+
+
+def release_os_lock(handle: IO[str]) -> None:
+    """Windows frees a lock left at close only "after a delay": unlock at once."""
+    if sys.platform == "win32":
+        import msvcrt
+
+        handle.seek(WINDOWS_LOCK_OFFSET)
+        with contextlib.suppress(OSError):
+            msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
 
 
 class RunLock:
@@ -1673,6 +1692,7 @@ class RunLock:
         if os.name == "posix":  # remove it while still holding it, so no one locks a dead file
             with contextlib.suppress(OSError):
                 self.path.unlink()
+        release_os_lock(self._handle)
         self._handle.close()
         self._handle = None
         if os.name != "posix":
@@ -1715,15 +1735,15 @@ class PreviousSnapshot:
         self.pages: Dict[Tuple[str, str], Dict[str, Any]] = {}
         self.tables: Dict[Tuple[str, str], Dict[str, Any]] = {}
         for doc in manifest["docs"]:
-            _check_entry(root, doc)
+            _check_entry(root, doc, DOC_FILES)
             if not isinstance(doc.get("pages"), list) or not isinstance(doc.get("tables"), list):
                 raise ValueError(f"doc {doc['id']!r} without pages or tables")
             self.docs[doc["id"]] = doc
             for page in doc["pages"]:
-                _check_entry(root, page)
+                _check_entry(root, page, PAGE_ROLES)
                 self.pages[(doc["id"], page["id"])] = page
             for table in doc["tables"]:
-                _check_entry(root, table)
+                _check_entry(root, table, TABLE_ROLES)
                 if not isinstance(table.get("rowCount"), (int, type(None))):
                     raise ValueError(f"table {table['id']!r} has a rowCount that is not a number")
                 self.tables[(doc["id"], table["id"])] = table
@@ -1757,7 +1777,7 @@ class PreviousSnapshot:
 
     def reusable_page(self, doc_id: str, page: Dict[str, Any], formats: Tuple[str, ...]) -> Optional[Dict[str, Any]]:
         entry = self.pages.get((doc_id, page["id"]))
-        if entry is None or entry.get("formats") != list(formats):
+        if entry is None or {record["role"] for record in entry["files"]} != set(formats):
             return None
         return entry if self._unchanged(entry, page.get("updatedAt")) else None
 
@@ -1784,8 +1804,9 @@ class PreviousSnapshot:
         return True
 
 
-def _check_entry(root: Path, entry: Any) -> None:
-    """Raise ValueError unless a manifest entry has what reuse reads, of the right types."""
+def _check_entry(root: Path, entry: Any, roles: Collection[str]) -> None:
+    """Raise ValueError unless a manifest entry has what reuse reads, of the right types,
+    and only files of the roles its kind of object has."""
     if not isinstance(entry, dict):
         raise ValueError("manifest entry is not an object")
     for key, kinds in (("id", str), ("status", str), ("path", str), ("updatedAt", (str, type(None)))):
@@ -1796,8 +1817,7 @@ def _check_entry(root: Path, entry: Any) -> None:
     for record in entry["files"]:
         if not (isinstance(record, dict) and isinstance(record.get("path"), str)
                 and isinstance(record.get("size"), int) and not isinstance(record.get("size"), bool)
-                and isinstance(record.get("sha256"), str)
-                and (record.get("role") in ROLE_SUFFIXES or record.get("role") in DOC_FILES)):
+                and isinstance(record.get("sha256"), str) and record.get("role") in roles):
             raise ValueError(f"manifest entry {entry['id']!r}: bad file record")
         inside(root, PurePosixPath(record["path"]))  # a manifest must not point outside
 
@@ -1870,6 +1890,8 @@ def prune_snapshots(output: Path, keep: int, current: Path) -> List[str]:
     it is deleted, so a deletion cut short never leaves a half snapshot that claims to be whole.
     Hard links make this safe: a file shared with a kept snapshot lives on there.
     """
+    for leftover in output.glob(".deleting-*"):  # a prune cut short; we hold the lock
+        shutil.rmtree(leftover, ignore_errors=True)
     latest = read_latest(output)
     protected = {current.name, latest.name if latest else ""}
     newest_first = list(reversed(snapshot_folders(output)))
@@ -1885,10 +1907,14 @@ def prune_snapshots(output: Path, keep: int, current: Path) -> List[str]:
             continue
         LOG.info("--keep %d: removing old snapshot %s", keep, folder.name)
         doomed = output / f".deleting-{folder.name}"
-        os.replace(folder, doomed)
-        with contextlib.suppress(FileNotFoundError):
-            (output / f"{folder.name}.zip").unlink()
-        shutil.rmtree(doomed)
+        try:
+            os.replace(folder, doomed)
+            with contextlib.suppress(FileNotFoundError):
+                (output / f"{folder.name}.zip").unlink()
+            shutil.rmtree(doomed)
+        except OSError as exc:
+            LOG.warning("--keep: could not remove %s: %s", folder.name, exc)
+            continue
         removed.append(folder.name)
     return removed
 

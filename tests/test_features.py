@@ -606,6 +606,14 @@ class KeepTest(FeatureTestCase):
         self.assertEqual(coda_backup.snapshot_folders(self.out)[-1], newest,
                          f"{newest.name} was made last but sorts before {later[-1].name}")
 
+    def test_a_prune_cut_short_is_finished_next_time(self) -> None:
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        leftover = self.out / ".deleting-2000-01-01T000000Z"
+        (leftover / "docs").mkdir(parents=True)
+        (leftover / "docs" / "x.csv").write_text("a,b\n", encoding="utf-8")
+        self.assertEqual(self.run_backup("--no-extras", "--keep", "3"), 0, self.stderr)
+        self.assertFalse(leftover.exists())
+
     def test_never_removes_the_current_run(self) -> None:
         # A finished snapshot dated in the future (clock skew) sorts as the newest one.
         future = self.fake_snapshot("2999-01-01T000000Z", "completed")

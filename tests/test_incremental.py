@@ -441,7 +441,12 @@ class FallbackTest(IncrementalTestCase):
             manifest["docs"][0]["pages"][0]["files"][0]["path"] = "docs\\..\\..\\x.md"
             return json.dumps(manifest)
 
+        def page_with_a_doc_file(manifest: Dict[str, Any]) -> str:
+            manifest["docs"][0]["pages"][0]["files"][0]["role"] = "doc"
+            return json.dumps(manifest)
+
         breakers = {
+            "page with a doc file": page_with_a_doc_file,
             "deleted": None,
             "truncated": lambda manifest: json.dumps(manifest)[:200],
             "array": lambda manifest: json.dumps(manifest["docs"]),
@@ -685,3 +690,16 @@ class ReuseGuardTest(IncrementalTestCase):
         table_json = read_json(self.find_one(second / "docs", f"*__{ws.plain.id}.table.json"))
         self.assertEqual(table_json["name"], "Plain Renamed")
         self.assertNotIn(self.rows_path(ws.plain), self.rows_gets())
+
+    def test_a_page_whose_manifest_lists_no_file_is_exported_again(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        manifest = self.manifest(first)
+        page = next(p for d in manifest["docs"] for p in d["pages"] if p["id"] == ws.details.id)
+        page["files"] = []
+        (first / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        ws.alpha.touch()
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+        self.assertEqual(self.export_posts(), [self.export_path(ws.details)])
+        self.assertEqual(self.page_file(second, ws.details).read_text(encoding="utf-8"), ws.details.content)
