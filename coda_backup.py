@@ -1,11 +1,19 @@
 #!/usr/bin/env python3
 """coda-backup: back up a whole Coda workspace to disk, one complete snapshot per run.
 
-Every selected doc is saved with its metadata (``doc.json``, ``pages.json``,
-``tables.json``), every page as Markdown (or HTML) through Coda's asynchronous
-page-export API, and every table and view as CSV with its column metadata.
-Each run writes a new timestamped snapshot folder holding ``summary.json`` and
-``manifest.json``; ``latest`` points at the newest finished one.
+What it saves. Every doc you own (--include-shared: also docs shared with you;
+--workspace-id: one workspace) with its metadata (doc.json, pages.json,
+tables.json; formulas.json, controls.json and permissions.json unless
+--no-extras), every page as Markdown or HTML through Coda's asynchronous
+page-export API, and every table and view as CSV with .columns.json and
+.table.json beside it (--rows-json adds NDJSON).
+
+Where. Each run writes DIR/<UTC start, e.g. 2026-03-07T101530Z>/ with
+summary.json (status, counts, failures, request figures) and manifest.json
+(every object and file with size and sha256). DIR/latest (a symlink, and
+latest.txt) names the newest snapshot that finished; a failed or cancelled run
+never moves it. Names are made safe on Windows, macOS and Linux and always end
+in the object's id.
 
 Run a backup (standard library only, Python 3.9+)::
 
@@ -16,14 +24,22 @@ Run the tests::
 
     python3 -m unittest discover -s tests -v
 
+Nightly use. --incremental hard-links what did not change from the latest
+snapshot (each snapshot stays complete on its own); --keep N prunes old ones;
+--verify re-hashes a snapshot; --list-runs, --retry-failed, --dry-run, --zip
+and --config manage runs. One run at a time holds DIR/.lock. Every file is
+written to a temporary name and renamed; Ctrl+C or SIGTERM ends the run as
+`cancelled`. Requests are paced to Coda's published limits per category, with
+up to --concurrency requests in flight.
+
 Exit codes: 0 everything saved; 1 the run finished but some objects failed
-(see summary.json); 2 usage or configuration error; 3 fatal API error
-(authentication, API unreachable); 4 another run holds the output folder's
-lock; 130 / 143 interrupted by SIGINT / SIGTERM.
+(see summary.json); 2 usage or configuration error; 3 fatal (the token was
+refused, the API unreachable, the disk unwritable); 4 another run holds the
+output folder's lock; 130 / 143 interrupted by SIGINT / SIGTERM.
 
 The token is read from CODA_API_TOKEN or the first line of --token-file. It is
 sent only to the API base URL, never to the download host, and never written
-to a log line or a file.
+to a log line or a file. README.md is the full manual.
 """
 
 from __future__ import annotations
@@ -66,7 +82,7 @@ __version__ = "0.1.0"
 # --- Constants ----------------------------------------------------------------
 
 DEFAULT_API_URL = "https://coda.io/apis/v1"
-USER_AGENT = f"coda-backup/{__version__} (+https://github.com/coda-backup; python-urllib)"
+USER_AGENT = f"coda-backup/{__version__} Python/{sys.version_info[0]}.{sys.version_info[1]}"
 
 # Coda silently clamps `limit` to its own maximum, so asking for more is free.
 LIST_LIMIT = 200
