@@ -1130,8 +1130,11 @@ class RunRecorder:
     def fail(self, kind: str, doc_id: Optional[str], object_id: Optional[str], name: Any, error: Any) -> None:
         """Record one failed object; the run goes on and ends with exit 1."""
         text = str(error) or error.__class__.__name__
-        LOG.error("%s %s (%s) in doc %s failed: %s", kind, printable(object_id), printable(name),
-                  printable(doc_id), printable(text))
+        if object_id is None:
+            LOG.error("%s: %s", printable(name or kind), printable(text))
+        else:
+            LOG.error("%s %s (%s) in doc %s failed: %s", kind, printable(object_id), printable(name),
+                      printable(doc_id), printable(text))
         with self._lock:
             self.failures.append({"kind": kind, "doc_id": doc_id, "id": object_id,
                                   "name": None if name is None else str(name), "error": text})
@@ -2163,7 +2166,8 @@ def select_docs(docs: List[Dict[str, Any]], options: Options, recorder: RunRecor
 
 def _fatal_message(action: str, exc: ApiError) -> str:
     if exc.status in (401, 403):
-        return f"{action} failed: the API token was refused (HTTP {exc.status}: {exc.message}); check CODA_API_TOKEN"
+        return (f"{action} failed: the API token was refused (HTTP {exc.status}: {exc.message}); "
+                "check CODA_API_TOKEN or --token-file")
     return f"{action} failed: {exc}"
 
 
@@ -2340,7 +2344,7 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 fatal = True
             finally:
                 http.close()
-        status = run_status(fatal, cancel.is_set(), recorder)
+        status = run_status(fatal or nothing_selected(options, docs, recorder), cancel.is_set(), recorder)
         write_json_atomic(snapshot / MANIFEST_NAME, build_manifest(options, started, status, snapshot, docs))
         summary = build_summary(status, started, recorder, stats, snapshot)
         write_json_atomic(snapshot / SUMMARY_NAME, summary)
@@ -2351,15 +2355,17 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
             try:
                 point_latest(options.output, snapshot)
             except OSError as exc:
-                LOG.error("the backup is complete, but `latest` could not be moved to it: %s", exc)
+                recorder.fail("latest", None, None, "latest", f"the backup is complete, but latest did not move: {exc}")
                 status = "completed_with_errors"
+                summary = build_summary(status, started, recorder, stats, snapshot)
+                write_json_atomic(snapshot / SUMMARY_NAME, summary)
             if options.keep is not None and status == "completed":
                 try:
                     prune_snapshots(options.output, options.keep, snapshot)
                 except OSError as exc:
                     LOG.warning("--keep: could not remove an old snapshot: %s", exc)
         log_outcome(summary, snapshot)
-        return exit_code(status, received)
+        return exit_code(status, received, recorder)
 
 
 def archive(snapshot: Path, started: dt.datetime, recorder: RunRecorder, stats: RequestStats) -> Dict[str, Any]:
@@ -2374,6 +2380,11 @@ def archive(snapshot: Path, started: dt.datetime, recorder: RunRecorder, stats: 
         return summary
 
 
+def nothing_selected(options: Options, docs: List[Dict[str, Any]], recorder: RunRecorder) -> bool:
+    """--doc matched no doc: the run did nothing, and must not become `latest`."""
+    return bool(options.docs) and not docs and any(f["kind"] == "filter" for f in recorder.failures)
+
+
 def run_status(fatal: bool, cancelled: bool, recorder: RunRecorder) -> str:
     if cancelled:
         return "cancelled"
@@ -2382,9 +2393,11 @@ def run_status(fatal: bool, cancelled: bool, recorder: RunRecorder) -> str:
     return "completed_with_errors" if recorder.failures else "completed"
 
 
-def exit_code(status: str, signals: List[int]) -> int:
+def exit_code(status: str, signals: List[int], recorder: Optional[RunRecorder] = None) -> int:
     if status == "cancelled":
         return EXIT_SIGTERM if signals and signals[0] == signal.SIGTERM else EXIT_SIGINT
+    if status == "failed" and recorder is not None and any(f["kind"] == "filter" for f in recorder.failures):
+        return EXIT_FAILURES  # nothing matched --doc: the run failed, but not the API
     return {"completed": EXIT_OK, "completed_with_errors": EXIT_FAILURES}.get(status, EXIT_FATAL)
 
 
@@ -2412,9 +2425,12 @@ class RedactingFormatter(logging.Formatter):
         return text.replace(self._secret, "[redacted]") if self._secret else text
 
 
+# A switch a config file may turn on can be turned off again on the command line (--no-...).
+SWITCH: Dict[str, Any] = {"action": argparse.BooleanOptionalAction, "default": False}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="coda_backup.py",
         description="Back up a whole Coda workspace (pages as Markdown/HTML, tables and views as CSV) "
                     "into timestamped snapshot folders.",
         epilog="The token comes from CODA_API_TOKEN, else the first line of --token-file. "
@@ -2425,14 +2441,14 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to back up")
     what.add_argument("--output", metavar="DIR", help="folder that holds the snapshots (required)")
     what.add_argument("--token-file", metavar="PATH", help="read the API token from the first line of this file")
-    what.add_argument("--include-shared", action="store_true", help="also back up docs shared with you")
+    what.add_argument("--include-shared", **SWITCH, help="also back up docs shared with you")
     what.add_argument("--workspace-id", metavar="ID", help="only docs in this workspace (ws-...)")
-    what.add_argument("--skip-hidden-pages", action="store_true", help="leave out pages that are hidden")
+    what.add_argument("--skip-hidden-pages", **SWITCH, help="leave out pages that are hidden")
     what.add_argument("--no-views", action="store_true", help="back up base tables only, not views")
     what.add_argument("--page-format", choices=("markdown", "md", "html", "both"), default="markdown",
                       help="page content format (default: markdown; md is the same)")
     what.add_argument("--html-pages", action="store_true", help="same as --page-format both")
-    what.add_argument("--rows-json", action="store_true",
+    what.add_argument("--rows-json", **SWITCH,
                       help="also write each table's rows as NDJSON (<table>.rows.ndjson), values keyed by column id")
     what.add_argument("--no-extras", action="store_true",
                       help="skip formulas.json, controls.json and permissions.json (fewer requests)")
@@ -2444,17 +2460,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="leave out tables and views whose 'Doc/Table' name (or 'docId/tableId') matches "
                            "(repeatable), e.g. 'CRM/Archive*'")
     how = parser.add_argument_group("how to run")
-    how.add_argument("--incremental", action="store_true",
+    how.add_argument("--incremental", **SWITCH,
                      help="link unchanged docs, pages and tables from the latest snapshot instead of downloading")
-    how.add_argument("--strict-latest", action="store_true",
+    how.add_argument("--strict-latest", **SWITCH,
                      help="ask Coda for the newest doc version (X-Coda-Doc-Version: latest); may need retries")
     how.add_argument("--retry-failed", action="store_true",
-                     help="fetch again only what failed in the latest run; link everything else")
+                     help="read again only the pages and tables that failed in the latest run (their docs are "
+                          "listed again); link everything else")
     how.add_argument("--dry-run", action="store_true",
-                     help="list what would be backed up (and what --incremental would skip); write nothing")
+                     help="list what would be backed up (with --incremental: what would be linked); write nothing")
     how.add_argument("--keep", type=int, metavar="N",
-                     help="after a finished run, delete the oldest finished snapshots beyond the newest N")
-    how.add_argument("--zip", action="store_true", help="also write DIR/<snapshot>.zip after a finished run")
+                     help="after a run that completed without errors, keep the newest N completed snapshots "
+                          "and delete older ones and their .zip (never latest or a running one)")
+    how.add_argument("--zip", **SWITCH, help="also write DIR/<snapshot>.zip after a finished run")
     how.add_argument("--config", metavar="FILE",
                      help="TOML file with defaults for any flag (keys like page-format); flags override it")
     runs = parser.add_argument_group("run management")
@@ -2484,7 +2502,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-level", default="INFO", type=str.upper,
                       choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log detail on stderr (default INFO)")
-    logs.add_argument("--quiet", action="store_true", help="only errors on stderr (for cron)")
+    logs.add_argument("--quiet", **SWITCH, help="only errors on stderr (for cron)")
     logs.add_argument("--log-file", metavar="PATH", help="also write the log to this file")
     return parser
 
@@ -2649,7 +2667,7 @@ def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
 
 def config_value(action: argparse.Action, key: str, value: Any) -> Any:
     """Check one config value against what the flag accepts."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
         valid = isinstance(value, bool)
     elif isinstance(action, argparse._AppendAction):
         valid = isinstance(value, list) and all(isinstance(item, str) for item in value)

@@ -386,6 +386,8 @@ class FilterTest(FeatureTestCase):
                 snapshot = max(p for p in output.iterdir() if coda_backup.SNAPSHOT_NAME_RE.match(p.name))
                 summary = read_json(snapshot / "summary.json")
                 self.assertEqual([failure["kind"] for failure in summary["failures"]], ["filter"])
+                self.assertEqual(summary["status"], "failed")
+                self.assertIsNone(coda_backup.read_latest(output), "an empty run must not become latest")
                 self.assertEqual(self.doc_requests(self.ws.alpha) + self.doc_requests(self.ws.beta), [])
 
 
@@ -751,6 +753,16 @@ class ConfigTest(FeatureTestCase):
         self.assertEqual([doc["id"] for doc in self.manifest(snapshot)["docs"]], [self.ws.alpha.id],
                          "--doc on the command line replaces the file's doc list")
 
+    def test_a_switch_from_the_file_can_be_turned_off(self) -> None:
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        self.fake.clear_log()
+        code = self.run_config("incremental = true\nno-extras = true\n", "--no-incremental")
+        if not HAVE_TOMLLIB:
+            self.assert_old_python_refuses(code)
+            return
+        self.assertEqual(code, 0, self.stderr)
+        self.assertEqual(len(self.fake.requests("POST", r"/export$")), len(self.ws.pages), "a full backup")
+
     def test_unknown_key(self) -> None:
         code = self.run_config('page-format = "html"\ncolour = "blue"\n')
         if not HAVE_TOMLLIB:
@@ -914,3 +926,13 @@ class DamagedFilesTest(FeatureTestCase):
         self.assertEqual(self.run_main(["--verify", "--output", str(self.out)]), 1, self.stderr)
         self.assertIn("not an object", self.stdout)
         self.assertNotIn("Traceback", self.stderr)
+
+
+class LatestTest(FeatureTestCase):
+    def test_a_latest_that_cannot_move_is_a_recorded_failure(self) -> None:
+        (self.out / "latest.txt").mkdir(parents=True)  # in the way of the atomic rename
+        self.assertEqual(self.run_backup("--no-extras"), 1, self.stderr)
+        snapshot = self.snapshots()[-1]
+        summary = self.summary(snapshot)
+        self.assertEqual(summary["status"], "completed_with_errors")
+        self.assertEqual([failure["kind"] for failure in summary["failures"]], ["latest"])
