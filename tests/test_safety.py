@@ -261,22 +261,30 @@ class SignalTest(ResilienceCase):
                 self.assertFalse((self.out / coda_backup.LOCK_NAME).exists(), "lock left behind")
                 self.assertNoLeftovers()
 
-    @unittest.skipUnless(os.name == "posix", "POSIX signals")
-    def test_a_request_on_the_wire_does_not_delay_the_stop(self) -> None:
-        build_nightly(self.fake)
-        self.fake.latency = 30.0  # the first request hangs far longer than anyone would wait
+    def start_cli(self, *extra: str) -> subprocess.Popen[bytes]:
+        """The CLI as its own process (signals need one), reaped when the test ends."""
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
         env.pop("CODA_API_URL", None)
         proc = subprocess.Popen(
             [sys.executable, str(ROOT / "coda_backup.py"), "--output", str(self.out), "--api-url", self.fake.api_url,
-             *FAST_FLAGS, "--timeout", "60"],
+             *FAST_FLAGS, *extra],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         self.addCleanup(self._reap, proc)
+        return proc
+
+    def wait_for_request(self, path: str) -> None:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not self.fake.log:
+        while time.monotonic() < deadline and not self.fake.requests("GET", path):
             time.sleep(0.02)
-        self.assertTrue(self.fake.log, "no request started")
+        self.assertTrue(self.fake.requests("GET", path), f"no request for {path} started")
+
+    @unittest.skipUnless(os.name == "posix", "POSIX signals")
+    def test_a_request_on_the_wire_does_not_delay_the_stop(self) -> None:
+        build_nightly(self.fake)
+        self.fake.latency = 30.0  # the first request hangs far longer than anyone would wait
+        proc = self.start_cli("--timeout", "60")
+        self.wait_for_request("^/whoami$")
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
@@ -288,17 +296,8 @@ class SignalTest(ResilienceCase):
         build_nightly(self.fake)
         self.fake.timeout_sleep = 30.0
         self.fake.add_fault(r"^/docs$", kind="timeout", times=None)  # the doc listing hangs
-        env = dict(os.environ, CODA_API_TOKEN=TOKEN)
-        env.pop("CODA_API_URL", None)
-        proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "coda_backup.py"), "--output", str(self.out), "--api-url", self.fake.api_url,
-             *FAST_FLAGS, "--timeout", "60", "--max-retries", "3"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        self.addCleanup(self._reap, proc)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and not self.fake.requests("GET", r"^/docs$"):
-            time.sleep(0.02)
+        proc = self.start_cli("--timeout", "60", "--max-retries", "3")
+        self.wait_for_request("^/docs$")
         time.sleep(0.1)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
