@@ -754,12 +754,13 @@ class ConfigTest(FeatureTestCase):
                          "--doc on the command line replaces the file's doc list")
 
     def test_a_switch_from_the_file_can_be_turned_off(self) -> None:
+        config = "incremental = true\nno-extras = true\n"
+        if not HAVE_TOMLLIB:
+            self.assert_old_python_refuses(self.run_config(config, "--no-incremental"))
+            return
         self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
         self.fake.clear_log()
-        code = self.run_config("incremental = true\nno-extras = true\n", "--no-incremental")
-        if not HAVE_TOMLLIB:
-            self.assert_old_python_refuses(code)
-            return
+        code = self.run_config(config, "--no-incremental")
         self.assertEqual(code, 0, self.stderr)
         self.assertEqual(len(self.fake.requests("POST", r"/export$")), len(self.ws.pages), "a full backup")
 
