@@ -38,6 +38,22 @@ class CellTest(unittest.TestCase):
                 self.assertEqual(cb.csv_cell(value), expected)
 
 
+class LineTest(unittest.TestCase):
+    def test_quoting(self) -> None:
+        cases = [
+            (["a", "b"], "a,b\r\n"),
+            (["", ""], ",\r\n"),
+            (["x,y"], '"x,y"\r\n'),
+            (['say "hi"'], '"say ""hi"""\r\n'),
+            (["two\nlines", "cr\r"], '"two\nlines","cr\r"\r\n'),
+            (["nul\x00inside"], '"nul\x00inside"\r\n'),  # the csv module cannot write this on 3.10
+            ([" spaced ", "🚀"], " spaced ,🚀\r\n"),
+        ]
+        for cells, expected in cases:
+            with self.subTest(cells=cells):
+                self.assertEqual(cb.csv_line(cells), expected)
+
+
 class HeaderTest(unittest.TestCase):
     def test_duplicates_get_numbered(self) -> None:
         columns = [{"id": "c-1", "name": "Status"}, {"id": "c-2", "name": "Status"}, {"id": "c-3", "name": "Status"},
