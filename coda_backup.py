@@ -677,9 +677,7 @@ class CodaApi:
     def sharing(self, doc_id: str) -> Dict[str, Any]:
         """Permissions, ACL settings and metadata of a doc; owners only (others get 403)."""
         base = f"/docs/{_quote(doc_id)}/acl"
-        permissions, problem = read_all(self._paginate(f"{base}/permissions", {"limit": str(LIST_LIMIT)}))
-        if problem is not None:
-            raise problem
+        permissions = list_all(self._paginate(f"{base}/permissions", {"limit": str(LIST_LIMIT)}))
         return {
             "permissions": permissions,
             "settings": self.http.get_json(f"{base}/settings"),
@@ -753,6 +751,14 @@ def read_all(items: Iterator[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Opt
     except (ApiError, ListingIncomplete) as exc:
         return collected, exc
     return collected, None
+
+
+def list_all(items: Iterator[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Drain a listing that is useless when partial; its error is raised."""
+    collected, problem = read_all(items)
+    if problem is not None:
+        raise problem
+    return collected
 
 
 # --- Names and paths ----------------------------------------------------------
@@ -1342,9 +1348,7 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
             entry.update(status="unchanged", rowCount=previous.get("rowCount"), updatedAt=previous["updatedAt"])
             job.recorder.unchanged(kind)
         else:
-            columns, problem = read_all(api.iter_columns(doc_id, ref["id"]))
-            if problem is not None:
-                raise problem
+            columns = list_all(api.iter_columns(doc_id, ref["id"]))
             entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns"))
             csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
             ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
@@ -1393,8 +1397,7 @@ def _base_table_unchanged(job: Job, doc_id: str, table: Dict[str, Any]) -> bool:
     base_id = _ref_id(table.get("parentTable"))
     if base_id is None or job.previous is None or job.previous.ignore_updates:
         return True
-    before = job.previous.tables.get((doc_id, base_id))
-    return before is not None and before.get("updatedAt") == job.api.get_table(doc_id, base_id).get("updatedAt")
+    return job.previous.same_update(doc_id, base_id, job.api.get_table(doc_id, base_id).get("updatedAt"))
 
 
 @dataclass
@@ -1516,10 +1519,7 @@ def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> DocExtras
     api = job.api
 
     def with_values(kind: str, refs: Iterator[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        items, problem = read_all(refs)
-        if problem is not None:
-            raise problem
-        return [api.get_item(doc_id, kind, item["id"]) for item in items]
+        return [api.get_item(doc_id, kind, item["id"]) for item in list_all(refs)]
 
     fetchers: List[Tuple[str, Callable[[], Any]]] = [
         ("formulas", lambda: with_values("formulas", api.iter_formulas(doc_id))),
@@ -1817,6 +1817,11 @@ class PreviousSnapshot:
         if entry is None or {record["role"] for record in entry["files"]} != wanted:
             return None
         return entry if self._unchanged(entry, table.get("updatedAt")) else None
+
+    def same_update(self, doc_id: str, table_id: str, updated_at: Any) -> bool:
+        """Whether the previous snapshot saw this table at this updatedAt."""
+        before = self.tables.get((doc_id, table_id))
+        return before is not None and before.get("updatedAt") == updated_at
 
     def _unchanged(self, entry: Dict[str, Any], updated_at: Any) -> bool:
         same = self.ignore_updates or (bool(updated_at) and entry.get("updatedAt") == updated_at)
@@ -2261,8 +2266,7 @@ def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot
             base = fetched.get(base_id) or api.get_table(doc_id, base_id)
         except ApiError:
             return False
-        before = previous.tables.get((doc_id, base_id))
-        return before is not None and before.get("updatedAt") == base.get("updatedAt")
+        return previous.same_update(doc_id, base_id, base.get("updatedAt"))
 
     unchanged_tables = {table_id for table_id, table in fetched.items() if table_unchanged(table)}
     for page in selected_pages(options, pages):
