@@ -11,12 +11,23 @@ rerun with no changes.
 For each run it prints the wall time, requests by category, 429s, and the lower bound implied by
 the rate limits and the export delay for the requests that run made, with the ratio wall/bound.
 
+Shapes mode (``--mode shapes``) measures the default run on five workspace shapes, each against
+the fake counting Coda's limits as a sliding window and as a token bucket (Coda does not say
+which), and prints wall / floor per shape: ``write-bound`` (many pages), ``read-bound`` (many
+tables and rows, few pages), ``mixed`` (read and write floors within 10 % of each other),
+``many-docs`` (a hundred small docs: per-doc overhead) and ``short`` (a floor of about 20 s,
+where start-up and the tail count). The floor counts the requests the run needs for what it
+saves (extras included: every accepted API request, less status polls beyond one per export),
+paced at the published limits after a first full burst, plus one export's render time.
+
 Memory mode measures the peak RSS of the CLI backing up one table of 200 000 rows and one of
 20 000 rows (no latency, no rate limits: memory is what is measured).
 
     python3 benchmarks/bench.py                      # speed, default workspace (several minutes)
     python3 benchmarks/bench.py --pages 60 --rows 20000 --docs 4 --tables 12   # a quicker look
     python3 benchmarks/bench.py --mode memory
+    python3 benchmarks/bench.py --mode shapes        # five shapes x two rate models (about 15 minutes)
+    python3 benchmarks/bench.py --mode shapes --shape mixed --rate-model bucket
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,6 +68,67 @@ def lower_bound(counts: Dict[str, int], limits: Dict[str, Tuple[int, float]], ex
         beyond_first_window = max(0, counts.get(name, 0) - limit)
         bound = max(bound, beyond_first_window * window / limit)
     return bound + (export_delay if exports else 0.0)
+
+
+# Workspace shapes: build_large_workspace arguments plus the fake's latency and export render time.
+# Sizes are chosen so each floor is 20-70 s and the kind of limit that binds is the one named.
+SHAPES: Dict[str, Dict[str, float]] = {
+    "write-bound": {"docs": 10, "pages": 120, "tables": 20, "rows": 20_000, "latency": 0.15, "export_delay": 2.0},
+    "read-bound": {"docs": 3, "pages": 6, "tables": 150, "rows": 100_000, "latency": 0.1, "export_delay": 1.5},
+    "mixed": {"docs": 6, "pages": 60, "tables": 120, "rows": 120_000, "latency": 0.1, "export_delay": 1.5},
+    "many-docs": {"docs": 100, "pages": 100, "tables": 100, "rows": 10_000, "latency": 0.1, "export_delay": 1.5},
+    "short": {"docs": 3, "pages": 40, "tables": 6, "rows": 3_000, "latency": 0.1, "export_delay": 1.5},
+}
+POLL_PATH = re.compile(r"/export/[^/]+$")
+
+
+def needed_requests(fake: FakeCoda) -> Dict[str, int]:
+    """Accepted API requests per limit category, with status polls beyond one per export left
+    out: what any client must send to save this workspace."""
+    counts: Dict[str, int] = collections.Counter()
+    polls = 0
+    for record in fake.requests():
+        if record.status == 429:
+            continue
+        if record.method == "GET" and POLL_PATH.search(record.path):
+            polls += 1
+            continue
+        counts[category(record.method, record.path)] += 1
+    counts["read"] += min(polls, counts.get("write", 0))
+    return dict(counts)
+
+
+def shapes(args: argparse.Namespace) -> None:
+    limits = dict(coda_backup.DEFAULT_RATE_LIMITS)
+    names = [args.shape] if args.shape else list(SHAPES)
+    models = ["window", "bucket"] if args.rate_model == "both" else [args.rate_model]
+    print(f"limits {limits}; floor = needed requests at the published rate after one full burst "
+          f"+ one export render")
+    print(f"{'shape':<12} {'model':<7} {'exit':>4} {'wall':>7} {'floor':>7} {'wall/floor':>10} "
+          f"{'requests':>8} {'429s':>6} {'429 %':>6}  needed by category")
+    for name in names:
+        shape = SHAPES[name]
+        for model in models:
+            fake = FakeCoda(token=TOKEN, seed=1)
+            fake.start()
+            try:
+                build_large_workspace(fake, docs=int(shape["docs"]), pages=int(shape["pages"]),
+                                      tables=int(shape["tables"]), rows=int(shape["rows"]))
+                fake.latency = shape["latency"]
+                fake.export_delay = shape["export_delay"]
+                fake.rate_limits = limits
+                fake.rate_model = model
+                out = Path(tempfile.mkdtemp(prefix=f"coda-bench-{name}-"))
+                code, wall, _ = run_cli(["--output", str(out), "--api-url", fake.api_url, "--quiet",
+                                         *args.extra], cli_env())
+                needed = needed_requests(fake)
+                floor = lower_bound(needed, limits, shape["export_delay"], needed.get("write", 0))
+                total = len(fake.requests())
+                print(f"{name:<12} {model:<7} {code:>4} {wall:>6.1f}s {floor:>6.1f}s {wall / floor:>10.2f} "
+                      f"{total:>8} {fake.rate_limited:>6} {100.0 * fake.rate_limited / max(total, 1):>5.2f}%  "
+                      f"{dict(sorted(needed.items()))}", flush=True)
+            finally:
+                fake.stop()
 
 
 def run_cli(args: List[str], env: Dict[str, str]) -> Tuple[int, float, int]:
@@ -144,7 +217,12 @@ def memory(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("speed", "memory", "all"), default="speed")
+    parser.add_argument("--mode", choices=("speed", "memory", "shapes", "all"), default="speed")
+    parser.add_argument("--shape", choices=sorted(SHAPES), help="with --mode shapes: only this shape")
+    parser.add_argument("--rate-model", choices=("window", "bucket", "both"), default="both",
+                        help="with --mode shapes: how the fake counts the limits")
+    parser.add_argument("--extra", action="append", default=[], metavar="FLAG",
+                        help="with --mode shapes: one more CLI flag for every run (repeatable)")
     parser.add_argument("--docs", type=int, default=10)
     parser.add_argument("--pages", type=int, default=300)
     parser.add_argument("--tables", type=int, default=60)
@@ -158,6 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         speed(args)
     if args.mode in ("memory", "all"):
         memory(args)
+    if args.mode in ("shapes", "all"):
+        shapes(args)
     return 0
 
 

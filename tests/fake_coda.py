@@ -970,8 +970,11 @@ class FakeCoda:
     * ``latency``: seconds slept at the start of every API request (counted as in flight).
     * ``export_delay``: seconds an export stays "inProgress" after its POST.
     * ``rate_limits``: None or ``{"read": (limit, window_s), "write": ..., "list_docs": ...}``;
-      a sliding window over accepted requests per category, 429 when full.  ``retry_after``: None
-      or seconds sent as ``Retry-After`` with those 429s.
+      429 when a category is over its limit.  ``rate_model`` says how the limit is counted, since
+      Coda does not say: ``"window"`` (default) allows at most ``limit`` accepted requests in any
+      ``window_s``; ``"bucket"`` is a token bucket holding ``limit`` tokens that refill at
+      ``limit / window_s`` per second (a burst of ``limit``, then a steady rate).  ``retry_after``:
+      None or seconds sent as ``Retry-After`` with those 429s.
     * ``fault_rate`` / ``fault_kinds``: random faults on API requests, drawn from a
       ``random.Random`` seeded from ``seed`` (one draw per authorized request, plus one choice
       when it faults), so the same seed and request order give the same faults.
@@ -999,6 +1002,8 @@ class FakeCoda:
         self.latency = 0.0
         self.export_delay = 0.0
         self.rate_limits: Optional[Dict[str, Tuple[int, float]]] = None
+        self.rate_model = "window"
+        self.rate_clock: Callable[[], float] = time.monotonic  # tests may step a clock of their own
         self.retry_after: Optional[int] = None
         self.fault_rate = 0.0
         self.fault_kinds: Tuple[str, ...] = FAULT_KINDS
@@ -1031,6 +1036,7 @@ class FakeCoda:
         self._state_lock = threading.RLock()  # dataset, exports, blobs
         self._in_flight = 0
         self._accepted: Dict[str, Deque[float]] = collections.defaultdict(collections.deque)
+        self._buckets: Dict[str, Tuple[float, float]] = {}  # category -> (tokens, when counted)
         self._faults: List[_ScriptedFault] = []
         self._exports: Dict[str, _Export] = {}
         self._blobs: Dict[str, _Blob] = {}
@@ -1353,7 +1359,7 @@ class FakeCoda:
         return reply
 
     def _rate_limit(self, request: _Request) -> Optional[_Reply]:
-        """Sliding window per category over accepted requests; rejected ones do not count."""
+        """One limit per category, counted as ``rate_model`` says; rejected requests do not count."""
         limits = self.rate_limits
         if not limits:
             return None
@@ -1367,16 +1373,24 @@ class FakeCoda:
         if rule is None:
             return None
         limit, window = rule
-        now = time.monotonic()
+        now = self.rate_clock()
         with self._lock:
-            stamps = self._accepted[category]
-            while stamps and stamps[0] <= now - window:
-                stamps.popleft()
-            if len(stamps) >= limit:
-                headers = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
-                return _error_reply(429, headers=headers)
-            stamps.append(now)
-        return None
+            if self.rate_model == "bucket":
+                tokens, counted = self._buckets.get(category, (float(limit), now))
+                tokens = min(float(limit), tokens + (now - counted) * limit / window)
+                allowed = tokens >= 1.0
+                self._buckets[category] = (tokens - 1.0 if allowed else tokens, now)
+            else:
+                stamps = self._accepted[category]
+                while stamps and stamps[0] <= now - window:
+                    stamps.popleft()
+                allowed = len(stamps) < limit
+                if allowed:
+                    stamps.append(now)
+        if allowed:
+            return None
+        headers = {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+        return _error_reply(429, headers=headers)
 
     def _route(self, request: _Request, dry_run: bool) -> _Reply:
         allowed: List[str] = []

@@ -214,6 +214,22 @@ class SwitchesTest(FakeTestCase):
         time.sleep(0.32)
         self.assertEqual(self.api("/whoami")[0], 200)
 
+    def test_rate_models_differ_after_a_burst(self) -> None:
+        """A bucket refills steadily; a sliding window waits until the whole window has passed."""
+        now = [100.0]
+        self.fake.rate_clock = lambda: now[0]
+        self.fake.rate_limits = {"read": (2, 2.0)}
+        for model, expected in (("window", [200, 200, 429, 429, 429, 200]), ("bucket", [200, 200, 429, 200, 429, 200])):
+            with self.subTest(model=model):
+                self.fake.rate_model = model
+                now[0] += 10.0  # a fresh window and a full bucket
+                statuses = [self.api("/whoami")[0] for _ in range(3)]
+                now[0] += 1.2  # the bucket has regained one token; the window still holds both
+                statuses += [self.api("/whoami")[0] for _ in range(2)]
+                now[0] += 1.0  # past the window; the bucket gained one more
+                statuses.append(self.api("/whoami")[0])
+                self.assertEqual(statuses, expected)
+
     def test_scripted_fault_is_used_up(self) -> None:
         self.fake.add_fault(r"^/whoami$", status=503, times=2, headers={"X-Why": "test"})
         results = [self.api("/whoami") for _ in range(3)]
