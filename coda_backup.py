@@ -88,7 +88,18 @@ LIST_LIMIT = 200
 ROW_LIMIT = 500
 SMALL_ROW_LIMIT = 50  # after a 504: Coda's advice for tables too large to page quickly
 COLUMN_LIMIT = 100  # the documented maximum for the columns endpoint
-MAX_LIST_PAGES = 100_000  # a server that paginates forever still ends
+# Listings end where the API's own counts say they should: a table's rowCount, a doc's docSize
+# (pageCount, tableAndViewCount), with slack, as counts move while a run goes on. Where the API
+# gives no count, a listing ends after a number of pages no real workspace reaches. Either way a
+# server that hands out a fresh page token forever costs minutes, not days, and the listing cut
+# short is a recorded failure.
+LIST_SLACK_FACTOR = 2
+LIST_SLACK_ITEMS = 100
+MAX_DOC_LIST_PAGES = 500  # /docs: 100,000 docs at 200 a page; about 13 min at the list-docs rate
+MAX_LIST_PAGES = 1_000  # pages, tables, formulas, controls, permissions: 200,000 items each
+MAX_COLUMN_PAGES = 100  # 10,000 columns at the documented 100 a page
+MAX_ROW_PAGES = 20_000  # rows of a table whose rowCount is unknown: millions of rows
+MAX_STALE_PAGES = 3  # pages in a row that bring no item not seen before: the server goes round in circles
 
 # Published per-user limits: (requests, window seconds) per category.
 DEFAULT_RATE_LIMITS: Dict[str, Tuple[int, float]] = {
@@ -140,6 +151,15 @@ SUMMARY_NAME = "summary.json"
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
 REUSABLE_STATUSES = ("ok", "unchanged")
+VANISHED_NAME = "vanished.json"
+VANISHED_VERSION = 1
+# The deletion guard, like rclone's --max-delete: a run that finds more than this share of the
+# previous snapshot's docs gone, or of one doc's pages, tables and views (and at least
+# VANISHED_MIN_OBJECTS of them: one page deleted from a small doc is a normal day), does not
+# become latest.
+DEFAULT_MAX_VANISHED = 25.0
+VANISHED_MIN_OBJECTS = 5
+DEFAULT_KEEP_VANISHED = 90  # days retention keeps the last snapshot holding a vanished object
 
 LOG = logging.getLogger("coda_backup")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -346,21 +366,24 @@ class HttpClient:
     # Public calls -------------------------------------------------------------
 
     def get_json(self, path: str, params: Optional[Dict[str, str]] = None, category: str = "read",
-                 doc_scoped: bool = False, final: Tuple[int, ...] = ()) -> Any:
-        """GET an API path and return its JSON, retrying what a retry may cure (but no status in `final`)."""
-        return self._call_api("GET", path, params, None, category, doc_scoped, final)
+                 doc_scoped: bool = False, final: Tuple[int, ...] = (), deadline: Optional[float] = None) -> Any:
+        """GET an API path and return its JSON, retrying what a retry may cure (but no status in `final`)
+        until the `deadline` (time.monotonic()), if any."""
+        return self._call_api("GET", path, params, None, category, doc_scoped, final, deadline)
 
-    def post_json(self, path: str, body: Dict[str, Any], doc_scoped: bool = False) -> Any:
-        return self._call_api("POST", path, None, body, "write", doc_scoped, ())
+    def post_json(self, path: str, body: Dict[str, Any], doc_scoped: bool = False,
+                  deadline: Optional[float] = None) -> Any:
+        return self._call_api("POST", path, None, body, "write", doc_scoped, (), deadline)
 
-    def download(self, url: str) -> bytes:
+    def download(self, url: str, deadline: Optional[float] = None) -> bytes:
         """GET a presigned storage URL without credentials, following redirects.
 
         Raises ExpiredLink when storage refuses the link (403/404 or an XML
-        error document), so the caller can ask the API for a fresh one.
+        error document), so the caller can ask the API for a fresh one. A host
+        that never answers is given up at the deadline, not after every retry.
         """
-        def attempt() -> bytes:
-            response = self._follow_redirects(url)
+        def attempt(timeout: float) -> bytes:
+            response = self._follow_redirects(url, timeout)
             if response.status in (401, 403, 404, 410) or _looks_like_storage_error(response.body):
                 raise ExpiredLink(f"storage refused the download link (HTTP {response.status})")
             if response.status == 429 or response.status >= 500:
@@ -369,7 +392,7 @@ class HttpClient:
                 raise ApiError(response.status, "unexpected answer from the download host", _redact_url(url))
             return response.body
 
-        body: bytes = self._with_retries(attempt, "download", _redact_url(url))
+        body: bytes = self._with_retries(attempt, "download", _redact_url(url), deadline)
         return body
 
     def check_cancelled(self) -> None:
@@ -400,8 +423,8 @@ class HttpClient:
 
     # Retry loop ---------------------------------------------------------------
 
-    def _call_api(self, method: str, path: str, params: Optional[Dict[str, str]],
-                  body: Optional[Dict[str, Any]], category: str, doc_scoped: bool, final: Tuple[int, ...]) -> Any:
+    def _call_api(self, method: str, path: str, params: Optional[Dict[str, str]], body: Optional[Dict[str, Any]],
+                  category: str, doc_scoped: bool, final: Tuple[int, ...], deadline: Optional[float]) -> Any:
         url = self.settings.api_url + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -414,21 +437,35 @@ class HttpClient:
             payload = json.dumps(body).encode("utf-8")
             headers["Content-Type"] = "application/json"
 
-        def attempt() -> Any:
-            response = self._send(method, url, headers, payload)
+        def attempt(timeout: float) -> Any:
+            response = self._send(method, url, headers, payload, timeout)
             if response.status in final:
                 raise ApiError(response.status, _error_message(response.body, self._token), url)
             return _interpret_api_response(response, url, strict, self._token)
 
-        return self._with_retries(attempt, category, url)
+        return self._with_retries(attempt, category, url, deadline)
 
-    def _with_retries(self, attempt: Callable[[], Any], category: str, url: str) -> Any:
+    def _with_retries(self, attempt: Callable[[float], Any], category: str, url: str,
+                      deadline: Optional[float] = None) -> Any:
+        """Run `attempt(socket timeout)` until it succeeds or a retry cannot help.
+
+        With a deadline (time.monotonic()), no attempt waits on the network past it and no
+        retry starts after it.
+        """
+        failure: Optional[_Transient] = None
+        attempts = 0
         for number in range(self.settings.max_retries + 1):
             self.check_cancelled()
             self._pace(category)
+            timeout = self.settings.timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    break
             self.stats.count_request(category)
+            attempts += 1
             try:
-                return attempt()
+                return attempt(timeout)
             except _Transient as exc:
                 failure = exc
             except (OSError, http.client.HTTPException) as exc:
@@ -437,11 +474,16 @@ class HttpClient:
                 self._rate_limited(category, failure.retry_after)
             if number == self.settings.max_retries:
                 break
-            self.stats.count_retry()
             delay = failure.retry_after if failure.retry_after is not None else self._backoff(number)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                break
+            self.stats.count_retry()
             LOG.debug("retrying %s in %.2fs after: %s", url, delay, failure)
             self.sleep(delay)
-        raise ApiError(failure.status, f"gave up after {self.settings.max_retries + 1} attempts: {failure}", url)
+        if failure is None:
+            raise ApiError(0, "no time left before the deadline", url)
+        late = " (deadline reached)" if deadline is not None and attempts <= self.settings.max_retries else ""
+        raise ApiError(failure.status, f"gave up after {attempts} attempt(s){late}: {failure}", url)
 
     def _rate_limited(self, category: str, retry_after: Optional[float]) -> None:
         self.stats.count_rate_limited()
@@ -466,16 +508,22 @@ class HttpClient:
 
     # Transport ----------------------------------------------------------------
 
-    def _follow_redirects(self, url: str) -> Response:
+    def _follow_redirects(self, url: str, timeout: float) -> Response:
+        started = time.monotonic()
         for _ in range(5):
-            response = self._send("GET", url, {"Accept": "*/*"}, None)
+            left = timeout - (time.monotonic() - started)
+            if left <= 0:
+                raise socket.timeout("no time left to follow the redirect")
+            response = self._send("GET", url, {"Accept": "*/*"}, None, left)
             location = response.headers.get("location")
             if response.status not in (301, 302, 303, 307, 308) or not location:
                 return response
             url = urllib.parse.urljoin(url, location)
         raise ApiError(response.status, "too many redirects from the download host", _redact_url(url))
 
-    def _send(self, method: str, url: str, headers: Dict[str, str], body: Optional[bytes]) -> Response:
+    def _send(self, method: str, url: str, headers: Dict[str, str], body: Optional[bytes],
+              timeout: float) -> Response:
+        """One request on this thread's connection; `timeout` bounds connecting and each read."""
         parts = urllib.parse.urlsplit(url)
         if "Authorization" in headers and (parts.scheme, parts.netloc) != (self._api.scheme, self._api.netloc):
             raise ApiError(0, "refusing to send credentials to a host other than the API", _redact_url(url))
@@ -485,6 +533,9 @@ class HttpClient:
             target += "?" + parts.query
         LOG.debug("%s %s", method, _redact_url(url))
         conn = self._connection(parts.scheme, parts.netloc)
+        conn.timeout = timeout  # read at connect; a kept-alive socket is set below
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
         try:
             with self._in_flight:
                 self.check_cancelled()
@@ -639,14 +690,18 @@ class CodaApi:
             params["isOwner"] = "true"
         if workspace_id:
             params["workspaceId"] = workspace_id
-        return self._paginate("/docs", params, category="list_docs")
+        return self._paginate("/docs", params, category="list_docs", max_pages=MAX_DOC_LIST_PAGES)
 
-    def iter_pages(self, doc_id: str) -> Iterator[Dict[str, Any]]:
-        return self._paginate(f"/docs/{_quote(doc_id)}/pages", {"limit": str(LIST_LIMIT)}, doc_scoped=True)
+    def iter_pages(self, doc: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        """A doc's pages, bounded by its docSize.pageCount."""
+        return self._paginate(f"/docs/{_quote(doc['id'])}/pages", {"limit": str(LIST_LIMIT)}, doc_scoped=True,
+                              expected=doc_size(doc, "pageCount"))
 
-    def iter_tables(self, doc_id: str) -> Iterator[Dict[str, Any]]:
+    def iter_tables(self, doc: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        """A doc's tables and views, bounded by its docSize.tableAndViewCount."""
         params = {"limit": str(LIST_LIMIT), "tableTypes": "table,view"}
-        return self._paginate(f"/docs/{_quote(doc_id)}/tables", params, doc_scoped=True)
+        return self._paginate(f"/docs/{_quote(doc['id'])}/tables", params, doc_scoped=True,
+                              expected=doc_size(doc, "tableAndViewCount"))
 
     def get_table(self, doc_id: str, table_id: str) -> Dict[str, Any]:
         path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}"
@@ -654,14 +709,18 @@ class CodaApi:
 
     def iter_columns(self, doc_id: str, table_id: str) -> Iterator[Dict[str, Any]]:
         path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}/columns"
-        return self._paginate(path, {"limit": str(COLUMN_LIMIT)}, doc_scoped=True)
+        return self._paginate(path, {"limit": str(COLUMN_LIMIT)}, doc_scoped=True, max_pages=MAX_COLUMN_PAGES)
 
-    def iter_rows(self, doc_id: str, table_id: str, limit: int = ROW_LIMIT) -> Iterator[Dict[str, Any]]:
-        """Rows keyed by column id; without useColumnNames, which breaks on renames and duplicates."""
+    def iter_rows(self, doc_id: str, table_id: str, limit: int = ROW_LIMIT,
+                  expected: Any = None) -> Iterator[Dict[str, Any]]:
+        """Rows keyed by column id; without useColumnNames, which breaks on renames and duplicates.
+
+        `expected` is the table's rowCount, which bounds the listing."""
         path = f"/docs/{_quote(doc_id)}/tables/{_quote(table_id)}/rows"
         params = {"limit": str(limit), "valueFormat": "simpleWithArrays"}
         # At the full page size a 504 means "too big to build in time": the caller goes smaller.
-        return self._paginate(path, params, doc_scoped=True, final=(504,) if limit > SMALL_ROW_LIMIT else ())
+        return self._paginate(path, params, doc_scoped=True, final=(504,) if limit > SMALL_ROW_LIMIT else (),
+                              max_pages=MAX_ROW_PAGES, expected=expected, unique=False)
 
     def iter_formulas(self, doc_id: str) -> Iterator[Dict[str, Any]]:
         return self._paginate(f"/docs/{_quote(doc_id)}/formulas", {"limit": str(LIST_LIMIT)}, doc_scoped=True)
@@ -684,41 +743,68 @@ class CodaApi:
             "metadata": self.http.get_json(f"{base}/metadata"),
         }
 
-    def start_export(self, doc_id: str, page_id: str, output_format: str) -> str:
+    def start_export(self, doc_id: str, page_id: str, output_format: str, deadline: Optional[float] = None) -> str:
         path = f"/docs/{_quote(doc_id)}/pages/{_quote(page_id)}/export"
-        answer = _expect_dict(self.http.post_json(path, {"outputFormat": output_format}, doc_scoped=True), path)
+        answer = _expect_dict(self.http.post_json(path, {"outputFormat": output_format}, doc_scoped=True,
+                                                  deadline=deadline), path)
         request_id = answer.get("id")
         if not isinstance(request_id, str) or not request_id:
             raise ApiError(0, "export answer has no request id", path)
         return request_id
 
-    def export_status(self, doc_id: str, page_id: str, request_id: str) -> Dict[str, Any]:
+    def export_status(self, doc_id: str, page_id: str, request_id: str,
+                      deadline: Optional[float] = None) -> Dict[str, Any]:
         path = f"/docs/{_quote(doc_id)}/pages/{_quote(page_id)}/export/{_quote(request_id)}"
-        return _expect_dict(self.http.get_json(path, doc_scoped=True), path)
+        return _expect_dict(self.http.get_json(path, doc_scoped=True, deadline=deadline), path)
 
-    def download(self, url: str) -> bytes:
-        return self.http.download(url)
+    def download(self, url: str, deadline: Optional[float] = None) -> bytes:
+        return self.http.download(url, deadline)
 
-    def _paginate(self, path: str, params: Dict[str, str], category: str = "read",
-                  doc_scoped: bool = False, final: Tuple[int, ...] = ()) -> Iterator[Dict[str, Any]]:
+    def _paginate(self, path: str, params: Dict[str, str], category: str = "read", doc_scoped: bool = False,
+                  final: Tuple[int, ...] = (), max_pages: int = MAX_LIST_PAGES, expected: Any = None,
+                  unique: bool = True) -> Iterator[Dict[str, Any]]:
         """Yield every item of a list endpoint, following nextPageToken.
 
-        A token seen before, a page without an `items` list or items without
-        an id end the listing with ListingIncomplete after the good items.
+        The listing ends with ListingIncomplete, after the good items, when a page token
+        repeats, a page has no `items` list, items lack an id, more items come than the count
+        the API gave (`expected`, with slack) allows, more than `max_pages` pages come, or
+        MAX_STALE_PAGES pages in a row bring nothing new. With `unique`, an id seen on an
+        earlier page is skipped with a warning: a list that shifted between two requests must
+        not back one object up twice. (Rows are not checked: that would hold every row id in
+        memory; their rowCount bounds them.)
         """
         seen_tokens = set()
+        seen_ids: set[str] = set()
+        repeated: List[str] = []
         query = dict(params)
         problems: List[str] = []
-        for _ in range(MAX_LIST_PAGES):
+        most = listing_bound(expected)
+        count = stale = 0
+        for _ in range(max_pages):
             page = _expect_dict(self.http.get_json(path, query, category, doc_scoped, final), path)
             items = page.get("items")
             if not isinstance(items, list):
                 raise ListingIncomplete(f"{path}: answer has no items list")
+            fresh = 0
+            over = False
             for item in items:
-                if isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]:
-                    yield item
-                else:
+                if not (isinstance(item, dict) and isinstance(item.get("id"), str) and item["id"]):
                     problems.append("an item without an id was skipped")
+                elif unique and item["id"] in seen_ids:
+                    repeated.append(item["id"])
+                elif most is not None and count >= most:
+                    over = True
+                    break
+                else:
+                    if unique:
+                        seen_ids.add(item["id"])
+                    count += 1
+                    fresh += 1
+                    yield item
+            if over:
+                problems.append(f"more than {most} items where the API counts {expected}; stopped paging")
+                break
+            stale = 0 if fresh else stale + 1
             token = page.get("nextPageToken")
             if token is None or token == "":
                 break
@@ -728,12 +814,34 @@ class CodaApi:
             if token in seen_tokens:
                 problems.append("the server repeated a page token; stopped paging")
                 break
+            if stale >= MAX_STALE_PAGES:
+                problems.append(f"{stale} pages in a row brought nothing new; stopped paging")
+                break
             seen_tokens.add(token)
             query = {"pageToken": token}
         else:
-            problems.append(f"stopped after {MAX_LIST_PAGES} pages")
+            problems.append(f"stopped after {max_pages} pages")
+        if repeated:
+            LOG.warning("%s: %d item(s) came more than once in the listing (%s); each is kept once",
+                        path, len(repeated), ", ".join(printable(item) for item in sorted(set(repeated))[:5]))
         if problems:
             raise ListingIncomplete(f"{path}: " + "; ".join(sorted(set(problems))))
+
+
+def listing_bound(expected: Any) -> Optional[int]:
+    """The most items a listing may bring when the API said it holds `expected` (None: no count).
+
+    Generous, since rows and pages come and go while a run reads them.
+    """
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        return None
+    return expected * LIST_SLACK_FACTOR + LIST_SLACK_ITEMS
+
+
+def doc_size(doc: Dict[str, Any], key: str) -> Any:
+    """One of a doc's docSize counts (pageCount, tableAndViewCount), or None."""
+    size = doc.get("docSize")
+    return size.get(key) if isinstance(size, dict) else None
 
 
 def _expect_dict(value: Any, path: str) -> Dict[str, Any]:
@@ -1096,6 +1204,9 @@ class Options:
     retry_failed: bool = False
     keep: Optional[int] = None
     zip: bool = False
+    max_vanished: float = DEFAULT_MAX_VANISHED
+    allow_vanished: bool = False
+    keep_vanished: int = DEFAULT_KEEP_VANISHED
 
     def layout_key(self) -> Dict[str, Any]:
         """The choices that change which files a doc has; a doc is reused only when they match."""
@@ -1125,6 +1236,8 @@ class RunRecorder:
         self.skipped: List[Dict[str, Any]] = []  # optional items the API refused (not failures)
         self.queued = 0  # pages and tables handed to the pool, for the progress line
         self.settled = 0  # ... and those that ended, one way or another
+        self.listed = Listed()  # what the listings returned (main thread only), for finding what vanished
+        self.vanished: List[Dict[str, Any]] = []
 
     def queue(self) -> None:
         with self._lock:
@@ -1164,6 +1277,7 @@ class RunRecorder:
             counts: Dict[str, Any] = dict(self.counts)
             counts["skipped_unchanged"] = dict(self.skipped_unchanged)
             counts["failures"] = len(self.failures)
+            counts["vanished"] = vanished_counts(self.vanished)
             return counts
 
 
@@ -1199,21 +1313,33 @@ class Job:
 
 
 def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -> bytes:
-    """Run one page export to the end: start, poll, download.
+    """Run one page export to the end: start, poll, download, all within --export-timeout.
 
     404 on a poll means the export request expired (or has not replicated
     yet): start again. A refused download link means it expired: poll again
-    for a fresh one. Both are bounded.
+    for a fresh one. Both are bounded, and every request, the download
+    included, ends at the page's deadline: a host that never answers holds a
+    page no longer than --export-timeout, whatever --timeout and --max-retries say.
     """
+    timeout = job.options.export_timeout
+    deadline = time.monotonic() + timeout  # for the page, however often it restarts
+    try:
+        return _export_until(job, doc_id, page_id, output_format, deadline)
+    except ApiError as exc:
+        if time.monotonic() < deadline:
+            raise
+        raise ExportError(f"export did not finish within {timeout:g}s: {exc}") from exc
+
+
+def _export_until(job: Job, doc_id: str, page_id: str, output_format: str, deadline: float) -> bytes:
     api, options = job.api, job.options
-    deadline = time.monotonic() + options.export_timeout  # for the page, however often it restarts
     for _ in range(MAX_EXPORT_STARTS):
-        request_id = api.start_export(doc_id, page_id, output_format)
+        request_id = api.start_export(doc_id, page_id, output_format, deadline)
         refreshes = 0
         while True:
-            api.http.sleep(options.poll_interval)
+            api.http.sleep(min(options.poll_interval, max(0.0, deadline - time.monotonic())))
             try:
-                status = api.export_status(doc_id, page_id, request_id)
+                status = api.export_status(doc_id, page_id, request_id, deadline)
             except ApiError as exc:
                 if exc.status != 404:
                     raise
@@ -1228,7 +1354,7 @@ def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -
                 raise ExportError(f"export answer has a downloadLink that is not a URL: {link!r:.100}")
             if link:
                 try:
-                    return api.download(link)
+                    return api.download(link, deadline)
                 except ExpiredLink as exc:
                     refreshes += 1
                     if refreshes > MAX_LINK_REFRESHES:
@@ -1352,7 +1478,7 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
             entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns"))
             csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
             ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
-            count, problem = read_rows(job, doc_id, ref["id"], columns, csv_path, ndjson_path)
+            count, problem = read_rows(job, doc_id, table, columns, csv_path, ndjson_path)
             entry["files"].append(dict(file_record(job.root, csv_path), role="csv"))
             if ndjson_path is not None:
                 entry["files"].append(dict(file_record(job.root, ndjson_path), role="rows"))
@@ -1373,12 +1499,16 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
     return entry
 
 
-def read_rows(job: Job, doc_id: str, table_id: str, columns: List[Dict[str, Any]], csv_path: PurePosixPath,
+def read_rows(job: Job, doc_id: str, table: Dict[str, Any], columns: List[Dict[str, Any]], csv_path: PurePosixPath,
               ndjson_path: Optional[PurePosixPath]) -> Tuple[int, Optional[BackupError]]:
-    """Stream a table's rows to disk. Coda answers 504 when a page of a large table takes too
-    long to build; its advice is to start the listing again with a smaller limit."""
+    """Stream a table's rows to disk, at most about as many as its rowCount says. Coda answers
+    504 when a page of a large table takes too long to build; its advice is to start the
+    listing again with a smaller limit."""
+    table_id = table["id"]
+
     def write(limit: int) -> Tuple[int, Optional[BackupError]]:
-        return write_rows_csv(inside(job.root, csv_path), columns, job.api.iter_rows(doc_id, table_id, limit),
+        rows = job.api.iter_rows(doc_id, table_id, limit, table.get("rowCount"))
+        return write_rows_csv(inside(job.root, csv_path), columns, rows,
                               inside(job.root, ndjson_path) if ndjson_path else None)
 
     try:
@@ -1462,13 +1592,15 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
     if job.previous is not None and job.previous.ignore_updates and doc_id in job.previous.docs:
         entry["updatedAt"] = job.previous.docs[doc_id].get("updatedAt")
     entry["files"].append(job.write_json(folder / DOC_FILES["doc"], doc, "doc"))
-    pages, problem = read_all(job.api.iter_pages(doc_id))
+    pages, problem = read_all(job.api.iter_pages(doc))
+    job.recorder.listed.pages[doc_id] = listed_ids(pages, problem)
     if isinstance(problem, ApiError):
         entry.update(status="failed", error=str(problem))
         job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
         return work
     entry["files"].append(job.write_json(folder / DOC_FILES["pages"], pages, "pages"))
-    tables, table_problem = read_all(job.api.iter_tables(doc_id))
+    tables, table_problem = read_all(job.api.iter_tables(doc))
+    job.recorder.listed.tables[doc_id] = listed_ids(tables, table_problem)
     entry["files"].append(job.write_json(folder / DOC_FILES["tables"], tables, "tables"))
     for listing_problem in (problem, table_problem):
         if listing_problem is not None:
@@ -1499,15 +1631,16 @@ def selected_pages(options: Options, pages: List[Dict[str, Any]]) -> List[Dict[s
 
 def selected_tables(options: Options, doc: Dict[str, Any], tables: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Tables and views to back up: --no-views and --exclude-table (`Doc/Table` by name or id)."""
-    chosen = []
-    for table in tables:
-        if options.no_views and table.get("tableType") == "view":
-            continue
-        keys = (f"{doc.get('name')}/{table.get('name')}", f"{doc['id']}/{table['id']}")
-        if any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in options.exclude_tables):
-            continue
-        chosen.append(table)
-    return chosen
+    return [table for table in tables
+            if table_wanted(options, doc["id"], doc.get("name"), table["id"], table.get("name"),
+                            table.get("tableType") == "view")]
+
+
+def table_wanted(options: Options, doc_id: str, doc_name: Any, table_id: str, name: Any, is_view: bool) -> bool:
+    if options.no_views and is_view:
+        return False
+    keys = (f"{doc_name}/{name}", f"{doc_id}/{table_id}")
+    return not any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in options.exclude_tables)
 
 
 def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> DocExtras:
@@ -1557,6 +1690,8 @@ def link_whole_doc(job: Job, previous: Dict[str, Any], entry: Dict[str, Any]) ->
     recorder = job.recorder
     entry.update(status="unchanged", path=previous["path"], files=job.link_files(previous["files"]),
                  updatedAt=previous["updatedAt"])
+    recorder.listed.pages[entry["id"]] = {page["id"] for page in previous["pages"]}
+    recorder.listed.tables[entry["id"]] = {table["id"] for table in previous["tables"]}
     for page in previous["pages"]:
         entry["pages"].append(dict(page, files=job.link_files(page["files"]),
                                    status="unchanged" if page["status"] != "skipped" else "skipped"))
@@ -1892,8 +2027,9 @@ def folder_sizes(folder: Path) -> Tuple[int, int]:
     return total, unique
 
 
-def describe_runs(output: Path) -> List[Dict[str, Any]]:
-    """Every snapshot with status, times, counts, failures and size, newest first."""
+def describe_runs(output: Path, protected: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    """Every snapshot with status, times, counts, failures, size and why retention keeps it
+    (`protected`: name -> reason), newest first."""
     latest = read_latest(output)
     runs = []
     for folder in reversed(snapshot_folders(output)):
@@ -1911,22 +2047,24 @@ def describe_runs(output: Path) -> List[Dict[str, Any]]:
             "size_bytes": size,
             "unique_bytes": unique,
             "zip": (output / f"{folder.name}.zip").is_file(),
+            "protected": (protected or {}).get(folder.name),
         })
     return runs
 
 
-def prune_snapshots(output: Path, keep: int, current: Path) -> List[str]:
+def prune_snapshots(output: Path, keep: int, current: Path, protected: Optional[Dict[str, str]] = None) -> List[str]:
     """Keep the newest `keep` completed snapshots; delete every older one that is not running.
 
     Only runs with status `completed` count, so nights with errors can never push the last good
-    backup out. `latest` and the current run are never deleted. A folder is renamed away before
+    backup out. `latest`, the current run and the `protected` ones (name -> reason, e.g. from
+    vanished_protection) are never deleted. A folder is renamed away before
     it is deleted, so a deletion cut short never leaves a half snapshot that claims to be whole.
     Hard links make this safe: a file shared with a kept snapshot lives on there.
     """
     for leftover in output.glob(".deleting-*"):  # a prune cut short; we hold the lock
         shutil.rmtree(leftover, ignore_errors=True)
     latest = read_latest(output)
-    protected = {current.name, latest.name if latest else ""}
+    untouchable = {current.name, latest.name if latest else ""}
     newest_first = list(reversed(snapshot_folders(output)))
     completed = [folder for folder in newest_first if read_summary(folder).get("status") == "completed"]
     if len(completed) <= keep:
@@ -1934,9 +2072,12 @@ def prune_snapshots(output: Path, keep: int, current: Path) -> List[str]:
     oldest_kept = snapshot_key(completed[keep - 1])
     removed = []
     for folder in newest_first:
-        if snapshot_key(folder) >= oldest_kept or folder.name in protected:
+        if snapshot_key(folder) >= oldest_kept or folder.name in untouchable:
             continue
         if read_summary(folder).get("status") == "running":
+            continue
+        if protected and folder.name in protected:
+            LOG.info("--keep %d: keeping %s: %s", keep, folder.name, protected[folder.name])
             continue
         LOG.info("--keep %d: removing old snapshot %s", keep, folder.name)
         doomed = output / f".deleting-{folder.name}"
@@ -2005,6 +2146,341 @@ def verify_snapshot(snapshot: Path) -> List[str]:
         if (actual["size"], actual["sha256"]) != (record.get("size"), record.get("sha256")):
             problems.append(f"altered: {relative}")
     return problems
+
+
+# --- Vanished objects ---------------------------------------------------------
+
+
+@dataclass
+class Listed:
+    """Ids this run's listings returned. None, or no key, where a listing failed, was cut
+    short or never ran: nothing it would have listed can be judged vanished."""
+
+    docs: Optional[set[str]] = None
+    pages: Dict[str, Optional[set[str]]] = field(default_factory=dict)  # by doc id
+    tables: Dict[str, Optional[set[str]]] = field(default_factory=dict)  # tables and views, by doc id
+
+
+def listed_ids(items: List[Dict[str, Any]], problem: Optional[BackupError]) -> Optional[set[str]]:
+    return None if problem is not None else {item["id"] for item in items}
+
+
+@dataclass(frozen=True)
+class Known:
+    """One object a snapshot holds, as its manifest names it."""
+
+    kind: str  # doc, page, table or view
+    doc_id: str
+    id: str
+    name: Optional[str]
+    hidden: bool = False  # a page hidden itself or below a hidden page
+
+
+@dataclass(frozen=True)
+class KnownSnapshot:
+    """What one snapshot holds, read from its manifest alone: the other side of a comparison."""
+
+    name: str
+    include_shared: bool
+    workspace_id: Optional[str]
+    docs: Tuple[Known, ...]
+    children: Dict[str, Tuple[Known, ...]]  # doc id -> its pages, tables and views
+
+    def holds(self, kind: str, doc_id: str, object_id: str) -> bool:
+        objects = self.docs if kind == "doc" else self.children.get(doc_id, ())
+        return any(known.kind == kind and known.doc_id == doc_id and known.id == object_id for known in objects)
+
+
+def read_known_snapshot(snapshot: Path) -> Optional[KnownSnapshot]:
+    """A snapshot's objects, or None with a warning when its manifest cannot be read."""
+    try:
+        manifest = json.loads((snapshot / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return known_snapshot(snapshot.name, manifest)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        LOG.warning("cannot read %s (%s); nothing is judged vanished against it", snapshot / MANIFEST_NAME, exc)
+        return None
+
+
+def known_snapshot(name: str, manifest: Dict[str, Any]) -> KnownSnapshot:
+    """Read ids, names and kinds from a manifest; ValueError when a needed field is missing."""
+    options = manifest.get("options")
+    if not isinstance(options, dict) or not isinstance(manifest.get("docs"), list):
+        raise ValueError("manifest without options or docs")
+    docs: List[Known] = []
+    children: Dict[str, Tuple[Known, ...]] = {}
+    for doc in manifest["docs"]:
+        doc_id = _known_id(doc)
+        docs.append(Known("doc", doc_id, doc_id, _known_name(doc)))
+        if not isinstance(doc.get("pages"), list) or not isinstance(doc.get("tables"), list):
+            raise ValueError(f"doc {doc_id!r} without pages or tables")
+        hidden = hidden_page_ids(doc["pages"])
+        kids = [Known("page", doc_id, _known_id(page), _known_name(page), page["id"] in hidden)
+                for page in doc["pages"]]
+        kids += [Known("view" if table.get("tableType") == "view" else "table", doc_id, _known_id(table),
+                       _known_name(table)) for table in doc["tables"]]
+        children[doc_id] = tuple(kids)
+    workspace = options.get("workspace_id")
+    return KnownSnapshot(name, options.get("include_shared") is True,
+                         workspace if isinstance(workspace, str) else None, tuple(docs), children)
+
+
+def _known_id(entry: Any) -> str:
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+        raise ValueError("manifest entry without an id")
+    return str(entry["id"])
+
+
+def _known_name(entry: Dict[str, Any]) -> Optional[str]:
+    return None if entry.get("name") is None else str(entry["name"])
+
+
+def hidden_page_ids(pages: List[Any]) -> set[str]:
+    """Pages that --skip-hidden-pages leaves out: hidden, or below a hidden page (any depth)."""
+    parents = {page["id"]: page.get("parentId") for page in pages if isinstance(page, dict) and "id" in page}
+    hidden_self = {page["id"] for page in pages if isinstance(page, dict) and page.get("isHidden") is True}
+    hidden = set()
+    for page_id in parents:
+        node, seen = page_id, set()
+        while isinstance(node, str) and node not in seen:
+            if node in hidden_self:
+                hidden.add(page_id)
+                break
+            seen.add(node)
+            node = parents.get(node)
+    return hidden
+
+
+@dataclass(frozen=True)
+class VanishedReport:
+    """What vanished since a snapshot, and how much was compared (for the deletion guard)."""
+
+    snapshot: str
+    entries: Tuple[Dict[str, Any], ...]
+    docs_compared: int
+    in_docs: Dict[str, Tuple[Optional[str], int, int]]  # doc id -> (name, vanished, compared) below it
+
+
+def find_vanished(before: KnownSnapshot, listed: Listed, options: Options) -> VanishedReport:
+    """Objects `before` holds that this run's listings no longer return.
+
+    Only what this run's selection would have included is judged: a doc left out by --doc or
+    --exclude-doc, a view under --no-views, a table under --exclude-table, a hidden page under
+    --skip-hidden-pages, and anything below a listing that failed, was cut short or did not run
+    are not vanished. Neither is a doc missing from a doc list narrower than `before`'s (no
+    --include-shared now, or another --workspace-id). A vanished doc is one entry: its pages
+    and tables are not listed again.
+    """
+    docs_comparable = listed.docs is not None and (options.include_shared or not before.include_shared) \
+        and options.workspace_id in (None, before.workspace_id)
+    entries: List[Dict[str, Any]] = []
+    docs_compared = 0
+    in_docs: Dict[str, Tuple[Optional[str], int, int]] = {}
+
+    def gone(known: Known) -> None:
+        entries.append({"kind": known.kind, "doc_id": known.doc_id, "id": known.id, "name": known.name,
+                        "last_snapshot": before.name})
+
+    for doc in before.docs:
+        if any(value in (doc.id, doc.name) for value in options.exclude_docs) or \
+                (options.docs and not any(value in (doc.id, doc.name) for value in options.docs)):
+            continue
+        if listed.docs is None or doc.id not in listed.docs:
+            if docs_comparable:
+                docs_compared += 1
+                gone(doc)
+            continue
+        docs_compared += 1
+        vanished = compared = 0
+        for child in before.children.get(doc.id, ()):
+            ids = (listed.pages if child.kind == "page" else listed.tables).get(doc.id)
+            if ids is None or not _selected(options, doc, child):
+                continue
+            compared += 1
+            if child.id not in ids:
+                vanished += 1
+                gone(child)
+        in_docs[doc.id] = (doc.name, vanished, compared)
+    return VanishedReport(before.name, tuple(entries), docs_compared, in_docs)
+
+
+def _selected(options: Options, doc: Known, child: Known) -> bool:
+    if child.kind == "page":
+        return not (options.skip_hidden_pages and child.hidden)
+    return table_wanted(options, doc.id, doc.name, child.id, child.name, child.kind == "view")
+
+
+def vanished_counts(entries: List[Dict[str, Any]]) -> Dict[str, int]:
+    counts = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
+    for entry in entries:
+        counts[entry["kind"] + "s"] += 1
+    return counts
+
+
+def deletion_guard(report: VanishedReport, max_vanished: float) -> Optional[str]:
+    """Why this run must not become latest (in the spirit of rclone --max-delete), or None.
+
+    Trips when more than `max_vanished` percent of the compared docs vanished, or, within one
+    doc, more than that share of its compared pages, tables and views and at least
+    VANISHED_MIN_OBJECTS of them.
+    """
+    reasons = []
+    docs = sum(1 for entry in report.entries if entry["kind"] == "doc")
+    if docs and docs * 100 > max_vanished * report.docs_compared:
+        reasons.append(f"{docs} of {report.docs_compared} docs")
+    for doc_id, (name, vanished, compared) in report.in_docs.items():
+        if vanished >= VANISHED_MIN_OBJECTS and vanished * 100 > max_vanished * compared:
+            reasons.append(f"{vanished} of {compared} pages, tables and views of doc {printable(name)} ({doc_id})")
+    if not reasons:
+        return None
+    return (f"{'; '.join(reasons)} vanished since snapshot {report.snapshot}, "
+            f"more than --max-vanished {max_vanished:g}%")
+
+
+def check_vanished(options: Options, recorder: RunRecorder, now: dt.datetime) -> bool:
+    """Compare this run's listings with the snapshot `latest` names: record what vanished in
+    the summary and in DIR/vanished.json, and apply the deletion guard.
+
+    True when the guard tripped: the run is then `completed_with_errors` with a failure of
+    kind `vanished`, and must neither become latest nor prune.
+    """
+    latest = read_latest(options.output)
+    before = read_known_snapshot(latest) if latest is not None else None
+    if before is None:
+        return False
+    report = find_vanished(before, recorder.listed, options)
+    recorder.vanished = list(report.entries)
+    log_vanished(report)
+    try:
+        record_vanished(options.output, list(report.entries), now, options.keep_vanished)
+    except OSError as exc:
+        recorder.fail("vanished", None, None, VANISHED_NAME, f"cannot update {VANISHED_NAME}: {exc}")
+    reason = deletion_guard(report, options.max_vanished)
+    if reason is None:
+        return False
+    if options.allow_vanished:
+        LOG.warning("%s; accepted by --allow-vanished", reason)
+        return False
+    recorder.fail("vanished", None, None, "deletion guard",
+                  f"{reason}; latest stays at {before.name}, nothing is pruned "
+                  "(run again with --allow-vanished to accept the deletions)")
+    return True
+
+
+def log_vanished(report: VanishedReport) -> None:
+    """A WARNING per vanished doc and one line counting the rest."""
+    for entry in report.entries:
+        if entry["kind"] == "doc":
+            LOG.warning("doc %s (%s) vanished: snapshot %s holds it, Coda no longer lists it",
+                        printable(entry["name"]), printable(entry["id"]), report.snapshot)
+    counts = vanished_counts(list(report.entries))
+    if counts["pages"] or counts["tables"] or counts["views"]:
+        LOG.warning("%d page(s), %d table(s) and %d view(s) vanished since snapshot %s (see vanished in "
+                    "summary.json)", counts["pages"], counts["tables"], counts["views"], report.snapshot)
+
+
+def read_vanished(output: Path) -> List[Dict[str, Any]]:
+    """DIR/vanished.json's entries; none (with a warning) when it is damaged."""
+    path = output / VANISHED_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        LOG.warning("cannot read %s (%s); it will be written again", path, exc)
+        return []
+    entries = data.get("entries") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        LOG.warning("%s has no entries list; it will be written again", path)
+        return []
+    return [entry for entry in entries if _vanished_entry_ok(entry)]
+
+
+def _vanished_entry_ok(entry: Any) -> bool:
+    return (isinstance(entry, dict) and entry.get("kind") in ("doc", "page", "table", "view")
+            and all(isinstance(entry.get(key), str) for key in ("doc_id", "id", "last_snapshot", "vanished_at"))
+            and SNAPSHOT_NAME_RE.match(entry["last_snapshot"]) is not None
+            and parse_iso(entry["vanished_at"]) is not None)
+
+
+def parse_iso(text: str) -> Optional[dt.datetime]:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+def merge_vanished(known: List[Dict[str, Any]], found: List[Dict[str, Any]], now: dt.datetime,
+                   days: int) -> List[Dict[str, Any]]:
+    """The record after a run: what was known plus what this run found (an object already
+    recorded from the same snapshot keeps its first date), minus what is older than `days`."""
+    def key(entry: Dict[str, Any]) -> Tuple[str, str, str, str]:
+        return entry["kind"], entry["doc_id"], entry["id"], entry["last_snapshot"]
+
+    merged = list(known)
+    seen = {key(entry) for entry in known}
+    for entry in found:
+        if key(entry) not in seen:
+            seen.add(key(entry))
+            merged.append(dict(entry, vanished_at=iso(now)))
+    return [entry for entry in merged if _within(entry, now, days)]
+
+
+def _within(entry: Dict[str, Any], now: dt.datetime, days: int) -> bool:
+    when = parse_iso(entry["vanished_at"])
+    return when is not None and now - when < dt.timedelta(days=days)
+
+
+def record_vanished(output: Path, found: List[Dict[str, Any]], now: dt.datetime, days: int) -> None:
+    """Keep DIR/vanished.json, rewritten atomically: it outlives the snapshots that noticed."""
+    known = read_vanished(output)
+    entries = merge_vanished(known, found, now, days)
+    if entries != known:
+        write_json_atomic(output / VANISHED_NAME, {"version": VANISHED_VERSION, "entries": entries})
+
+
+def protected_snapshots(entries: List[Dict[str, Any]], names: List[str], now: dt.datetime, days: int,
+                        holds: Callable[[str, Dict[str, Any]], bool]) -> Dict[str, str]:
+    """Snapshot name -> why retention must keep it: it is the newest snapshot still holding an
+    object that vanished less than `days` ago.
+
+    That is the entry's last_snapshot, or, where that one is gone, the newest older snapshot
+    that `holds(name, entry)` says holds the object. `names` are the snapshots on disk.
+    """
+    newest_first = sorted(names, key=lambda name: snapshot_key(Path(name)), reverse=True)
+    held: Dict[str, List[Dict[str, Any]]] = {}
+    for entry in entries:
+        if not _within(entry, now, days):
+            continue
+        last = snapshot_key(Path(entry["last_snapshot"]))
+        for name in newest_first:
+            if snapshot_key(Path(name)) <= last and (name == entry["last_snapshot"] or holds(name, entry)):
+                held.setdefault(name, []).append(entry)
+                break
+    reasons = {}
+    for name, objects in held.items():
+        until = max(parse_iso(entry["vanished_at"]) or now for entry in objects) + dt.timedelta(days=days)
+        shown = ", ".join(f"{entry['kind']} {printable(entry.get('name'))} ({printable(entry['id'])})"
+                          for entry in objects[:3])
+        more = f" and {len(objects) - 3} more" if len(objects) > 3 else ""
+        reasons[name] = (f"newest copy of {shown}{more}, which vanished from Coda; "
+                         f"kept until {until.date().isoformat()} (--keep-vanished {days})")
+    return reasons
+
+
+def vanished_protection(output: Path, now: dt.datetime, days: int) -> Dict[str, str]:
+    """Snapshot name -> reason, for retention: see protected_snapshots."""
+    if days <= 0:
+        return {}
+    cache: Dict[str, Optional[KnownSnapshot]] = {}
+
+    def holds(name: str, entry: Dict[str, Any]) -> bool:
+        if name not in cache:
+            cache[name] = read_known_snapshot(output / name)
+        known = cache[name]
+        return known is not None and known.holds(entry["kind"], entry["doc_id"], entry["id"])
+
+    names = [folder.name for folder in snapshot_folders(output)]
+    return protected_snapshots(read_vanished(output), names, now, days, holds)
 
 
 # --- Run ----------------------------------------------------------------------
@@ -2153,6 +2629,7 @@ def check_access(api: CodaApi) -> Dict[str, Any]:
 
 def list_docs(api: CodaApi, options: Options, recorder: RunRecorder) -> List[Dict[str, Any]]:
     docs, problem = read_all(api.iter_docs(options.include_shared, options.workspace_id))
+    recorder.listed.docs = listed_ids(docs, problem)
     if isinstance(problem, ApiError):
         raise FatalError(_fatal_message("listing docs", problem)) from problem
     if problem is not None:
@@ -2243,8 +2720,8 @@ def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot
              totals: Dict[str, int], recorder: RunRecorder) -> None:
     """Print one doc's pages and tables for --dry-run, deciding reuse as a run would."""
     doc_id = doc["id"]
-    pages, page_problem = read_all(api.iter_pages(doc_id))
-    tables, table_problem = read_all(api.iter_tables(doc_id))
+    pages, page_problem = read_all(api.iter_pages(doc))
+    tables, table_problem = read_all(api.iter_tables(doc))
     for problem in (page_problem, table_problem):
         if problem is not None:
             recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
@@ -2301,6 +2778,7 @@ def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stat
         "counts": recorder.as_counts(),
         "failures": list(recorder.failures),
         "skipped": list(recorder.skipped),
+        "vanished": list(recorder.vanished),
         "requests": stats.as_dict(),
     }
 
@@ -2357,6 +2835,7 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 fatal = True
             finally:
                 http.close()
+        held_back = not (fatal or cancel.is_set()) and check_vanished(options, recorder, started)
         status = run_status(fatal or nothing_selected(options, docs, recorder), cancel.is_set(), recorder)
         write_json_atomic(snapshot / MANIFEST_NAME, build_manifest(options, started, status, snapshot, docs))
         summary = build_summary(status, started, recorder, stats, snapshot)
@@ -2366,7 +2845,8 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 summary = archive(snapshot, started, recorder, stats)
                 status = summary["status"]
             try:
-                point_latest(options.output, snapshot)
+                if not held_back:  # the deletion guard tripped: latest stays, the failure says why
+                    point_latest(options.output, snapshot)
             except OSError as exc:
                 recorder.fail("latest", None, None, "latest", f"the backup is complete, but latest did not move: {exc}")
                 status = "completed_with_errors"
@@ -2374,7 +2854,8 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 write_json_atomic(snapshot / SUMMARY_NAME, summary)
             if options.keep is not None and status == "completed":
                 try:
-                    prune_snapshots(options.output, options.keep, snapshot)
+                    prune_snapshots(options.output, options.keep, snapshot,
+                                    vanished_protection(options.output, utc_now(), options.keep_vanished))
                 except OSError as exc:
                     LOG.warning("--keep: could not remove an old snapshot: %s", exc)
         log_outcome(summary, snapshot)
@@ -2486,6 +2967,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after a run that completed without errors, keep the newest N completed snapshots "
                           "and delete older ones and their .zip (never latest or a running one)")
     how.add_argument("--zip", **SWITCH, help="also write DIR/<snapshot>.zip after a finished run")
+    how.add_argument("--max-vanished", type=float, default=DEFAULT_MAX_VANISHED, metavar="PCT",
+                     help="deletion guard: when more than PCT%% of the latest snapshot's docs vanished from Coda, "
+                          f"or of one doc's pages, tables and views (at least {VANISHED_MIN_OBJECTS}), the run "
+                          f"ends with exit 1 and latest stays (default {DEFAULT_MAX_VANISHED:g})")
+    how.add_argument("--allow-vanished", action="store_true",
+                     help="accept what vanished for this run, however much (see --max-vanished)")
+    how.add_argument("--keep-vanished", type=int, default=DEFAULT_KEEP_VANISHED, metavar="DAYS",
+                     help="retention keeps the newest snapshot holding an object that vanished less than DAYS "
+                          f"ago (default {DEFAULT_KEEP_VANISHED}; 0 = no such rule); see DIR/{VANISHED_NAME}")
     how.add_argument("--config", metavar="FILE",
                      help="TOML file with defaults for any flag (keys like page-format); flags override it")
     runs = parser.add_argument_group("run management")
@@ -2588,6 +3078,8 @@ def options_from_args(args: argparse.Namespace) -> Options:
         (args.poll_interval >= 0, "--poll-interval must not be negative"),
         (args.export_timeout > 0, "--export-timeout must be positive"),
         (args.keep is None or args.keep >= 1, "--keep must be at least 1"),
+        (0 <= args.max_vanished <= 100, "--max-vanished must be between 0 and 100"),
+        (args.keep_vanished >= 0, "--keep-vanished must not be negative"),
         (not (args.incremental and args.retry_failed), "--incremental and --retry-failed do not go together"),
     ]
     for ok, message in checks:
@@ -2604,6 +3096,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         rate_limits=parse_rate_limits(args.rate_limits), rows_json=args.rows_json, extras=not args.no_extras,
         docs=tuple(args.doc), exclude_docs=tuple(args.exclude_doc), exclude_tables=tuple(args.exclude_table),
         retry_failed=args.retry_failed, keep=args.keep, zip=args.zip,
+        max_vanished=args.max_vanished, allow_vanished=args.allow_vanished, keep_vanished=args.keep_vanished,
     )
 
 
@@ -2622,11 +3115,13 @@ def run_verify(output: Optional[str], which: str) -> int:
     return EXIT_FAILURES if problems else EXIT_OK
 
 
-def run_list(output: Optional[str], as_json: bool) -> int:
-    """--list-runs: the snapshots in --output, newest first."""
+def run_list(output: Optional[str], as_json: bool, keep_vanished: int = DEFAULT_KEEP_VANISHED) -> int:
+    """--list-runs: the snapshots in --output, newest first, and which ones retention keeps for
+    what vanished."""
     if not output:
         raise ConfigError("--list-runs needs --output DIR")
-    runs = describe_runs(Path(output).expanduser())
+    base = Path(output).expanduser()
+    runs = describe_runs(base, vanished_protection(base, utc_now(), keep_vanished))
     if as_json:
         print(json.dumps(runs, indent=2))
         return EXIT_OK
@@ -2640,6 +3135,8 @@ def run_list(output: Optional[str], as_json: bool) -> int:
               f"docs {counts.get('docs', '?')} pages {counts.get('pages', '?')} tables {counts.get('tables', '?')} "
               f"views {counts.get('views', '?')} rows {counts.get('rows', '?')}  failures {run['failures']}  "
               f"{run['size_bytes'] / 1e6:.1f} MB ({run['unique_bytes'] / 1e6:.1f} MB own)")
+        if run["protected"]:
+            print(f"    kept: {run['protected']}")
     return EXIT_OK
 
 
@@ -2742,7 +3239,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.verify is not None:
             return run_verify(args.output, args.verify)
         if args.list_runs:
-            return run_list(args.output, args.json)
+            return run_list(args.output, args.json, args.keep_vanished)
         options = options_from_args(args)
         token = read_token(args.token_file)
         for handler in handlers:
