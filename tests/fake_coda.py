@@ -27,7 +27,8 @@ forward (one second per change), so ``updatedAt`` comparisons are deterministic.
 
 Switches are plain attributes, settable at any time (see :class:`FakeCoda`): ``latency``,
 ``export_delay``, ``rate_limits``, ``retry_after``, ``fault_rate``, ``fault_kinds``,
-``timeout_sleep``, ``repeat_token``, ``max_limit``, ``gzip``, ``views_follow_base``; per page ``export_fail_times``,
+``timeout_sleep``, ``repeat_token``, ``endless_tokens``, ``duplicate_ids``, ``download_stall``,
+``max_limit``, ``gzip``, ``views_follow_base``; per page ``export_fail_times``,
 ``export_expire_times``, ``download_expire_times``; per doc ``forbidden``, ``stale_times``,
 ``acl_forbidden``, ``listed``.
 
@@ -681,6 +682,10 @@ class Doc:
         return top[0] if top else self.add_page("Untitled")
 
 
+def _matches(pattern: Optional[Union[str, Pattern[str]]], path: str) -> bool:
+    return pattern is not None and re.search(pattern, path) is not None
+
+
 def _find(objects: Sequence[Any], id_or_name: str) -> Optional[Any]:
     for obj in objects:
         if obj.id == id_or_name:
@@ -981,6 +986,12 @@ class FakeCoda:
     * ``timeout_sleep``: how long a "timeout" fault stalls before answering normally.
     * ``repeat_token``: regex; list endpoints whose path matches hand back the same
       ``nextPageToken`` forever after the first page.
+    * ``endless_tokens``: regex; list endpoints whose path matches never end: every page carries a
+      fresh ``nextPageToken``, and past the last item the listing starts over (as a mock made from
+      the OpenAPI description answers every page with the same example items).
+    * ``duplicate_ids``: regex; on list endpoints whose path matches, every page after the first
+      starts with the last item of the page before (a list that shifted between two requests).
+    * ``download_stall``: seconds the download host waits before it answers (cut short by stop()).
     * ``max_limit``: server maximum for ``limit`` (columns are also capped at 100).
     * ``gzip``: gzip bodies (both hosts) for clients that accept it.
 
@@ -1009,6 +1020,9 @@ class FakeCoda:
         self.fault_kinds: Tuple[str, ...] = FAULT_KINDS
         self.timeout_sleep = 0.5
         self.repeat_token: Optional[Union[str, Pattern[str]]] = None
+        self.endless_tokens: Optional[Union[str, Pattern[str]]] = None
+        self.duplicate_ids: Optional[Union[str, Pattern[str]]] = None
+        self.download_stall = 0.0
         self.max_limit = DEFAULT_MAX_LIMIT
         self.gzip = False
         # Whether Coda bumps a view's updatedAt when its base table changes is not documented;
@@ -1285,6 +1299,7 @@ class FakeCoda:
         return self._route(request, dry_run=False)
 
     def _respond_download(self, request: _Request, record: RequestRecord) -> _Reply:
+        self._pause(self.download_stall)
         fault = self._take_scripted_fault(request)
         if fault is not None:
             record.fault = fault.kind
@@ -1439,15 +1454,20 @@ class FakeCoda:
             offset, params = 0, {k: v for k, v in request.query.items() if k != "pageToken"}
         limit = self._limit(params, cap)
         items = select(params)
-        chunk = items[offset: offset + limit]
+        endless = _matches(self.endless_tokens, request.path)
+        start = offset % len(items) if endless and items else offset
+        chunk = items[start: start + limit]
+        indexed = [(start + i, item) for i, item in enumerate(chunk)]
+        if start > 0 and _matches(self.duplicate_ids, request.path):
+            indexed.insert(0, (start - 1, items[start - 1]))
         payload: Dict[str, Any] = {
-            "items": [render(item, offset + i, params) for i, item in enumerate(chunk)],
+            "items": [render(item, index, params) for index, item in indexed],
             "href": self._href(request.path, params),
         }
         next_token: Optional[str] = None
         if token is not None and self._repeats(request.path):
             next_token = token  # the broken-server mode: the same token forever
-        elif offset + limit < len(items):
+        elif offset + limit < len(items) or endless:
             next_token = self._encode_token(request.path, offset + limit, params)
         if next_token is not None:
             payload["nextPageToken"] = next_token

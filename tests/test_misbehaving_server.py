@@ -1,0 +1,82 @@
+"""A server that misbehaves forever: endless page tokens, a download host that never answers,
+the same id on two listing pages. Each run must end, soon, with the damage recorded.
+
+Where the code before these fixes would loop for hours, a hook turns the fault off after a
+number of requests no fixed run comes near, so such a test fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fake_coda import FakeCoda
+from support import BackupTestCase, coda_backup
+
+RUNAWAY = 60  # requests to one endpoint after which the hook turns the fault off
+
+
+def stop_after(fake: FakeCoda, switch: str, path_end: str, most: int = RUNAWAY) -> None:
+    """Turn `fake.<switch>` off once `most` requests ending in `path_end` came."""
+    def hook(request: Any, _reply: Any) -> None:
+        if len(fake.requests("GET", path_end)) >= most:
+            setattr(fake, switch, None)
+
+    fake.after_api.append(hook)
+
+
+class MisbehavingServerTest(BackupTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.alpha = self.fake.add_doc("Alpha")
+        self.home = self.alpha.add_page("Home")
+        self.child = self.alpha.add_page("Child", parent=self.home)
+        self.tasks = self.alpha.add_table("Tasks", columns=["Task"], parent_page=self.home,
+                                          rows=[{"Task": f"t{i}"} for i in range(5)])
+        self.view = self.alpha.add_view(self.tasks, "All Tasks", parent_page=self.child)
+        self.beta = self.fake.add_doc("Beta")
+        self.beta.add_page("Start")
+
+    def failures(self) -> Any:
+        return self.summary(self.snapshots()[-1])["failures"]
+
+    def test_endless_doc_list_ends_with_a_recorded_failure(self) -> None:
+        self.fake.endless_tokens = r"^/docs$"  # every page the same two docs and a fresh token
+        stop_after(self.fake, "endless_tokens", r"^/docs$")
+        self.assertEqual(self.run_backup("--no-extras"), 1, self.stderr)
+        self.assertLessEqual(len(self.fake.requests("GET", r"^/docs$")), coda_backup.MAX_STALE_PAGES + 1)
+        failure, = self.failures()
+        self.assertEqual(failure["kind"], "listing")
+        self.assertIn("brought nothing new", failure["error"])
+        counts = self.summary(self.snapshots()[-1])["counts"]
+        self.assertEqual((counts["docs"], counts["pages"]), (2, 3), "each doc once")
+
+    def test_endless_rows_end_at_the_row_count(self) -> None:
+        rows = rf"/tables/{self.tasks.id}/rows$"
+        self.fake.endless_tokens = rows  # the same five rows on every page, forever
+        stop_after(self.fake, "endless_tokens", rows)
+        self.assertEqual(self.run_backup("--no-extras", "--no-views"), 1, self.stderr)
+        bound = coda_backup.listing_bound(5)
+        self.assertLessEqual(len(self.fake.requests("GET", rows)), bound // 5 + 1)
+        failure, = self.failures()
+        self.assertEqual((failure["kind"], failure["id"]), ("table", self.tasks.id))
+        self.assertIn(f"more than {bound} items where the API counts 5", failure["error"])
+
+    def test_download_host_that_never_answers_holds_a_page_no_longer_than_the_export_timeout(self) -> None:
+        self.fake.download_stall = 60.0  # cut short when the fake stops
+        code = self.run_backup("--no-extras", "--doc", "Beta", "--timeout", "2", "--export-timeout", "0.3")
+        self.assertEqual(code, 1, self.stderr)
+        failure, = self.failures()
+        self.assertEqual(failure["kind"], "page")
+        self.assertIn("did not finish within 0.3s", failure["error"])
+        self.assertEqual(len(self.fake.requests(host="download")), 1, "no retry after the deadline")
+
+    def test_an_id_on_two_listing_pages_is_kept_once(self) -> None:
+        self.fake.max_limit = 1  # one item a page, and each page after the first repeats the one before
+        self.fake.duplicate_ids = r"^/docs$|/pages$|/tables$"
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        snapshot = self.latest()
+        counts = self.summary(snapshot)["counts"]
+        self.assertEqual((counts["docs"], counts["pages"], counts["tables"], counts["views"]), (2, 3, 1, 1))
+        self.assertEqual([p.name for p in snapshot.rglob("*__2*")], [], "no object saved twice")
+        self.assertEqual(len(self.manifest(snapshot)["docs"]), 2)
+        self.assertIn("came more than once in the listing", self.stderr)
