@@ -2352,8 +2352,8 @@ def check_vanished(options: Options, recorder: RunRecorder, now: dt.datetime) ->
     log_vanished(report)
     try:
         record_vanished(options.output, list(report.entries), now, options.keep_vanished)
-    except OSError as exc:
-        recorder.fail("vanished", None, None, VANISHED_NAME, f"cannot update {VANISHED_NAME}: {exc}")
+    except OSError as exc:  # the summary still lists them; the next run tries again
+        LOG.warning("cannot update %s: %s", options.output / VANISHED_NAME, exc)
     reason = deletion_guard(report, options.max_vanished)
     if reason is None:
         return False
