@@ -2174,6 +2174,7 @@ class Known:
     id: str
     name: Optional[str]
     hidden: bool = False  # a page hidden itself or below a hidden page
+    saved: bool = True  # its files are in the snapshot (not a failed or skipped entry)
 
 
 @dataclass(frozen=True)
@@ -2187,8 +2188,10 @@ class KnownSnapshot:
     children: Dict[str, Tuple[Known, ...]]  # doc id -> its pages, tables and views
 
     def holds(self, kind: str, doc_id: str, object_id: str) -> bool:
+        """Whether this snapshot has the object's files (a failed entry does not count)."""
         objects = self.docs if kind == "doc" else self.children.get(doc_id, ())
-        return any(known.kind == kind and known.doc_id == doc_id and known.id == object_id for known in objects)
+        return any(known.kind == kind and known.doc_id == doc_id and known.id == object_id and known.saved
+                   for known in objects)
 
 
 def read_known_snapshot(snapshot: Path) -> Optional[KnownSnapshot]:
@@ -2210,14 +2213,14 @@ def known_snapshot(name: str, manifest: Dict[str, Any]) -> KnownSnapshot:
     children: Dict[str, Tuple[Known, ...]] = {}
     for doc in manifest["docs"]:
         doc_id = _known_id(doc)
-        docs.append(Known("doc", doc_id, doc_id, _known_name(doc)))
+        docs.append(Known("doc", doc_id, doc_id, _known_name(doc), saved=_saved(doc)))
         if not isinstance(doc.get("pages"), list) or not isinstance(doc.get("tables"), list):
             raise ValueError(f"doc {doc_id!r} without pages or tables")
         hidden = hidden_page_ids(doc["pages"])
-        kids = [Known("page", doc_id, _known_id(page), _known_name(page), page["id"] in hidden)
+        kids = [Known("page", doc_id, _known_id(page), _known_name(page), page["id"] in hidden, _saved(page))
                 for page in doc["pages"]]
         kids += [Known("view" if table.get("tableType") == "view" else "table", doc_id, _known_id(table),
-                       _known_name(table)) for table in doc["tables"]]
+                       _known_name(table), saved=_saved(table)) for table in doc["tables"]]
         children[doc_id] = tuple(kids)
     workspace = options.get("workspace_id")
     return KnownSnapshot(name, options.get("include_shared") is True,
@@ -2228,6 +2231,10 @@ def _known_id(entry: Any) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
         raise ValueError("manifest entry without an id")
     return str(entry["id"])
+
+
+def _saved(entry: Dict[str, Any]) -> bool:
+    return entry.get("status") != "failed" and bool(entry.get("files"))
 
 
 def _known_name(entry: Dict[str, Any]) -> Optional[str]:
@@ -2443,8 +2450,9 @@ def protected_snapshots(entries: List[Dict[str, Any]], names: List[str], now: dt
     """Snapshot name -> why retention must keep it: it is the newest snapshot still holding an
     object that vanished less than `days` ago.
 
-    That is the entry's last_snapshot, or, where that one is gone, the newest older snapshot
-    that `holds(name, entry)` says holds the object. `names` are the snapshots on disk.
+    That is the newest snapshot, from the entry's last_snapshot back, that `holds(name, entry)`
+    says has the object's files: last_snapshot itself unless it is gone or its copy had failed.
+    `names` are the snapshots on disk.
     """
     newest_first = sorted(names, key=lambda name: snapshot_key(Path(name)), reverse=True)
     held: Dict[str, List[Dict[str, Any]]] = {}
@@ -2453,7 +2461,7 @@ def protected_snapshots(entries: List[Dict[str, Any]], names: List[str], now: dt
             continue
         last = snapshot_key(Path(entry["last_snapshot"]))
         for name in newest_first:
-            if snapshot_key(Path(name)) <= last and (name == entry["last_snapshot"] or holds(name, entry)):
+            if snapshot_key(Path(name)) <= last and holds(name, entry):
                 held.setdefault(name, []).append(entry)
                 break
     reasons = {}

@@ -108,6 +108,27 @@ class FindVanishedTest(unittest.TestCase):
                 self.assertEqual(len(report.entries), vanished)
 
 
+class KnownSnapshotTest(unittest.TestCase):
+    def test_holds_only_copies_with_files(self) -> None:
+        files = [{"path": "x", "size": 1, "sha256": "0" * 64, "role": "markdown"}]
+        known = coda_backup.known_snapshot(BEFORE, manifest(
+            dict(doc("A", "Alpha", [dict(page("P1", "ok"), status="ok", files=files),
+                                    dict(page("P2", "failed"), status="failed", files=[]),
+                                    dict(page("P3", "unchanged"), status="unchanged", files=files)]),
+                 status="ok", files=files)))
+        cases = [("doc", "A", True), ("page", "P1", True), ("page", "P2", False), ("page", "P3", True),
+                 ("table", "P1", False), ("page", "P9", False)]
+        for kind, object_id, expected in cases:
+            with self.subTest(kind=kind, id=object_id):
+                self.assertEqual(known.holds(kind, "A", object_id), expected)
+
+    def test_a_damaged_manifest_is_refused(self) -> None:
+        for label, bad in [("no docs", {"options": {}}), ("doc without id", manifest({"name": "x"})),
+                           ("doc without pages", manifest({"id": "A", "tables": []}))]:
+            with self.subTest(label), self.assertRaises(ValueError):
+                coda_backup.known_snapshot(BEFORE, bad)
+
+
 class DeletionGuardTest(unittest.TestCase):
     def test_cases(self) -> None:
         def report(docs_gone: int, docs_compared: int, in_doc: Any = (0, 0)) -> Any:
@@ -163,12 +184,14 @@ class VanishedRecordTest(unittest.TestCase):
         names = ["2026-09-01T020000Z", "2026-10-01T020000Z", "2026-11-01T020000Z", "2026-12-01T020000Z"]
         recent = recorded("doc", "B", "2026-11-01T020000Z", "2026-11-02T02:00:00Z")
         cases = [
-            ("the last snapshot holding it", [recent], lambda name, e: False, {"2026-11-01T020000Z"}),
+            ("its last snapshot", [recent], lambda name, e: True, {"2026-11-01T020000Z"}),
             ("older than --keep-vanished", [dict(recent, vanished_at="2026-08-01T02:00:00Z")],
              lambda name, e: True, set()),
             ("its snapshot is gone: the newest older one holding it",
              [dict(recent, last_snapshot="2026-11-15T020000Z")],
              lambda name, e: name <= "2026-10-01T020000Z", {"2026-10-01T020000Z"}),
+            ("its copy there had failed: the newest older one holding it", [recent],
+             lambda name, e: name != "2026-11-01T020000Z", {"2026-10-01T020000Z"}),
             ("held nowhere any more", [dict(recent, last_snapshot="2026-11-15T020000Z")],
              lambda name, e: False, set()),
         ]
