@@ -52,11 +52,13 @@ import email.utils
 import fnmatch
 import gzip
 import hashlib
+import html
 import http.client
 import io
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import select
@@ -118,6 +120,13 @@ DEFAULT_CONCURRENCY = 8
 
 MAX_EXPORT_STARTS = 4  # an export whose request expires (404) is started again this often
 MAX_LINK_REFRESHES = 4  # an expired download link is fetched again this often
+
+# Images and attachments. codahosted.io serves them without any credential (coda-api.md section 8).
+DEFAULT_ASSET_HOSTS = ("https://codahosted.io/",)
+DEFAULT_MAX_ASSET_MB = 200
+ASSET_WORKERS = 4  # downloads are not rate limited by Coda; a small pool of its own keeps them off the API workers
+ASSET_CHUNK = 1 << 16  # streamed to disk this much at a time: memory stays flat whatever the file size
+MAX_REDIRECTS = 5
 
 EXIT_OK = 0
 EXIT_FAILURES = 1
@@ -213,6 +222,18 @@ class ExportError(BackupError):
 
 class ExpiredLink(BackupError):
     """The storage host refused a download link: ask the API for a fresh one."""
+
+
+class AssetGone(BackupError):
+    """The asset host answered 404 or 410: the file was deleted at Coda's end (a skip, not a failure)."""
+
+
+class AssetTooLarge(BackupError):
+    """An asset is larger than --max-asset-mb (a skip, never a half-written file)."""
+
+
+class AssetDiskError(BackupError):
+    """Writing an asset failed on our side; kept apart from network errors so it is not retried."""
 
 
 # --- HTTP client --------------------------------------------------------------
@@ -395,6 +416,36 @@ class HttpClient:
         body: bytes = self._with_retries(attempt, "download", _redact_url(url), deadline)
         return body
 
+    def get_streamed(self, url: str, accept: Callable[[http.client.HTTPResponse], Any],
+                     may_follow: Callable[[str], bool], category: str = "asset") -> Any:
+        """GET a URL taken from a response body, without any credential, and hand the response,
+        body unread, to `accept` (which streams it somewhere and returns what it made).
+
+        Redirects are followed only to URLs `may_follow` allows; 429 and 5xx are retried like
+        every request, and so is a connection lost while `accept` reads (a _Transient).
+        """
+        redacted = _redact_url(url)
+
+        def attempt(timeout: float) -> Any:
+            current = url
+            for _ in range(MAX_REDIRECTS + 1):
+                with self._stream(current, timeout) as raw:
+                    location = raw.getheader("location")
+                    if raw.status in (301, 302, 303, 307, 308) and location:
+                        raw.read(65536)  # a redirect's small body; a longer one drops the connection
+                        target = urllib.parse.urljoin(current, location.strip())
+                        if not may_follow(target):
+                            raise ApiError(raw.status, f"refused a redirect to {_redact_url(target)}", redacted)
+                        current = target
+                        continue
+                    if raw.status == 429 or raw.status >= 500:
+                        raise _Transient(f"HTTP {raw.status} from {urllib.parse.urlsplit(current).netloc}",
+                                         raw.status, _retry_after(raw.getheader("retry-after")))
+                    return accept(raw)
+            raise ApiError(0, "too many redirects", redacted)
+
+        return self._with_retries(attempt, category, redacted)
+
     def check_cancelled(self) -> None:
         if self._cancel.is_set():
             raise Cancelled("cancelled")
@@ -554,6 +605,31 @@ class HttpClient:
             except (OSError, EOFError) as exc:
                 raise _Transient(f"corrupt gzip body: {exc}", reply.status) from exc
         return reply
+
+    @contextlib.contextmanager
+    def _stream(self, url: str, timeout: float) -> Iterator[http.client.HTTPResponse]:
+        """One GET whose body the caller reads (no Authorization, no cookies, no gzip: the bytes
+        are the file); `timeout` bounds connecting and each read. A connection whose body was not
+        read to the end is not reused."""
+        parts = urllib.parse.urlsplit(url)
+        target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+        headers = {"User-Agent": USER_AGENT, "Accept": "*/*", "Accept-Encoding": "identity"}
+        LOG.debug("GET %s", _redact_url(url))
+        conn = self._connection(parts.scheme, parts.netloc)
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        try:
+            with self._in_flight:
+                self.check_cancelled()
+                conn.request("GET", target, headers=headers)
+                raw = conn.getresponse()
+                yield raw
+        except BaseException:
+            self._drop_connection(parts.scheme, parts.netloc)
+            raise
+        if raw.will_close or not raw.isclosed():
+            self._drop_connection(parts.scheme, parts.netloc)
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         """This thread's connection to a host: the kept-alive one unless the server closed it.
@@ -1207,6 +1283,9 @@ class Options:
     max_vanished: float = DEFAULT_MAX_VANISHED
     allow_vanished: bool = False
     keep_vanished: int = DEFAULT_KEEP_VANISHED
+    assets: bool = True
+    asset_hosts: Tuple[str, ...] = DEFAULT_ASSET_HOSTS  # the allowed URL prefixes, default included
+    max_asset_mb: int = DEFAULT_MAX_ASSET_MB
 
     def layout_key(self) -> Dict[str, Any]:
         """The choices that change which files a doc has; a doc is reused only when they match."""
@@ -1217,6 +1296,7 @@ class Options:
             "rows_json": self.rows_json,
             "extras": self.extras,
             "exclude_tables": list(self.exclude_tables),
+            "assets": list(self.asset_hosts) if self.assets else None,
         }
 
     @property
@@ -1230,7 +1310,7 @@ class RunRecorder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.counts: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0, "rows": 0,
-                                       "pages_not_exportable": 0}
+                                       "pages_not_exportable": 0, "assets": 0, "asset_bytes": 0}
         self.skipped_unchanged: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
         self.failures: List[Dict[str, Any]] = []
         self.skipped: List[Dict[str, Any]] = []  # optional items the API refused (not failures)
@@ -1267,10 +1347,10 @@ class RunRecorder:
             self.failures.append({"kind": kind, "doc_id": doc_id, "id": object_id,
                                   "name": None if name is None else str(name), "error": text})
 
-    def skip(self, kind: str, doc_id: str, reason: str) -> None:
-        LOG.info("%s of doc %s skipped: %s", kind, doc_id, reason)
+    def skip(self, kind: str, doc_id: str, reason: str, **details: Any) -> None:
+        LOG.info("%s of doc %s skipped: %s", kind, doc_id, printable(reason))
         with self._lock:
-            self.skipped.append({"kind": kind, "doc_id": doc_id, "reason": reason})
+            self.skipped.append(dict({"kind": kind, "doc_id": doc_id, "reason": reason}, **details))
 
     def as_counts(self) -> Dict[str, Any]:
         with self._lock:
@@ -1291,6 +1371,7 @@ class Job:
     paths: PathAllocator
     recorder: RunRecorder
     previous: Optional[PreviousSnapshot]
+    assets: Optional[AssetStore] = None  # None with --no-assets
 
     def write_json(self, relative: PurePosixPath, value: Any, role: str) -> Dict[str, Any]:
         write_json_atomic(inside(self.root, relative), value)
@@ -1395,9 +1476,12 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
         previous = job.previous.reusable_page(doc_id, page, formats) if job.previous else None
         if previous is not None and not _tables_unchanged(job, doc_id, shown_tables):
             previous = None
+        if previous is not None and not assets_reusable(job, previous, stem):
+            previous = None
         if previous is not None:
             entry.update(files=job.link_files(previous["files"], stem), status="unchanged",
                          updatedAt=previous["updatedAt"])
+            carry_assets(job, doc_id, entry, previous)
             job.recorder.unchanged("pages")
         elif (page.get("contentType") or "canvas") != "canvas":
             entry["status"] = "skipped"
@@ -1409,6 +1493,7 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
                 data = fetch_page_export(job, doc_id, page["id"], output_format)
                 entry["files"].append(job.write_bytes(with_suffix(stem, ROLE_SUFFIXES[output_format]),
                                                       data, output_format))
+            save_page_assets(job, doc_id, entry)
         job.recorder.count("pages")
     except Cancelled:
         raise
@@ -1468,9 +1553,12 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         previous = job.previous.reusable_table(doc_id, table, job.options.rows_json) if job.previous else None
         if previous is not None and not _base_table_unchanged(job, doc_id, table):
             previous = None
+        if previous is not None and not assets_reusable(job, previous, None):
+            previous = None
         if previous is not None:
             data_files = [record for record in previous["files"] if record["role"] != "table"]
             entry["files"].extend(job.link_files(data_files, stem))
+            carry_assets(job, doc_id, entry, previous)
             entry.update(status="unchanged", rowCount=previous.get("rowCount"), updatedAt=previous["updatedAt"])
             job.recorder.unchanged(kind)
         else:
@@ -1478,7 +1566,10 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
             entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns"))
             csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
             ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
-            count, problem = read_rows(job, doc_id, table, columns, csv_path, ndjson_path)
+            found = CellAssets(job, doc_id, stem, columns) if job.assets is not None else None
+            count, problem = read_rows(job, doc_id, table, columns, csv_path, ndjson_path, found)
+            if found is not None:
+                found.save(entry)
             entry["files"].append(dict(file_record(job.root, csv_path), role="csv"))
             if ndjson_path is not None:
                 entry["files"].append(dict(file_record(job.root, ndjson_path), role="rows"))
@@ -1500,15 +1591,16 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
 
 
 def read_rows(job: Job, doc_id: str, table: Dict[str, Any], columns: List[Dict[str, Any]], csv_path: PurePosixPath,
-              ndjson_path: Optional[PurePosixPath]) -> Tuple[int, Optional[BackupError]]:
-    """Stream a table's rows to disk, at most about as many as its rowCount says. Coda answers
-    504 when a page of a large table takes too long to build; its advice is to start the
-    listing again with a smaller limit."""
+              ndjson_path: Optional[PurePosixPath],
+              found: Optional[CellAssets] = None) -> Tuple[int, Optional[BackupError]]:
+    """Stream a table's rows to disk, at most about as many as its rowCount says (and the asset
+    URLs in their cells to `found`). Coda answers 504 when a page of a large table takes too long
+    to build; its advice is to start the listing again with a smaller limit."""
     table_id = table["id"]
 
     def write(limit: int) -> Tuple[int, Optional[BackupError]]:
         rows = job.api.iter_rows(doc_id, table_id, limit, table.get("rowCount"))
-        return write_rows_csv(inside(job.root, csv_path), columns, rows,
+        return write_rows_csv(inside(job.root, csv_path), columns, found.scan(rows) if found else rows,
                               inside(job.root, ndjson_path) if ndjson_path else None)
 
     try:
@@ -1692,6 +1784,7 @@ def link_whole_doc(job: Job, previous: Dict[str, Any], entry: Dict[str, Any]) ->
                  updatedAt=previous["updatedAt"])
     recorder.listed.pages[entry["id"]] = {page["id"] for page in previous["pages"]}
     recorder.listed.tables[entry["id"]] = {table["id"] for table in previous["tables"]}
+    link_doc_assets(job, previous)
     for page in previous["pages"]:
         entry["pages"].append(dict(page, files=job.link_files(page["files"]),
                                    status="unchanged" if page["status"] != "skipped" else "skipped"))
@@ -1704,6 +1797,458 @@ def link_whole_doc(job: Job, previous: Dict[str, Any], entry: Dict[str, Any]) ->
         recorder.unchanged(kind)
     recorder.unchanged("pages", sum(1 for page in previous["pages"] if page["status"] != "skipped"))
     recorder.unchanged("docs")
+
+
+# --- Assets -------------------------------------------------------------------
+# Images and attachments that pages and cells point to, saved once per doc under
+# docs/<Doc>/assets/ so that a snapshot opens offline, images included.
+
+ASSET_FOLDER = "assets"
+ASSET_FORMAT_TYPES = frozenset({"image", "imageReference", "attachments"})
+ASSET_URL_TEXT = re.compile(r"[\x21-\x7e]{1,4096}")  # printable ASCII, no spaces: what a link target can be
+MARKDOWN_TARGET = re.compile(r"\]\(\s*<?([^\s<>()]+)")  # the URL of ![alt](URL), [name](URL "title")
+HTML_TARGET = re.compile(r"""\b(?:src|href)\s*=\s*(?:"([^"]*)"|'([^']*)'|([^\s"'<>=`]+))""", re.IGNORECASE)
+# Extensions by Content-Type; a URL's own extension counts only if it is one of these.
+ASSET_TYPES: Dict[str, str] = {
+    "image/png": ".png", "image/jpeg": ".jpg", "image/gif": ".gif", "image/webp": ".webp",
+    "image/svg+xml": ".svg", "image/bmp": ".bmp", "image/tiff": ".tif", "image/x-icon": ".ico",
+    "image/vnd.microsoft.icon": ".ico", "image/heic": ".heic", "image/avif": ".avif",
+    "application/pdf": ".pdf", "application/zip": ".zip", "application/json": ".json",
+    "text/plain": ".txt", "text/csv": ".csv", "text/markdown": ".md",
+    "video/mp4": ".mp4", "video/quicktime": ".mov", "video/webm": ".webm",
+    "audio/mpeg": ".mp3", "audio/wav": ".wav", "audio/x-wav": ".wav",
+    "application/msword": ".doc", "application/vnd.ms-excel": ".xls", "application/vnd.ms-powerpoint": ".ppt",
+    "application/vnd.openxmlformats-officedocument.wordprocessingml.document": ".docx",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": ".xlsx",
+    "application/vnd.openxmlformats-officedocument.presentationml.presentation": ".pptx",
+}
+KNOWN_EXTENSIONS = frozenset(ASSET_TYPES.values()) | {".jpeg"}
+
+
+def asset_host_prefix(text: str) -> str:
+    """Normalise an --asset-host value: scheme and host in lower case, a path that ends at a "/"
+    (so `https://files.example/coda` never admits `https://files.example/coda-evil/...`)."""
+    parts = urllib.parse.urlsplit(text.strip())
+    if (parts.scheme.lower() not in ("http", "https") or not parts.netloc or parts.query or parts.fragment
+            or "@" in parts.netloc):
+        raise ConfigError(f"--asset-host {text!r}: give an http(s) URL prefix such as {DEFAULT_ASSET_HOSTS[0]}")
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, "", ""))
+
+
+def is_asset_url(url: str, prefixes: Collection[str]) -> bool:
+    """Whether a URL found in a page or cell is an asset to save: under an allowed prefix, same
+    scheme and host exactly (no user@ trick, no look-alike host), nothing but printable ASCII."""
+    if not ASSET_URL_TEXT.fullmatch(url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    for prefix in prefixes:
+        allowed = urllib.parse.urlsplit(prefix)
+        if (parts.scheme.lower(), parts.netloc.lower()) == (allowed.scheme, allowed.netloc) \
+                and parts.path.startswith(allowed.path):
+            return True
+    return False
+
+
+def may_follow_redirect(url: str, prefixes: Collection[str]) -> bool:
+    """An asset host may redirect to any https URL (a CDN), or to a URL under an allowed prefix
+    (which is how a plain-http --asset-host stays usable); never to anything else."""
+    if not ASSET_URL_TEXT.fullmatch(url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    return (parts.scheme.lower() == "https" and bool(parts.netloc)) or is_asset_url(url, prefixes)
+
+
+def asset_file_name(url: str, content_type: str) -> str:
+    """`<sha256 of the URL>.<ext>`: the same URL always gets the same name, two URLs never
+    share one, and nothing in the URL can choose a character of it (only pick a known extension)."""
+    last = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    match = re.search(r"\.[A-Za-z0-9]{1,8}$", last)
+    extension = match.group(0).lower() if match and match.group(0).lower() in KNOWN_EXTENSIONS else ""
+    if not extension:
+        extension = ASSET_TYPES.get(content_type.split(";")[0].strip().lower(), ".bin")
+    return hashlib.sha256(url.encode("utf-8")).hexdigest() + extension
+
+
+def link_targets(text: str, role: str) -> List[Tuple[int, int, str, bool]]:
+    """Where link targets sit in a page file: (start, end, URL, HTML-escaped?), in text order.
+
+    Markdown: `](URL` of images and links, plus src/href of any raw HTML in it; HTML: src and
+    href attributes, whose values are HTML-escaped.
+    """
+    spans: List[Tuple[int, int, str, bool]] = []
+    if role == "markdown":
+        spans.extend((m.start(1), m.end(1), m.group(1), False) for m in MARKDOWN_TARGET.finditer(text))
+    for match in HTML_TARGET.finditer(text):
+        group = next(number for number in (1, 2, 3) if match.group(number) is not None)
+        spans.append((match.start(group), match.end(group), html.unescape(match.group(group)), True))
+    return sorted(spans)
+
+
+def page_asset_urls(text: str, role: str, prefixes: Collection[str]) -> List[str]:
+    """The asset URLs a page file links to, each once, in text order."""
+    found = dict.fromkeys(url for _, _, url, _ in link_targets(text, role) if is_asset_url(url, prefixes))
+    return list(found)
+
+
+def rewrite_links(text: str, role: str, paths: Dict[str, str]) -> str:
+    """Replace each link target found in `paths` (URL -> relative path); everything else stays
+    byte for byte, so the manifest's url/path pairs turn the file back into the export."""
+    pieces: List[str] = []
+    done = 0
+    for start, end, url, escaped in link_targets(text, role):
+        if start < done or url not in paths:
+            continue
+        pieces.append(text[done:start])
+        pieces.append(html.escape(paths[url], quote=True) if escaped else paths[url])
+        done = end
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
+def asset_column_ids(columns: List[Dict[str, Any]]) -> List[str]:
+    """Columns whose cells hold files: image, imageReference and attachments."""
+    return [str(column.get("id")) for column in columns
+            if isinstance(column.get("format"), dict) and column["format"].get("type") in ASSET_FORMAT_TYPES]
+
+
+def cell_asset_urls(value: Any, prefixes: Collection[str]) -> Iterator[str]:
+    """Asset URLs in one cell: a URL string, an object with `url` (ImageObject), or a list of
+    either (isArray is known to misreport for attachments, so lists are always accepted)."""
+    if isinstance(value, str):
+        if is_asset_url(value.strip(), prefixes):
+            yield value.strip()
+    elif isinstance(value, dict):
+        yield from cell_asset_urls(value.get("url"), prefixes)
+    elif isinstance(value, list):
+        for item in value:
+            yield from cell_asset_urls(item, prefixes)
+
+
+def copy_limited(read: Callable[[int], bytes], handle: IO[bytes], limit: int) -> Tuple[int, str]:
+    """Copy a stream into a file in chunks, hashing as it goes; AssetTooLarge past `limit` bytes
+    (the caller's atomic_file then removes the partial file)."""
+    digest = hashlib.sha256()
+    size = 0
+    while True:
+        chunk = read(ASSET_CHUNK)
+        if not chunk:
+            return size, digest.hexdigest()
+        size += len(chunk)
+        if size > limit:
+            raise AssetTooLarge(f"more than {limit} bytes")
+        digest.update(chunk)
+        handle.write(chunk)
+
+
+def _read_network(raw: http.client.HTTPResponse, size: int) -> bytes:
+    """A read from the asset host; a lost connection is retried, a disk error (raised while
+    writing) is not, so the two must not look alike."""
+    try:
+        return raw.read(size)
+    except (OSError, http.client.HTTPException) as exc:
+        raise _Transient(f"connection lost while downloading: {exc.__class__.__name__}: {exc}") from exc
+
+
+def valid_asset_record(record: Any) -> bool:
+    """A manifest asset record we wrote: the right types, and a path that is exactly
+    `docs/<Doc>/assets/<the name its URL and type give>`, so a doctored manifest cannot point
+    a link anywhere else."""
+    if not (isinstance(record, dict) and all(isinstance(record.get(key), str)
+                                             for key in ("url", "path", "sha256", "contentType"))
+            and isinstance(record.get("size"), int) and not isinstance(record.get("size"), bool)):
+        return False
+    parts = PurePosixPath(record["path"]).parts
+    return (len(parts) == 4 and parts[0] == "docs" and parts[2] == ASSET_FOLDER and parts[1] not in ("", ".", "..")
+            and safe_component(parts[1]) == parts[1]
+            and parts[3] == asset_file_name(record["url"], record["contentType"]))
+
+
+def assets_intact(root: Path, entry: Dict[str, Any]) -> bool:
+    """Whether a previous page or table can bring its assets along: none failed to download,
+    every record is sound and its file is there at its size."""
+    saved = entry.get("assets", [])
+    if entry.get("assetErrors") or not isinstance(saved, list):
+        return False
+    for record in saved:
+        if not valid_asset_record(record):
+            return False
+        try:
+            if inside(root, PurePosixPath(record["path"])).stat().st_size != record["size"]:
+                return False
+        except (OSError, BackupError):
+            return False
+    return True
+
+
+def assets_reusable(job: Job, entry: Dict[str, Any], stem: Optional[PurePosixPath]) -> bool:
+    """The asset part of the reuse decision for a previous page (`stem` given) or table.
+
+    With --no-assets a page whose links were rewritten into assets/ is exported again, with its
+    original links. Otherwise the entry must come from a run that kept assets, with all of them
+    intact, and a page must sit at the same depth (its links are relative).
+    """
+    if job.assets is None:
+        return stem is None or not entry.get("assets")
+    if not isinstance(entry.get("assets"), list) or job.previous is None:
+        return False
+    if stem is not None and len(PurePosixPath(entry["path"]).parts) != len(stem.parts):
+        return False
+    return assets_intact(job.previous.root, entry)
+
+
+def doc_folder_of(relative: PurePosixPath) -> PurePosixPath:
+    """`docs/<Doc>__<id>` of any path inside a doc folder: the folder its assets go in."""
+    return PurePosixPath(*relative.parts[:2])
+
+
+@dataclass(frozen=True)
+class AssetOutcome:
+    """How one asset ended: saved (with its manifest record), gone (404/410), too_large, failed."""
+
+    status: str
+    reason: str = ""
+    record: Optional[Dict[str, Any]] = None
+
+
+class AssetStore:
+    """The assets of one run: each URL saved once per doc, by a small pool of its own.
+
+    Asset downloads go to another host and count against no Coda limit, so they run on
+    ASSET_WORKERS threads with their own HTTP client (no token in it at all) and never hold an
+    API worker: an exporter hands over its URLs and goes on. One finisher thread waits for an
+    object's downloads, rewrites a page's links and fills the entry's `assets`; close() waits
+    for all of it before the manifest is written.
+    """
+
+    def __init__(self, options: Options, http: HttpClient, root: Path, recorder: RunRecorder,
+                 previous: Optional[PreviousSnapshot]) -> None:
+        self.prefixes = options.asset_hosts
+        self._limit = options.max_asset_mb * 1024 * 1024
+        self._http = http
+        self._root = root
+        self._recorder = recorder
+        self._earlier = earlier_assets(previous)
+        self._requested: Dict[Tuple[str, str], concurrent.futures.Future[AssetOutcome]] = {}
+        self._lock = threading.Lock()
+        self._pool = concurrent.futures.ThreadPoolExecutor(ASSET_WORKERS, thread_name_prefix="coda-asset")
+        self._finisher = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="coda-asset-finish")
+
+    def request(self, folder: PurePosixPath, doc_id: str, url: str) -> concurrent.futures.Future[AssetOutcome]:
+        """Start saving a URL into a doc's assets/ unless that is already under way."""
+        with self._lock:
+            future = self._requested.get((str(folder), url))
+            if future is None:
+                future = self._pool.submit(self._save, folder, doc_id, url)
+                self._requested[(str(folder), url)] = future
+            return future
+
+    def follow(self, job: Job, doc_id: str, entry: Dict[str, Any], urls: List[str], rewrite: bool) -> None:
+        """Save these URLs for a page or table entry; its `assets` are filled in when they are done."""
+        if not urls:
+            entry["assets"] = []
+            return
+        folder = doc_folder_of(PurePosixPath(entry["path"]))
+        futures = [(url, self.request(folder, doc_id, url)) for url in urls]
+        self._finisher.submit(finish_assets, job, doc_id, entry, futures, rewrite)
+
+    def abort(self) -> None:
+        self._http.abort()
+
+    def close(self, cancelled: bool) -> None:
+        """Wait for every download and finisher (after a cancel: drop the queued ones)."""
+        if cancelled:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._finisher.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+        self._http.close()
+
+    def _save(self, folder: PurePosixPath, doc_id: str, url: str) -> AssetOutcome:
+        try:
+            record = self._link_earlier(folder, doc_id, url) or self._download(folder, url)
+        except Cancelled:
+            raise
+        except AssetGone as exc:
+            return AssetOutcome("gone", f"gone at the source ({exc})")
+        except AssetTooLarge as exc:
+            return AssetOutcome("too_large", f"larger than --max-asset-mb ({exc})")
+        except Exception as exc:  # the network after retries, a refused redirect, the disk: recorded
+            LOG.debug("asset %s failed", _redact_url(url), exc_info=True)
+            return AssetOutcome("failed", (exc.message if isinstance(exc, ApiError) else str(exc))
+                                or exc.__class__.__name__)
+        self._recorder.count("assets")
+        self._recorder.count("asset_bytes", record["size"])
+        return AssetOutcome("saved", record=record)
+
+    def _link_earlier(self, folder: PurePosixPath, doc_id: str, url: str) -> Optional[Dict[str, Any]]:
+        """Link the file an earlier snapshot saved for this URL (the URL carries the content
+        hash, so it is the same file); None when there is none or it is not intact."""
+        earlier = self._earlier.get((doc_id, url))
+        if earlier is None:
+            return None
+        root, record = earlier
+        relative = folder / ASSET_FOLDER / PurePosixPath(record["path"]).name
+        try:
+            source = inside(root, PurePosixPath(record["path"]))
+            if source.stat().st_size != record["size"]:
+                return None
+            link_or_copy(source, inside(self._root, relative))
+        except (OSError, BackupError) as exc:
+            LOG.debug("cannot link asset %s from %s (%s); downloading it", record["path"], root.name, exc)
+            return None
+        return dict(record, path=str(relative))
+
+    def _download(self, folder: PurePosixPath, url: str) -> Dict[str, Any]:
+        def accept(raw: http.client.HTTPResponse) -> Dict[str, Any]:
+            if raw.status in (404, 410):
+                raise AssetGone(f"HTTP {raw.status}")
+            if raw.status != 200:
+                raise ApiError(raw.status, "unexpected answer from the asset host", _redact_url(url))
+            length = raw.getheader("content-length", "")
+            if length.strip().isdigit() and int(length) > self._limit:
+                raise AssetTooLarge(f"{int(length)} bytes")
+            content_type = (raw.getheader("content-type") or "application/octet-stream").strip()[:200]
+            relative = folder / ASSET_FOLDER / asset_file_name(url, content_type)
+            try:
+                with atomic_file(inside(self._root, relative)) as handle:
+                    size, digest = copy_limited(lambda n: _read_network(raw, n), handle, self._limit)
+            except OSError as exc:
+                raise AssetDiskError(f"cannot write {relative}: {exc}") from exc
+            return {"url": url, "path": str(relative), "size": size, "sha256": digest, "contentType": content_type}
+
+        record: Dict[str, Any] = self._http.get_streamed(url, accept, lambda target: may_follow_redirect(
+            target, self.prefixes))
+        return record
+
+
+def earlier_assets(previous: Optional[PreviousSnapshot]) -> Dict[Tuple[str, str], Tuple[Path, Dict[str, Any]]]:
+    """(doc id, URL) -> (snapshot root, record) of every sound asset record the previous snapshot holds."""
+    found: Dict[Tuple[str, str], Tuple[Path, Dict[str, Any]]] = {}
+    if previous is None:
+        return found
+    for (doc_id, _), entry in list(previous.pages.items()) + list(previous.tables.items()):
+        saved = entry.get("assets")
+        for record in saved if isinstance(saved, list) else []:
+            if valid_asset_record(record):
+                found[(doc_id, record["url"])] = (previous.root, record)
+    return found
+
+
+def finish_assets(job: Job, doc_id: str, entry: Dict[str, Any],
+                  futures: List[Tuple[str, concurrent.futures.Future[AssetOutcome]]], rewrite: bool) -> None:
+    """Once an object's downloads are done: rewrite a page's links, fill `assets`, and record
+    what was skipped (gone, too large) or failed (which the next --incremental run retries)."""
+    kind = "page" if rewrite else ("view" if entry.get("tableType") == "view" else "table")
+    saved: Dict[str, Dict[str, Any]] = {}
+    errors: List[str] = []
+    try:
+        for url, future in futures:
+            try:
+                outcome = future.result()
+            except (Cancelled, concurrent.futures.CancelledError):
+                return
+            if outcome.status == "saved" and outcome.record is not None:
+                saved[url] = outcome.record
+            elif outcome.status == "failed":
+                errors.append(url)
+                job.recorder.fail("asset", doc_id, entry["id"], entry.get("name"),
+                                  f"{kind} asset {url}: {outcome.reason}")
+            else:
+                job.recorder.skip("asset", doc_id, f"{url}: {outcome.reason}", id=entry["id"],
+                                  name=entry.get("name"), url=url)
+        if rewrite and saved:
+            rewrite_page_files(job, entry, saved)
+    except Exception as exc:  # the disk while rewriting, or a bug: recorded, the run goes on
+        LOG.debug("assets of %s failed", entry["id"], exc_info=True)
+        errors.extend(saved)
+        job.recorder.fail("asset", doc_id, entry["id"], entry.get("name"), f"{kind} assets: {exc}")
+    entry["assets"] = sorted({record["path"]: record for record in saved.values()}.values(),
+                             key=lambda record: str(record["path"]))
+    if errors:
+        entry["assetErrors"] = sorted(errors)
+
+
+def rewrite_page_files(job: Job, entry: Dict[str, Any], saved: Dict[str, Dict[str, Any]]) -> None:
+    """Point each saved asset's links in the page files at the file, relative to the page."""
+    for index, record in enumerate(entry["files"]):
+        relative = PurePosixPath(record["path"])
+        text = inside(job.root, relative).read_bytes().decode("utf-8", "surrogateescape")
+        paths = {url: posixpath.relpath(asset["path"], str(relative.parent)) for url, asset in saved.items()}
+        rewritten = rewrite_links(text, record["role"], paths)
+        if rewritten != text:
+            entry["files"][index] = job.write_bytes(relative, rewritten.encode("utf-8", "surrogateescape"),
+                                                    record["role"])
+
+
+def save_page_assets(job: Job, doc_id: str, entry: Dict[str, Any]) -> None:
+    """Hand the asset URLs of a freshly exported page to the store (read back from its files)."""
+    if job.assets is None:
+        return
+    urls: Dict[str, None] = {}
+    for record in entry["files"]:
+        text = inside(job.root, PurePosixPath(record["path"])).read_bytes().decode("utf-8", "surrogateescape")
+        urls.update(dict.fromkeys(page_asset_urls(text, record["role"], job.assets.prefixes)))
+    job.assets.follow(job, doc_id, entry, list(urls), rewrite=True)
+
+
+def carry_assets(job: Job, doc_id: str, entry: Dict[str, Any], previous: Dict[str, Any]) -> None:
+    """An unchanged page or table brings its assets along (linked, see AssetStore._link_earlier)."""
+    if job.assets is not None:
+        job.assets.follow(job, doc_id, entry, [record["url"] for record in previous["assets"]], rewrite=False)
+
+
+class CellAssets:
+    """Collects the asset URLs in a table's image and attachment cells while its rows stream by,
+    and starts their downloads at once; the CSV keeps the URLs."""
+
+    def __init__(self, job: Job, doc_id: str, stem: PurePosixPath, columns: List[Dict[str, Any]]) -> None:
+        assert job.assets is not None
+        self._job, self._store, self._doc_id = job, job.assets, doc_id
+        self._folder = doc_folder_of(stem)
+        self._column_ids = asset_column_ids(columns)
+        self._urls: Dict[str, None] = {}
+
+    def scan(self, rows: Iterator[Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+        for row in rows:
+            values = row.get("values")
+            if isinstance(values, dict):
+                for column_id in self._column_ids:
+                    for url in cell_asset_urls(values.get(column_id), self._store.prefixes):
+                        if url not in self._urls:
+                            self._urls[url] = None
+                            self._store.request(self._folder, self._doc_id, url)
+            yield row
+
+    def save(self, entry: Dict[str, Any]) -> None:
+        self._store.follow(self._job, self._doc_id, entry, list(self._urls), rewrite=False)
+
+
+def link_doc_assets(job: Job, previous: Dict[str, Any]) -> None:
+    """The assets of a doc linked whole from the previous snapshot (same folder, same paths)."""
+    if job.assets is None or job.previous is None:
+        return
+    seen = set()
+    for child in previous["pages"] + previous["tables"]:
+        for record in child.get("assets", []):
+            if record["path"] in seen:
+                continue
+            seen.add(record["path"])
+            relative = PurePosixPath(record["path"])
+            link_or_copy(inside(job.previous.root, relative), inside(job.root, relative))
+            job.recorder.count("assets")
+            job.recorder.count("asset_bytes", record["size"])
+
+
+def asset_client_settings(options: Options) -> ClientSettings:
+    """The asset client: the run's retries and timeouts, no pacing (no Coda limit applies)."""
+    return ClientSettings(api_url=options.api_url, max_retries=options.max_retries, timeout=options.timeout,
+                          retry_delay=options.retry_delay, rate_limits=None, max_in_flight=ASSET_WORKERS)
 
 
 # --- Snapshots and manifest ---------------------------------------------------
@@ -1936,6 +2481,8 @@ class PreviousSnapshot:
             return None
         if not all(self._files_present(child) for child in children):
             return None
+        if not all(assets_intact(self.root, child) for child in children):
+            return None
         return entry
 
     def reusable_page(self, doc_id: str, page: Dict[str, Any], formats: Tuple[str, ...]) -> Optional[Dict[str, Any]]:
@@ -2120,6 +2667,7 @@ def manifest_files(manifest: Dict[str, Any]) -> Iterator[Any]:
         yield from doc.get("files", [])
         for child in doc.get("pages", []) + doc.get("tables", []):
             yield from child.get("files", [])
+            yield from child.get("assets", [])
 
 
 def verify_snapshot(snapshot: Path) -> List[str]:
@@ -2815,12 +3363,19 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
     cancel = threading.Event()
     recorder, stats = RunRecorder(), RequestStats()
     http = HttpClient(client_settings(options), token, cancel, stats)
-    with RunLock(options.output), cancel_on_signals(cancel, http.abort) as received:
+    asset_http = HttpClient(asset_client_settings(options), "", cancel)  # never holds the token
+
+    def abort() -> None:
+        http.abort()
+        asset_http.abort()
+
+    with RunLock(options.output), cancel_on_signals(cancel, abort) as received:
         mark_abandoned(options.output)
         started = utc_now()
         snapshot = create_snapshot(options.output, started)
         previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
-        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous)
+        assets = AssetStore(options, asset_http, snapshot, recorder, previous) if options.assets else None
+        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous, assets)
         LOG.info("writing snapshot %s", snapshot)
         docs: List[Dict[str, Any]] = []
         fatal = False
@@ -2842,6 +3397,8 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 recorder.fail("run", None, None, None, exc)
                 fatal = True
             finally:
+                if assets is not None:
+                    assets.close(cancel.is_set())
                 http.close()
         held_back = not (fatal or cancel.is_set()) and check_vanished(options, recorder, started)
         status = run_status(fatal or nothing_selected(options, docs, recorder), cancel.is_set(), recorder)
@@ -2961,6 +3518,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--exclude-table", action="append", default=[], metavar="GLOB",
                       help="leave out tables and views whose 'Doc/Table' name (or 'docId/tableId') matches "
                            "(repeatable), e.g. 'CRM/Archive*'")
+    what.add_argument("--assets", action=argparse.BooleanOptionalAction, default=True,
+                      help="save the images and attachments pages and image/attachment cells link to, under "
+                           "docs/<Doc>/assets/, and point the page links at them (default; --no-assets: links only)")
+    what.add_argument("--asset-host", action="append", default=[], metavar="PREFIX",
+                      help=f"also save assets whose URL starts with this prefix (repeatable; "
+                           f"{DEFAULT_ASSET_HOSTS[0]} always)")
+    what.add_argument("--max-asset-mb", type=int, default=DEFAULT_MAX_ASSET_MB, metavar="N",
+                      help=f"skip (and list in summary.json) assets larger than N MiB (default {DEFAULT_MAX_ASSET_MB})")
     how = parser.add_argument_group("how to run")
     how.add_argument("--incremental", **SWITCH,
                      help="link unchanged docs, pages and tables from the latest snapshot instead of downloading")
@@ -3089,6 +3654,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         (0 <= args.max_vanished <= 100, "--max-vanished must be between 0 and 100"),
         (args.keep_vanished >= 0, "--keep-vanished must not be negative"),
         (not (args.incremental and args.retry_failed), "--incremental and --retry-failed do not go together"),
+        (args.max_asset_mb >= 1, "--max-asset-mb must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:
@@ -3105,6 +3671,9 @@ def options_from_args(args: argparse.Namespace) -> Options:
         docs=tuple(args.doc), exclude_docs=tuple(args.exclude_doc), exclude_tables=tuple(args.exclude_table),
         retry_failed=args.retry_failed, keep=args.keep, zip=args.zip,
         max_vanished=args.max_vanished, allow_vanished=args.allow_vanished, keep_vanished=args.keep_vanished,
+        assets=args.assets,
+        asset_hosts=tuple(dict.fromkeys(DEFAULT_ASSET_HOSTS + tuple(map(asset_host_prefix, args.asset_host)))),
+        max_asset_mb=args.max_asset_mb,
     )
 
 

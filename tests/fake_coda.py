@@ -5,12 +5,16 @@ asynchronous page exports with signed download links on another host, 429s, 5xx,
 reads) and we want to prove that over real HTTP, without a network, a token or a live workspace.
 Everything here is stdlib only and runs on Python 3.9+.
 
-Two servers run on 127.0.0.1 with random ports:
+Three servers run on 127.0.0.1 with random ports:
 
 * the API host, ``fake.api_url`` (``http://127.0.0.1:<port>/apis/v1``), which checks the bearer
   token and serves the JSON endpoints described in ``/work/shared/coda-api.md``;
 * the download host, ``fake.download_url``, which plays the signed-blob store for page exports
-  and, like S3, refuses requests that carry an ``Authorization`` header.
+  and, like S3, refuses requests that carry an ``Authorization`` header;
+* the asset host, ``fake.assets_url``, which plays codahosted.io: the images and attachments
+  that pages and cells link to (``fake.add_asset``), served without any credential, at URLs
+  shaped like ``/docs/<docId>/blobs/bl-<id>/<200 hex characters>``; it logs request headers
+  like the others, so tests can prove the token never reaches it.
 
 Typical use::
 
@@ -30,7 +34,7 @@ Switches are plain attributes, settable at any time (see :class:`FakeCoda`): ``l
 ``timeout_sleep``, ``repeat_token``, ``endless_tokens``, ``duplicate_ids``, ``download_stall``,
 ``max_limit``, ``gzip``, ``views_follow_base``; per page ``export_fail_times``,
 ``export_expire_times``, ``download_expire_times``; per doc ``forbidden``, ``stale_times``,
-``acl_forbidden``, ``listed``.
+``acl_forbidden``, ``listed``; ``asset_latency`` on the asset host.
 
 Every request lands in ``fake.log`` as a :class:`RequestRecord`; ``fake.requests(...)`` filters
 it.  Handler bugs never pass silently: they answer 500 and are appended to ``fake.errors``.
@@ -740,6 +744,7 @@ class _Reply:
     content_type: str = JSON_TYPE
     headers: Dict[str, str] = field(default_factory=dict)
     reset: bool = False
+    no_length: bool = False  # no Content-Length: the body ends when the connection closes
 
 
 @dataclass
@@ -783,6 +788,18 @@ class _Blob:
     content: bytes
     content_type: str
     page: Page
+
+
+@dataclass
+class _Asset:
+    """One file on the asset host: ``status`` other than 200 is answered every time (404 gone,
+    500 broken); ``location`` makes it a 302 redirect; ``chunked`` sends it without a length."""
+
+    content: bytes
+    content_type: str
+    status: int = 200
+    location: Optional[str] = None
+    chunked: bool = False
 
 
 class _HttpError(Exception):
@@ -847,7 +864,7 @@ _ROUTES: List[Tuple[str, Pattern[str], str]] = [
 # --- HTTP servers ------------------------------------------------------------------------
 
 class _Server(ThreadingHTTPServer):
-    """One listening socket of the fake; ``kind`` is "api" or "download"."""
+    """One listening socket of the fake; ``kind`` is "api", "download" or "assets"."""
 
     daemon_threads = True
     block_on_close = True  # server_close() joins handler threads; stop() unblocks them first
@@ -876,7 +893,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     @property
     def server_version(self) -> str:  # type: ignore[override]
-        return "AmazonS3" if self.server.kind == "download" else "coda-fake"
+        return {"download": "AmazonS3", "assets": "fake-codahosted"}.get(self.server.kind, "coda-fake")
 
     def setup(self) -> None:
         self.timeout = self.server.fake.idle_timeout  # read by StreamRequestHandler.setup
@@ -946,7 +963,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
-            self.send_header("Content-Length", str(len(body)))
+            if reply.no_length:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(body)))
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
@@ -1054,6 +1075,8 @@ class FakeCoda:
         self._faults: List[_ScriptedFault] = []
         self._exports: Dict[str, _Export] = {}
         self._blobs: Dict[str, _Blob] = {}
+        self._assets: Dict[str, _Asset] = {}
+        self.asset_latency = 0.0
         self._stopping = threading.Event()
         self._connections: Set[socket.socket] = set()
         self._servers: List[_Server] = []
@@ -1065,7 +1088,7 @@ class FakeCoda:
         if self._servers:
             raise RuntimeError("FakeCoda already started")
         self._stopping.clear()
-        self._servers = [_Server(self, "api"), _Server(self, "download")]
+        self._servers = [_Server(self, "api"), _Server(self, "download"), _Server(self, "assets")]
         for server in self._servers:
             thread = threading.Thread(
                 target=server.serve_forever, kwargs={"poll_interval": 0.02},
@@ -1111,6 +1134,11 @@ class FakeCoda:
     @property
     def download_url(self) -> str:
         return f"http://127.0.0.1:{self._port('download')}"
+
+    @property
+    def assets_url(self) -> str:
+        """The asset host's prefix, with its final "/" (what ``--asset-host`` takes)."""
+        return f"http://127.0.0.1:{self._port('assets')}/"
 
     def _port(self, kind: str) -> int:
         for server in self._servers:
@@ -1181,7 +1209,7 @@ class FakeCoda:
         """
         if kind not in SCRIPTED_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
-        if host not in ("api", "download"):
+        if host not in ("api", "download", "assets"):
             raise ValueError(f"unknown host {host!r}")
         fault = _ScriptedFault(
             re.compile(path), method.upper() if method else None, status, times, kind,
@@ -1267,6 +1295,8 @@ class FakeCoda:
         try:
             if request.host == "download":
                 return self._respond_download(request, record)
+            if request.host == "assets":
+                return self._respond_asset(request, record)
             return self._respond_api(request, record)
         except Exception:  # a bug in the fake: answer 500 and keep the traceback for the tests
             self._record_error(traceback.format_exc())
@@ -1309,6 +1339,48 @@ class FakeCoda:
             if reply is not None:
                 return reply
         return self._download(request, dry_run=False)
+
+    def _respond_asset(self, request: _Request, record: RequestRecord) -> _Reply:
+        """codahosted.io: files by path, no credential needed (one sent is answered 400, as S3
+        does, so a leak would also show as a failure)."""
+        self._pause(self.asset_latency)
+        fault = self._take_scripted_fault(request)
+        if fault is not None:
+            record.fault = fault.kind
+            reply = self._fault_reply(fault.kind, fault, lambda: _Reply(500))
+            if reply is not None:
+                return reply
+        if request.method != "GET":
+            return _xml_error(405, "MethodNotAllowed", "The specified method is not allowed.")
+        if "authorization" in request.headers or "cookie" in request.headers:
+            return _xml_error(400, "InvalidArgument", "No credentials expected")
+        with self._state_lock:
+            asset = self._assets.get(request.path)
+        if asset is None:
+            return _xml_error(404, "NoSuchKey", "The specified key does not exist.")
+        if asset.location is not None:
+            return _Reply(302, b"", "text/plain", {"Location": asset.location})
+        if asset.status != 200:
+            return _xml_error(asset.status, _status_phrase(asset.status).replace(" ", ""),
+                              _status_phrase(asset.status))
+        return _Reply(200, asset.content, asset.content_type, no_length=asset.chunked)
+
+    def add_asset(
+        self, doc: Doc, content: bytes = b"", content_type: str = "image/png", status: int = 200,
+        redirect_to: Optional[str] = None, chunked: bool = False,
+    ) -> str:
+        """Put a file on the asset host; return its URL (the fake must be started).
+
+        The URL has codahosted.io's shape: ``/docs/<docId>/blobs/bl-<id>/<200 hex characters>``.
+        ``status`` 404/500 makes it answer that every time; ``redirect_to`` (a URL) makes it a 302.
+        """
+        blob_id = self._new_id("bl-", 10)
+        digest = hashlib.sha512(content + blob_id.encode()).hexdigest()
+        digest += hashlib.sha256(digest.encode()).hexdigest()[:72]
+        path = f"/docs/{doc.id}/blobs/{blob_id}/{digest}"
+        with self._state_lock:
+            self._assets[path] = _Asset(content, content_type, status, redirect_to, chunked)
+        return self.assets_url + path.lstrip("/")
 
     def _take_scripted_fault(self, request: _Request) -> Optional[_ScriptedFault]:
         with self._lock:
@@ -1360,7 +1432,7 @@ class FakeCoda:
     @staticmethod
     def _scripted_status_reply(fault: _ScriptedFault) -> _Reply:
         if fault.body is None:
-            if fault.host == "download":
+            if fault.host in ("download", "assets"):
                 reply = _xml_error(fault.status, _status_phrase(fault.status).replace(" ", ""),
                                    _status_phrase(fault.status))
             else:
@@ -2062,6 +2134,91 @@ def build_sample_workspace(fake: FakeCoda) -> Dict[str, Any]:
         "formula": formula, "control": control, "doc2": doc2, "doc2_page": doc2_page,
         "doc2_table": doc2_table, "shared_doc": shared_doc, "other_ws_doc": other_ws_doc,
     }
+
+
+def asset_bytes(label: str, size: int, head: bytes = b"") -> bytes:
+    """Deterministic file content of ``size`` bytes (a hash chain), after an optional magic ``head``."""
+    chunks = [head]
+    block = label.encode("utf-8")
+    while sum(len(chunk) for chunk in chunks) < size:
+        block = hashlib.sha256(block).digest()
+        chunks.append(block * 64)
+    return b"".join(chunks)[:size]
+
+
+PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+
+
+def build_asset_workspace(fake: FakeCoda, faulty: bool = True) -> Dict[str, Any]:
+    """A doc whose pages and table link to files on the asset host (``fake.assets_url``).
+
+    * ``gallery``: page "Gallery": Markdown ``![photo.png](…)``, ``[spec.pdf](…)``, an image with a
+      title, a link to another website; its HTML export has ``<img src>``/``<a href>`` for the
+      same files plus a page-level attachment (``notes``) that Markdown drops, as Coda does.
+    * ``details``: "Details", a child of Gallery (one folder deeper), showing ``photo`` again.
+    * ``files``: table "Files" on Gallery with an ``image`` column (a URL string, an ImageObject,
+      an empty cell, a URL of another website) and an ``attachments`` column (two files, one
+      file, an empty list; ``isArray`` false, as Coda misreports it).
+    * ``faulty`` adds, on Details: ``gone`` (404), ``broken`` (500 every time), ``huge`` (1 MiB + 1
+      byte, over ``--max-asset-mb 1``), ``huge_stream`` (the same without Content-Length) and
+      ``moved`` (a 302 to ``target`` on the same host).
+
+    Returns ``{"doc", "gallery", "details", "files", "urls": {key: URL}, "content": {key: bytes}}``.
+    """
+    doc = fake.add_doc("Asset Gallery", owned=True, workspace_id="ws-1")
+    content = {
+        "photo": asset_bytes("photo", 3000, PNG_HEAD),
+        "diagram": b'<svg xmlns="http://www.w3.org/2000/svg"><rect width="4" height="4"/></svg>',
+        "spec": asset_bytes("spec", 5000, b"%PDF-1.7\n"),
+        "notes": b"page-level attachment\n",
+        "sheet": asset_bytes("sheet", 700, b"PK\x03\x04"),
+    }
+    types = {"photo": "image/png", "diagram": "image/svg+xml", "spec": "application/pdf",
+             "notes": "text/plain; charset=utf-8", "sheet": "application/octet-stream"}
+    urls = {key: fake.add_asset(doc, data, types[key]) for key, data in content.items()}
+    elsewhere = "https://example.com/elsewhere.png"
+    markdown = (
+        f"# Gallery\n\n![photo.png]({urls['photo']})\n\nThe spec: [spec.pdf]({urls['spec']}).\n\n"
+        f'![diagram.svg]({urls["diagram"]} "Diagram")\n\nSee [another site]({elsewhere}).\n'
+    )
+    page_html = (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Gallery</title></head><body>\n'
+        f'<h1>Gallery</h1>\n<p><img src="{urls["photo"]}" alt="photo.png"></p>\n'
+        f'<p>The spec: <a href="{urls["spec"]}">spec.pdf</a>.</p>\n'
+        f"<p><img src='{urls['diagram']}' data-coda-mime-type=\"image/svg+xml\"></p>\n"
+        f'<p>See <a href="{elsewhere}">another site</a>.</p>\n'
+        f'<div class="attachments"><a href="{urls["notes"]}">notes.txt</a></div>\n</body></html>\n'
+    )
+    gallery = doc.add_page("Gallery", content=markdown, html=page_html)
+    details_md = f"# Details\n\n![photo again]({urls['photo']})\n"
+    if faulty:
+        content["huge"] = asset_bytes("huge", 1024 * 1024 + 1)
+        content["target"] = asset_bytes("target", 1500, PNG_HEAD)
+        urls["gone"] = fake.add_asset(doc, b"", "image/png", status=404)
+        urls["broken"] = fake.add_asset(doc, b"", "application/zip", status=500)
+        urls["huge"] = fake.add_asset(doc, content["huge"], "video/mp4")
+        urls["huge_stream"] = fake.add_asset(doc, content["huge"], "video/mp4", chunked=True)
+        urls["target"] = fake.add_asset(doc, content["target"], "image/png")
+        urls["moved"] = fake.add_asset(doc, b"", redirect_to=urls["target"])
+        details_md += (
+            f"\n![gone.png]({urls['gone']})\n\n[broken.zip]({urls['broken']})\n\n"
+            f"[huge.mp4]({urls['huge']})\n\n[stream.mp4]({urls['huge_stream']})\n\n![moved]({urls['moved']})\n"
+        )
+    details_html = re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", r'<img src="\2" alt="\1">', details_md)
+    details_html = re.sub(r"\[([^\]]*)\]\(([^)]*)\)", r'<a href="\2">\1</a>', details_html)
+    details = doc.add_page("Details", parent=gallery, content=details_md,
+                           html=f"<!DOCTYPE html>\n<html><body>\n{details_html}</body></html>\n")
+    files = doc.add_table("Files", parent_page=gallery, columns=[
+        "Name", {"name": "Photo", "type": "image"}, {"name": "Files", "type": "attachments"},
+    ], rows=[
+        {"Name": "one photo, two files", "Photo": urls["photo"], "Files": [urls["spec"], urls["notes"]]},
+        {"Name": "an image object, one file",
+         "Photo": {"@type": "ImageObject", "name": "diagram.svg", "url": urls["diagram"]},
+         "Files": [urls["sheet"]]},
+        {"Name": "empty", "Photo": None, "Files": []},
+        {"Name": "another site", "Photo": elsewhere, "Files": None},
+    ])
+    return {"doc": doc, "gallery": gallery, "details": details, "files": files, "urls": urls, "content": content}
 
 
 def _spread(total: int, buckets: int) -> List[int]:
