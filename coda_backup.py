@@ -6,7 +6,10 @@ What it saves. Every doc you own (--include-shared: also docs shared with you;
 tables.json; formulas.json, controls.json and permissions.json unless
 --no-extras), every page as Markdown or HTML through Coda's asynchronous
 page-export API, and every table and view as CSV with .columns.json and
-.table.json beside it (--rows-json adds NDJSON).
+.table.json beside it (--rows-json adds NDJSON). Images and attachments that
+pages and image/attachment cells link to are saved once per doc in assets/
+(fetched without the token), and the page files link to them (--no-assets:
+the original URLs only).
 
 Where. Each run writes DIR/<UTC start, e.g. 2026-03-07T101530Z>/ with
 summary.json (status, counts, failures, request figures) and manifest.json

@@ -2,8 +2,10 @@
 """Benchmark coda-backup against the fake Coda server configured like the real service.
 
 Speed mode (default) builds a workspace (10 docs, 300 pages, 60 tables, 100 000 rows unless told
-otherwise), gives the fake per-request latency, exports that finish after a delay and Coda's
-published rate limits enforced with 429s, and runs the real CLI as a subprocess three times:
+otherwise; pages with images and file links, and a table with image and attachments columns, on the
+fake's asset host), gives the fake (both hosts) per-request latency, exports that finish after a
+delay and Coda's published rate limits enforced with 429s, and runs the real CLI as a subprocess
+three times:
 
 1. default settings, 2. ``--concurrency 1`` (the serial baseline), 3. an ``--incremental``
 rerun with no changes.
@@ -159,12 +161,15 @@ def speed(args: argparse.Namespace) -> None:
     fake = FakeCoda(token=TOKEN, seed=1)
     fake.start()
     try:
-        built = build_large_workspace(fake, docs=args.docs, pages=args.pages, tables=args.tables, rows=args.rows)
+        built = build_large_workspace(fake, docs=args.docs, pages=args.pages, tables=args.tables, rows=args.rows,
+                                      assets=True)
         fake.latency = args.latency
+        fake.asset_latency = args.latency
         fake.export_delay = args.export_delay
         fake.rate_limits = limits
         print(f"workspace: {len(built['docs'])} docs, {len(built['pages'])} pages, {len(built['tables'])} tables, "
-              f"{built['rows']:,} rows; latency {args.latency}s, export delay {args.export_delay}s, "
+              f"{built['rows']:,} rows, {built['assets']} assets (+1 table with attachments); "
+              f"latency {args.latency}s, export delay {args.export_delay}s, "
               f"limits {limits}")
         out = Path(tempfile.mkdtemp(prefix="coda-bench-"))
         runs = [("default", [])]
@@ -174,7 +179,8 @@ def speed(args: argparse.Namespace) -> None:
         results = {}
         for label, extra in runs:
             fake.clear_log()
-            code, wall, _ = run_cli(["--output", str(out), "--api-url", fake.api_url, "--quiet", *extra], cli_env())
+            code, wall, _ = run_cli(["--output", str(out), "--api-url", fake.api_url, "--quiet",
+                                     "--asset-host", fake.assets_url, *extra], cli_env())
             counts = collections.Counter(category(r.method, r.path) for r in fake.requests())
             exports = counts.get("write", 0)
             bound = lower_bound(counts, limits, args.export_delay, exports)
@@ -182,7 +188,7 @@ def speed(args: argparse.Namespace) -> None:
             results[label] = (wall, total)
             ratio = f"{wall / bound:.2f}" if bound > 0 else "n/a"
             print(f"\n[{label}] exit {code}, wall {wall:.1f}s, requests {total} {dict(sorted(counts.items()))}, "
-                  f"downloads {len(fake.requests(host='download'))}")
+                  f"downloads {len(fake.requests(host='download'))}, assets {len(fake.requests(host='assets'))}")
             print(f"    429s {fake.rate_limited} ({100.0 * fake.rate_limited / max(total, 1):.2f}% of requests), "
                   f"rate-limit bound {bound:.1f}s, wall/bound {ratio}")
         full_wall, full_requests = results["default"]

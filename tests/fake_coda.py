@@ -2231,7 +2231,7 @@ def _spread(total: int, buckets: int) -> List[int]:
 
 def build_large_workspace(
     fake: FakeCoda, docs: int = 10, pages: int = 300, tables: int = 60, rows: int = 100_000,
-    seed: int = 0,
+    seed: int = 0, assets: bool = False,
 ) -> Dict[str, Any]:
     """A benchmark workspace: owned docs in ws-1 with pages, tables and lazily generated rows.
 
@@ -2240,7 +2240,13 @@ def build_large_workspace(
     Note); rows are generated from their index (see :meth:`Table.fill_rows`), so building and
     memory are O(docs + pages + tables) and one rows page costs O(page size).
 
-    Returns ``{"docs": [Doc], "pages": [Page], "tables": [Table], "rows": total_rows}``.
+    ``assets`` (the fake must be started) puts files on the asset host: every doc's pages share a
+    logo, every third page has an image of its own (20 kB) and every sixth a 100 kB attachment
+    link; the first doc gains a table "Attachments" of 50 rows with an image column and an
+    attachments column (none, one or two files a row).
+
+    Returns ``{"docs": [Doc], "pages": [Page], "tables": [Table], "rows": total_rows, "assets": n}``
+    (``tables`` without the Attachments table, ``assets`` the number of distinct asset URLs).
     """
     columns: List[Union[str, Mapping[str, Any]]] = [
         "Name", {"name": "Count", "type": "number"}, {"name": "Ratio", "type": "number"},
@@ -2250,6 +2256,7 @@ def build_large_workspace(
     tags = ("alpha", "beta", "gamma", "delta")
     body = "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 8
     all_docs: List[Doc] = []
+    asset_urls: List[str] = []
     all_pages: List[Page] = []
     all_tables: List[Table] = []
     table_rows = _spread(rows, max(tables, 1))
@@ -2272,7 +2279,10 @@ def build_large_workspace(
         for page_no in range(page_count):
             parent = doc_pages[-1] if page_no % 5 == 4 and doc_pages else None
             name = f"Page {doc_no:02d}-{page_no:03d}"
-            doc_pages.append(doc.add_page(name, parent=parent, content=f"# {name}\n\n{body}\n"))
+            text = f"# {name}\n\n{body}\n"
+            if assets:
+                text += _bench_page_assets(fake, doc, name, page_no, asset_urls)
+            doc_pages.append(doc.add_page(name, parent=parent, content=text))
         for table_no in range(table_count):
             number = len(all_tables)
             parent_page = doc_pages[table_no % len(doc_pages)] if doc_pages else None
@@ -2280,5 +2290,37 @@ def build_large_workspace(
             table.fill_rows(table_rows[number], make_factory(number))
             all_tables.append(table)
         all_pages.extend(doc.pages)
+        if assets and doc_no == 0:
+            _bench_attachments_table(fake, doc, doc_pages[0] if doc_pages else None, asset_urls)
     return {"docs": all_docs, "pages": all_pages, "tables": all_tables,
-            "rows": sum(len(t.rows) for t in all_tables)}
+            "rows": sum(len(t.rows) for t in all_tables), "assets": len(set(asset_urls))}
+
+
+def _bench_page_assets(fake: FakeCoda, doc: Doc, name: str, page_no: int, urls: List[str]) -> str:
+    """Markdown links to a doc-wide logo and, on some pages, an image and a file of their own."""
+    if page_no == 0 or not urls or f"/docs/{doc.id}/" not in urls[-1]:
+        urls.append(fake.add_asset(doc, asset_bytes(f"logo {doc.id}", 4000, PNG_HEAD)))
+    logo = next(url for url in reversed(urls) if f"/docs/{doc.id}/" in url)
+    text = f"\n![logo.png]({logo})\n"
+    if page_no % 3 == 0:
+        urls.append(fake.add_asset(doc, asset_bytes(f"image {name}", 20_000, PNG_HEAD)))
+        text += f"\n![{name}.png]({urls[-1]})\n"
+    if page_no % 6 == 0:
+        urls.append(fake.add_asset(doc, asset_bytes(f"file {name}", 100_000, b"%PDF-1.7\n"), "application/pdf"))
+        text += f"\n[{name}.pdf]({urls[-1]})\n"
+    return text
+
+
+def _bench_attachments_table(fake: FakeCoda, doc: Doc, page: Optional[Page], urls: List[str]) -> None:
+    table = doc.add_table("Attachments", parent_page=page, columns=[
+        "Name", {"name": "Photo", "type": "image"}, {"name": "Files", "type": "attachments"},
+    ])
+    for index in range(50):
+        urls.append(fake.add_asset(doc, asset_bytes(f"photo {index}", 20_000, PNG_HEAD)))
+        photo = urls[-1]
+        files = []
+        for number in range(index % 3):
+            urls.append(fake.add_asset(doc, asset_bytes(f"file {index} {number}", 100_000, b"PK\x03\x04"),
+                                       "application/zip"))
+            files.append(urls[-1])
+        table.add_row({"Name": f"Row {index}", "Photo": photo, "Files": files})
