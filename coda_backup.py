@@ -28,9 +28,11 @@ Run the tests::
     python3 -m unittest discover -s tests -v
 
 Nightly use. --incremental hard-links what did not change from the latest
-snapshot (each snapshot stays complete on its own); --keep N prunes old ones;
---verify re-hashes a snapshot; --list-runs, --retry-failed, --dry-run, --zip
-and --config manage runs. One run at a time holds DIR/.lock. Every file is
+snapshot (each snapshot stays complete on its own); --keep-last/-daily/-weekly/
+-monthly/-within prune old ones like restic (--prune: without a backup); every
+summary says what changed, --diff shows it down to rows, --find finds the last
+copy of an object; --verify re-hashes a snapshot; --list-runs, --retry-failed,
+--dry-run, --zip and --config manage runs. One run at a time holds DIR/.lock. Every file is
 written to a temporary name and renamed; Ctrl+C or SIGTERM ends the run as
 `cancelled`. Requests are paced to Coda's published limits per category, with
 up to --concurrency requests in flight.
@@ -50,6 +52,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import csv
 import datetime as dt
 import email.utils
 import fnmatch
@@ -60,6 +63,7 @@ import http.client
 import io
 import json
 import logging
+import operator
 import os
 import posixpath
 import random
@@ -68,6 +72,7 @@ import select
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import sys
 import tempfile
@@ -76,7 +81,7 @@ import time
 import unicodedata
 import urllib.parse
 import zipfile
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, Optional, Tuple
@@ -1281,7 +1286,7 @@ class Options:
     exclude_docs: Tuple[str, ...] = ()
     exclude_tables: Tuple[str, ...] = ()
     retry_failed: bool = False
-    keep: Optional[int] = None
+    retention: Optional[RetentionPolicy] = None  # after a clean run; None: keep every snapshot
     zip: bool = False
     max_vanished: float = DEFAULT_MAX_VANISHED
     allow_vanished: bool = False
@@ -1321,6 +1326,7 @@ class RunRecorder:
         self.settled = 0  # ... and those that ended, one way or another
         self.listed = Listed()  # what the listings returned (main thread only), for finding what vanished
         self.vanished: List[Dict[str, Any]] = []
+        self.changes: Optional[Dict[str, Any]] = None  # against the previous snapshot, once the run ends
 
     def queue(self) -> None:
         with self._lock:
@@ -2602,44 +2608,25 @@ def describe_runs(output: Path, protected: Optional[Dict[str, str]] = None) -> L
     return runs
 
 
-def prune_snapshots(output: Path, keep: int, current: Path, protected: Optional[Dict[str, str]] = None) -> List[str]:
-    """Keep the newest `keep` completed snapshots; delete every older one that is not running.
-
-    Only runs with status `completed` count, so nights with errors can never push the last good
-    backup out. `latest`, the current run and the `protected` ones (name -> reason, e.g. from
-    vanished_protection) are never deleted. A folder is renamed away before
-    it is deleted, so a deletion cut short never leaves a half snapshot that claims to be whole.
-    Hard links make this safe: a file shared with a kept snapshot lives on there.
+def prune_snapshots(output: Path, policy: RetentionPolicy, keep_vanished: int,
+                    current: Optional[Path] = None) -> List[str]:
+    """Delete the snapshots the retention plan does not keep (see plan_retention and
+    retention_plan); return their names. Only the lock holder calls this. A deletion that
+    fails is logged and the others go on.
     """
     for leftover in output.glob(".deleting-*"):  # a prune cut short; we hold the lock
         shutil.rmtree(leftover, ignore_errors=True)
-    latest = read_latest(output)
-    untouchable = {current.name, latest.name if latest else ""}
-    newest_first = list(reversed(snapshot_folders(output)))
-    completed = [folder for folder in newest_first if read_summary(folder).get("status") == "completed"]
-    if len(completed) <= keep:
-        return []
-    oldest_kept = snapshot_key(completed[keep - 1])
     removed = []
-    for folder in newest_first:
-        if snapshot_key(folder) >= oldest_kept or folder.name in untouchable:
+    for decision in retention_plan(output, policy, keep_vanished, current):
+        if decision.keep:
             continue
-        if read_summary(folder).get("status") == "running":
-            continue
-        if protected and folder.name in protected:
-            LOG.info("--keep %d: keeping %s: %s", keep, folder.name, protected[folder.name])
-            continue
-        LOG.info("--keep %d: removing old snapshot %s", keep, folder.name)
-        doomed = output / f".deleting-{folder.name}"
+        LOG.info("retention: removing snapshot %s (%s)", decision.name, ", ".join(decision.reasons))
         try:
-            os.replace(folder, doomed)
-            with contextlib.suppress(FileNotFoundError):
-                (output / f"{folder.name}.zip").unlink()
-            shutil.rmtree(doomed)
+            delete_snapshot(output, decision.name)
         except OSError as exc:
-            LOG.warning("--keep: could not remove %s: %s", folder.name, exc)
+            LOG.warning("retention: could not remove %s: %s", decision.name, exc)
             continue
-        removed.append(folder.name)
+        removed.append(decision.name)
     return removed
 
 
@@ -3042,6 +3029,538 @@ def vanished_protection(output: Path, now: dt.datetime, days: int) -> Dict[str, 
     return protected_snapshots(read_vanished(output), names, now, days, holds)
 
 
+# --- History: changes, diff, retention, find ------------------------------------
+#
+# Everything here reads snapshots and never writes into one (deleting a whole one
+# is retention's job). Manifests are read defensively and only for the fields
+# history needs, so entries that other versions of the tool extend (fetchedAt,
+# reusedFrom, assets ...) or damage are taken for what they still say.
+
+HISTORY_KINDS = ("docs", "pages", "tables", "views")
+DIFF_EXAMPLES = 10  # row ids shown per kind of row change
+ROW_BATCH = 5000  # rows inserted into the scratch database at a time
+NUL_STAND_IN = "\ufffe"  # csv on Python < 3.11 cannot read NUL; a noncharacter stands in for it
+
+
+@dataclass(frozen=True)
+class HistoryObject:
+    """One doc, page, table or view as a manifest records it."""
+
+    kind: str  # docs, pages, tables or views
+    doc_id: str
+    doc_name: str
+    id: str
+    name: str
+    path: str
+    status: str
+    updated_at: Optional[str]
+    files: Tuple[Tuple[str, str, str], ...]  # (role, path, sha256)
+
+    def file_for(self, *roles: str) -> Optional[str]:
+        for role in roles:
+            for file_role, path, _ in self.files:
+                if file_role == role:
+                    return path
+        return None
+
+    def fingerprint(self) -> Tuple[Any, ...]:
+        return (self.name, tuple(sorted((role, sha) for role, _, sha in self.files)))
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _entries(value: Any) -> List[Dict[str, Any]]:
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _mapping(value: Any) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _strings(value: Any) -> Tuple[str, ...]:
+    return tuple(item for item in value if isinstance(item, str)) if isinstance(value, list) else ()
+
+
+def _history_files(entry: Dict[str, Any]) -> Tuple[Tuple[str, str, str], ...]:
+    """(role, path, sha256) of an entry's files and of its assets (issue 14), where present."""
+    found = [(_text(r.get("role")), _text(r.get("path")), _text(r.get("sha256"))) for r in _entries(entry.get("files"))]
+    found += [("asset", _text(a.get("path")), _text(a.get("sha256"))) for a in _entries(entry.get("assets"))]
+    return tuple(found)
+
+
+def _manifest_docs(manifest: Any) -> List[Dict[str, Any]]:
+    return [doc for doc in _entries(_mapping(manifest).get("docs")) if isinstance(doc.get("id"), str)]
+
+
+def read_objects(manifest: Any) -> Dict[str, Dict[Tuple[str, str], HistoryObject]]:
+    """A manifest's objects by kind and (doc id, id); anything of the wrong shape is skipped."""
+    objects: Dict[str, Dict[Tuple[str, str], HistoryObject]] = {kind: {} for kind in HISTORY_KINDS}
+    for doc in _manifest_docs(manifest):
+        doc_id, doc_name = doc["id"], _text(doc.get("name"))
+        children = [("docs", doc)] + [("pages", page) for page in _entries(doc.get("pages"))]
+        children += [("views" if table.get("tableType") == "view" else "tables", table)
+                     for table in _entries(doc.get("tables"))]
+        for kind, entry in children:
+            if isinstance(entry.get("id"), str):
+                updated = entry.get("updatedAt")
+                objects[kind][(doc_id, entry["id"])] = HistoryObject(
+                    kind, doc_id, doc_name, entry["id"], _text(entry.get("name")), _text(entry.get("path")),
+                    _text(entry.get("status")), updated if isinstance(updated, str) else None, _history_files(entry))
+    return objects
+
+
+def manifest_listing(manifest: Any) -> Listed:
+    """What the run that wrote a manifest listed, as far as the manifest tells: the ids it holds,
+    and nothing below a doc that failed (one of its listings may have)."""
+    listed = Listed(docs=set())
+    for doc in _manifest_docs(manifest):
+        assert listed.docs is not None
+        listed.docs.add(doc["id"])
+        failed = doc.get("status") == "failed"
+        listed.pages[doc["id"]] = None if failed else {p["id"] for p in _entries(doc.get("pages")) if "id" in p}
+        listed.tables[doc["id"]] = None if failed else {t["id"] for t in _entries(doc.get("tables")) if "id" in t}
+    return listed
+
+
+def manifest_selection(manifest: Any) -> Options:
+    """The selection a manifest records, as the Options find_vanished reads (a manifest without
+    `docs`/`exclude_docs`, from an older version, selected every doc)."""
+    options = _mapping(_mapping(manifest).get("options"))
+    layout = _mapping(options.get("layout"))
+    workspace = options.get("workspace_id")
+    return Options(output=Path(), include_shared=options.get("include_shared") is True,
+                   workspace_id=workspace if isinstance(workspace, str) else None,
+                   skip_hidden_pages=layout.get("skip_hidden_pages") is True, no_views=layout.get("no_views") is True,
+                   exclude_tables=_strings(layout.get("exclude_tables")), docs=_strings(options.get("docs")),
+                   exclude_docs=_strings(options.get("exclude_docs")))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Per kind, what is new, what is gone and what differs (pairs of old and new)."""
+
+    added: Dict[str, List[HistoryObject]]
+    removed: Dict[str, List[HistoryObject]]
+    changed: Dict[str, List[Tuple[HistoryObject, HistoryObject]]]
+
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        return {kind: {"added": len(self.added[kind]), "changed": len(self.changed[kind]),
+                       "removed": len(self.removed[kind])} for kind in HISTORY_KINDS}
+
+
+def compare_manifests(old_name: str, old: Any, new: Any) -> Comparison:
+    """The pure comparison behind summary `changes` and --diff.
+
+    Added: in `new` only. Changed: in both, with files that differ by sha256 (or another name).
+    Removed: what "Nights that go wrong" calls vanished, decided by find_vanished with the new
+    manifest standing in for the listings, so a doc, view, table or page the new run's selection
+    left out, and anything below a doc that failed, is not removed.
+    """
+    before, after = read_objects(old), read_objects(new)
+    added = {kind: [obj for key, obj in after[kind].items() if key not in before[kind]] for kind in HISTORY_KINDS}
+    changed = {kind: [(before[kind][key], obj) for key, obj in after[kind].items()
+                      if key in before[kind] and before[kind][key].fingerprint() != obj.fingerprint()]
+               for kind in HISTORY_KINDS}
+    removed: Dict[str, List[HistoryObject]] = {kind: [] for kind in HISTORY_KINDS}
+    try:
+        known = known_snapshot(old_name, old)
+    except (ValueError, KeyError, TypeError, AttributeError):  # no (usable) old manifest: nothing to lose
+        known = None
+    if known is not None:
+        for entry in find_vanished(known, manifest_listing(new), manifest_selection(new)).entries:
+            obj = before[entry["kind"] + "s"].get((entry["doc_id"], entry["id"]))
+            if obj is not None:
+                removed[obj.kind].append(obj)
+    return Comparison(added, removed, changed)
+
+
+# -- rows and lines
+
+@dataclass(frozen=True)
+class RowDiff:
+    """How two CSV files of one table differ, by `_row_id`, with a few example ids of each."""
+
+    added: int = 0
+    removed: int = 0
+    changed: int = 0
+    columns_added: Tuple[str, ...] = ()
+    columns_removed: Tuple[str, ...] = ()
+    examples: Dict[str, List[str]] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"rows": {"added": self.added, "removed": self.removed, "changed": self.changed},
+                "columns": {"added": list(self.columns_added), "removed": list(self.columns_removed)},
+                "examples": self.examples}
+
+
+def _csv_records(path: Path) -> Iterator[List[str]]:
+    """CSV rows of a file the tool wrote, NUL read as a stand-in (csv cannot, before 3.11)."""
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # a long text cell is not an error
+    with open(path, encoding="utf-8", newline="") as handle:
+        lines = (line.replace("\x00", NUL_STAND_IN) for line in handle)
+        yield from csv.reader(lines)
+
+
+def diff_rows(old_csv: Path, new_csv: Path, scratch: Optional[Path] = None) -> RowDiff:
+    """Compare two CSVs of one table by `_row_id` in a temporary SQLite file.
+
+    Memory stays flat whatever the size: each row is kept as its id, its position and a
+    hash of the columns both files have (so an added column does not make every row
+    "changed", and a row that only moved is not changed either). Only counts and the first
+    few ids of each kind leave the database.
+    """
+    old_rows, new_rows = _csv_records(old_csv), _csv_records(new_csv)
+    old_header, new_header = next(old_rows, []), next(new_rows, [])
+    common = [name for name in old_header if name in new_header and name != "_row_index" and name != "_row_id"]
+    with tempfile.TemporaryDirectory(prefix=".tmp-diff-", dir=scratch) as folder:
+        db = sqlite3.connect(str(Path(folder) / "rows.sqlite"))
+        try:
+            db.execute("PRAGMA journal_mode = OFF")
+            db.execute("PRAGMA synchronous = OFF")
+            for name, header, rows in (("old", old_header, old_rows), ("new", new_header, new_rows)):
+                db.execute(f"CREATE TABLE {name} (id TEXT PRIMARY KEY, pos INTEGER, h INTEGER) WITHOUT ROWID")
+                _load_rows(db, name, header, [header.index(column) for column in common], rows)
+            counts = {kind: db.execute(query).fetchone()[0] for kind, query in _ROW_QUERIES.items()}
+            examples = {kind: [printable(row[0].replace(NUL_STAND_IN, "\x00"))
+                               for row in db.execute(f"{query} ORDER BY pos LIMIT {DIFF_EXAMPLES}")]
+                        for kind, query in _ROW_EXAMPLE_QUERIES.items()}
+        finally:
+            db.close()
+    meta = set(CSV_META_HEADER)
+    return RowDiff(counts["added"], counts["removed"], counts["changed"],
+                   tuple(n for n in new_header if n not in old_header and n not in meta),
+                   tuple(n for n in old_header if n not in new_header and n not in meta), examples)
+
+
+_ROW_EXAMPLE_QUERIES = {
+    "added": "SELECT n.id, n.pos AS pos FROM new n LEFT JOIN old o ON o.id = n.id WHERE o.id IS NULL",
+    "removed": "SELECT o.id, o.pos AS pos FROM old o LEFT JOIN new n ON n.id = o.id WHERE n.id IS NULL",
+    "changed": "SELECT n.id, n.pos AS pos FROM new n JOIN old o ON o.id = n.id WHERE o.h != n.h",
+}
+_ROW_QUERIES = {kind: f"SELECT COUNT(*) FROM ({query})" for kind, query in _ROW_EXAMPLE_QUERIES.items()}
+
+
+def _load_rows(db: sqlite3.Connection, name: str, header: List[str], columns: List[int],
+               rows: Iterator[List[str]]) -> None:
+    """Insert (id, position, hash of the common columns) per row. Python's own hash of the cells
+    is fast and, within one process, the same for the same cells; a change that keeps it equal
+    has a chance of 1 in 2**64."""
+    id_column = header.index("_row_id") if "_row_id" in header else 0
+    width = len(header)
+    cells = operator.itemgetter(*columns) if columns else (lambda row: ())
+    batch: List[Tuple[str, int, int]] = []
+    for position, row in enumerate(rows):
+        if len(row) < width:
+            row = row + [""] * (width - len(row))
+        batch.append((row[id_column], position, hash(cells(row))))
+        if len(batch) >= ROW_BATCH:
+            db.executemany(f"INSERT OR REPLACE INTO {name} VALUES (?, ?, ?)", batch)
+            batch.clear()
+    db.executemany(f"INSERT OR REPLACE INTO {name} VALUES (?, ?, ?)", batch)
+
+
+def diff_lines(old_file: Path, new_file: Path) -> Tuple[int, int]:
+    """Lines added and removed between two versions of a page, counted as multisets (like
+    `diff --stat`, without the quadratic alignment)."""
+    def lines(path: Path) -> Counter[str]:
+        with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+            return Counter(line.rstrip("\r\n") for line in handle)
+
+    before, after = lines(old_file), lines(new_file)
+    return sum((after - before).values()), sum((before - after).values())
+
+
+# -- the change report of a run, and --diff
+
+def load_manifest(snapshot: Path) -> Any:
+    """A snapshot's manifest as JSON, or None when it is missing or unreadable."""
+    try:
+        return json.loads((snapshot / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _table_diffs(comparison: Comparison, old_root: Path, new_root: Path, kinds: Tuple[str, ...],
+                 scratch: Optional[Path], only_read: bool = False) -> Iterator[Tuple[HistoryObject, RowDiff]]:
+    """Row diffs of changed tables whose CSVs both snapshots hold (with `only_read`: only
+    those this run read, not linked)."""
+    for kind in kinds:
+        for before, after in comparison.changed[kind]:
+            old_csv, new_csv = before.file_for("csv"), after.file_for("csv")
+            if old_csv is None or new_csv is None or (only_read and after.status != "ok"):
+                continue
+            try:
+                yield after, diff_rows(inside(old_root, PurePosixPath(old_csv)),
+                                       inside(new_root, PurePosixPath(new_csv)), scratch)
+            except (OSError, ValueError, csv.Error, sqlite3.Error, BackupError) as exc:
+                LOG.warning("rows of %s %s not compared: %s", kind[:-1], printable(after.name), exc)
+
+
+def change_report(previous: Optional[Path], previous_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
+                  scratch: Path) -> Dict[str, Any]:
+    """summary.json `changes`: this run's manifest against the snapshot `latest` named when it
+    started (everything is `added` on a first run). `rows` sums the base tables read this run
+    whose CSV differs from the previous one; tables that appeared or vanished add no rows."""
+    comparison = compare_manifests(previous.name if previous else "", previous_manifest, manifest)
+    changes: Dict[str, Any] = dict(comparison.counts())
+    rows = {"added": 0, "changed": 0, "removed": 0}
+    if previous is not None:
+        for _, diff in _table_diffs(comparison, previous, snapshot, ("tables",), scratch, only_read=True):
+            rows = {"added": rows["added"] + diff.added, "changed": rows["changed"] + diff.changed,
+                    "removed": rows["removed"] + diff.removed}
+    changes["rows"] = rows
+    changes["since"] = previous.name if previous is not None else None
+    return changes
+
+
+def describe_changes(changes: Dict[str, Any]) -> str:
+    """The change report in words, for the log."""
+    parts = [f"{kind} {changes[kind]['added']} added, {changes[kind]['changed']} changed, "
+             f"{changes[kind]['removed']} removed" for kind in HISTORY_KINDS + ("rows",)]
+    since = changes.get("since")
+    return f"changes since {since or 'nothing (first snapshot)'}: " + "; ".join(parts)
+
+
+def diff_snapshots(old_root: Path, new_root: Path, scratch: Optional[Path] = None) -> Dict[str, Any]:
+    """--diff: what differs between two snapshots, as plain data (the JSON of --diff --json)."""
+    comparison = compare_manifests(old_root.name, load_manifest(old_root), load_manifest(new_root))
+    rows = {(obj.kind, obj.doc_id, obj.id): diff for obj, diff in
+            _table_diffs(comparison, old_root, new_root, ("tables", "views"), scratch)}
+    result: Dict[str, Any] = {"old": old_root.name, "new": new_root.name, "counts": comparison.counts()}
+    for kind in HISTORY_KINDS:
+        changed = []
+        for before, after in comparison.changed[kind]:
+            item = _object_json(after)
+            if before.name != after.name:
+                item["old_name"] = before.name
+            if kind == "pages":
+                item["lines"] = _page_lines(before, after, old_root, new_root)
+            diff = rows.get((kind, after.doc_id, after.id))
+            if diff is not None:
+                item.update(diff.as_dict())
+            changed.append(item)
+        result[kind] = {"added": [_object_json(obj) for obj in comparison.added[kind]],
+                        "removed": [_object_json(obj) for obj in comparison.removed[kind]],
+                        "changed": changed}
+    return result
+
+
+def _object_json(obj: HistoryObject) -> Dict[str, Any]:
+    return {"doc_id": obj.doc_id, "doc_name": obj.doc_name, "id": obj.id, "name": obj.name, "path": obj.path,
+            "status": obj.status, "updatedAt": obj.updated_at}
+
+
+def _page_lines(before: HistoryObject, after: HistoryObject, old_root: Path,
+                new_root: Path) -> Optional[Dict[str, int]]:
+    old_file, new_file = before.file_for("markdown", "html"), after.file_for("markdown", "html")
+    if old_file is None or new_file is None:
+        return None
+    try:
+        added, removed = diff_lines(inside(old_root, PurePosixPath(old_file)),
+                                    inside(new_root, PurePosixPath(new_file)))
+    except (OSError, BackupError) as exc:
+        LOG.warning("lines of page %s not compared: %s", printable(after.name), exc)
+        return None
+    return {"added": added, "removed": removed}
+
+
+def format_diff(diff: Dict[str, Any]) -> List[str]:
+    """--diff as text: one count line per kind, then one line per object (+ added, - removed,
+    ~ changed) with rows, columns and lines where known."""
+    lines = [f"diff {diff['old']} -> {diff['new']}"]
+    for kind in HISTORY_KINDS:
+        counts = diff["counts"][kind]
+        lines.append(f"{kind + ':':<7} {counts['added']} added, {counts['removed']} removed, "
+                     f"{counts['changed']} changed")
+    for kind in HISTORY_KINDS:
+        label = kind[:-1]
+        for mark, bucket in (("+", "added"), ("-", "removed"), ("~", "changed")):
+            for item in diff[kind][bucket]:
+                where = printable(item["name"]) if kind == "docs" else \
+                    f"{printable(item['doc_name'])} / {printable(item['name'])}"
+                lines.append(f"{mark} {label:<5} {where} ({printable(item['id'])})" + _change_detail(item))
+                lines.extend(_row_examples(item))
+    return lines
+
+
+def _change_detail(item: Dict[str, Any]) -> str:
+    details = []
+    if "old_name" in item:
+        details.append(f"renamed from {printable(item['old_name'])}")
+    if item.get("lines"):
+        details.append(f"lines +{item['lines']['added']} -{item['lines']['removed']}")
+    if "rows" in item:
+        rows = item["rows"]
+        details.append(f"rows +{rows['added']} -{rows['removed']} ~{rows['changed']}")
+        columns = ["+" + printable(name) for name in item["columns"]["added"]]
+        columns += ["-" + printable(name) for name in item["columns"]["removed"]]
+        if columns:
+            details.append("columns " + " ".join(columns))
+    return ": " + "; ".join(details) if details else ""
+
+
+def _row_examples(item: Dict[str, Any]) -> List[str]:
+    examples = item.get("examples") or {}
+    return [f"    {kind} rows: {', '.join(examples[kind])}" for kind in ("added", "removed", "changed")
+            if examples.get(kind)]
+
+
+# -- retention
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """restic-style keep rules; None leaves a rule out. Days, weeks and months are UTC."""
+
+    last: Optional[int] = None
+    daily: Optional[int] = None
+    weekly: Optional[int] = None
+    monthly: Optional[int] = None
+    within_days: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return any(value is not None for value in (self.last, self.daily, self.weekly, self.monthly,
+                                                   self.within_days))
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """What the planner knows of a snapshot: its folder name, start time and status."""
+
+    name: str
+    time: dt.datetime
+    status: str
+
+
+@dataclass(frozen=True)
+class RetentionDecision:
+    name: str
+    keep: bool
+    reasons: Tuple[str, ...]
+
+
+def snapshot_time(name: str) -> Optional[dt.datetime]:
+    """The UTC start a snapshot folder's name carries (`2026-03-07T101530Z-2` -> 10:15:30)."""
+    try:
+        return dt.datetime.strptime(name.split("Z")[0] + "Z", SNAPSHOT_TIME_FORMAT).replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+_BUCKETS: Tuple[Tuple[str, Callable[[dt.datetime], Tuple[int, ...]]], ...] = (
+    ("daily", lambda moment: (moment.year, moment.month, moment.day)),
+    ("weekly", lambda moment: tuple(moment.isocalendar())[:2]),  # ISO year and week
+    ("monthly", lambda moment: (moment.year, moment.month)),
+)
+
+
+def plan_retention(records: List[SnapshotRecord], policy: RetentionPolicy, latest: Optional[str] = None,
+                   protected: Optional[Dict[str, str]] = None) -> List[RetentionDecision]:
+    """Which snapshots to keep and why, newest first, like `restic forget`.
+
+    Only `completed` snapshots count toward a rule: --keep-last N keeps the newest N;
+    --keep-daily/weekly/monthly N keep the newest of each of the last N days, ISO weeks or
+    months that have one; --keep-within D keeps those less than D days older than the newest
+    completed snapshot (not than now: a backup that stopped running is not pruned away). The
+    union is kept. `latest`, running snapshots and `protected` ones (name -> reason) are never
+    deleted. An unfinished snapshot (errors, failed, cancelled) newer than the oldest one kept
+    stays too: nights with errors never cost the good snapshots around them, and when nothing
+    completed at all, nothing goes.
+    """
+    protected = protected or {}
+    ordered = sorted(records, key=lambda record: (record.time, snapshot_key(Path(record.name))), reverse=True)
+    completed = [record for record in ordered if record.status == "completed"]
+    reasons: Dict[str, List[str]] = {record.name: [] for record in ordered}
+    for record in completed[:policy.last or 0]:
+        reasons[record.name].append("last")
+    for label, bucket_of in _BUCKETS:
+        wanted = getattr(policy, label) or 0
+        seen: set[Tuple[int, ...]] = set()
+        for record in completed:
+            bucket = bucket_of(record.time)
+            if bucket not in seen and len(seen) < wanted:
+                reasons[record.name].append(label)
+            seen.add(bucket)
+    if policy.within_days is not None and completed:
+        since = completed[0].time - dt.timedelta(days=policy.within_days)
+        for record in completed:
+            if record.time > since:
+                reasons[record.name].append("within")
+    kept_times = [record.time for record in completed if reasons[record.name]]
+    oldest_kept = min(kept_times) if kept_times else None
+    decisions = []
+    for record in ordered:
+        why = reasons[record.name]
+        if record.name == latest:
+            why.append("latest")
+        if record.status == "running":
+            why.append("running")
+        if record.name in protected:
+            why.append(protected[record.name])
+        if record.status != "completed" and not why and (oldest_kept is None or record.time > oldest_kept):
+            why.append(f"{record.status}, newer than the oldest kept snapshot" if oldest_kept
+                       else f"{record.status}, no completed snapshot is kept")
+        if why:
+            decisions.append(RetentionDecision(record.name, True, tuple(why)))
+        else:
+            decisions.append(RetentionDecision(record.name, False, (
+                "no rule keeps it" if record.status == "completed"
+                else f"{record.status}, older than the oldest kept snapshot",)))
+    return decisions
+
+
+def retention_records(output: Path) -> List[SnapshotRecord]:
+    """Every snapshot folder whose name is a valid time, with the status its summary gives."""
+    records = []
+    for folder in snapshot_folders(output):
+        moment = snapshot_time(folder.name)
+        if moment is not None:
+            records.append(SnapshotRecord(folder.name, moment, str(read_summary(folder).get("status", "unknown"))))
+    return records
+
+
+def retention_plan(output: Path, policy: RetentionPolicy, keep_vanished: int,
+                   current: Optional[Path] = None) -> List[RetentionDecision]:
+    """The planner over the snapshots on disk. Protected: the run that is pruning, and the newest
+    copy of what vanished less than `keep_vanished` days ago (see vanished_protection)."""
+    latest = read_latest(output)
+    protected = vanished_protection(output, utc_now(), keep_vanished)
+    if current is not None:
+        protected[current.name] = "this run"
+    return plan_retention(retention_records(output), policy, latest.name if latest else None, protected)
+
+
+def delete_snapshot(output: Path, name: str) -> None:
+    """Rename a snapshot away, then delete it and its .zip: a deletion cut short never leaves a
+    half snapshot that claims to be whole. Hard links make this safe: a file shared with a kept
+    snapshot lives on there."""
+    doomed = output / f".deleting-{name}"
+    os.replace(output / name, doomed)
+    with contextlib.suppress(FileNotFoundError):
+        (output / f"{name}.zip").unlink()
+    shutil.rmtree(doomed)
+
+
+def format_decision(decision: RetentionDecision) -> str:
+    return f"{'keep' if decision.keep else 'delete'} ({', '.join(decision.reasons)})"
+
+
+# -- find
+
+def find_objects(output: Path, pattern: str) -> List[Dict[str, Any]]:
+    """--find: every doc, page, table or view whose name or id matches the glob (case
+    insensitive), in every snapshot, newest first."""
+    found = []
+    for folder in reversed(snapshot_folders(output)):
+        objects = read_objects(load_manifest(folder))
+        for kind in HISTORY_KINDS:
+            for obj in objects[kind].values():
+                if fnmatch.fnmatchcase(obj.name.casefold(), pattern.casefold()) or fnmatch.fnmatchcase(obj.id, pattern):
+                    found.append(dict(_object_json(obj), snapshot=folder.name, kind=kind[:-1]))
+    return found
+
+
 # --- Run ----------------------------------------------------------------------
 
 
@@ -3339,6 +3858,7 @@ def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stat
         "skipped": list(recorder.skipped),
         "vanished": list(recorder.vanished),
         "requests": stats.as_dict(),
+        "changes": recorder.changes,
     }
 
 
@@ -3352,7 +3872,8 @@ def build_manifest(options: Options, started: dt.datetime, status: str, snapshot
         "started_at": iso(started),
         "finished_at": iso(utc_now()),
         "options": {"layout": options.layout_key(), "include_shared": options.include_shared,
-                    "workspace_id": options.workspace_id, "incremental": options.incremental},
+                    "workspace_id": options.workspace_id, "incremental": options.incremental,
+                    "docs": list(options.docs), "exclude_docs": list(options.exclude_docs)},
         "docs": docs,
     }
 
@@ -3374,6 +3895,8 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
 
     with RunLock(options.output), cancel_on_signals(cancel, abort) as received:
         mark_abandoned(options.output)
+        before = read_latest(options.output)
+        before_manifest = load_manifest(before) if before is not None else None
         started = utc_now()
         snapshot = create_snapshot(options.output, started)
         previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
@@ -3405,7 +3928,10 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 http.close()
         held_back = not (fatal or cancel.is_set()) and check_vanished(options, recorder, started)
         status = run_status(fatal or nothing_selected(options, docs, recorder), cancel.is_set(), recorder)
-        write_json_atomic(snapshot / MANIFEST_NAME, build_manifest(options, started, status, snapshot, docs))
+        manifest = build_manifest(options, started, status, snapshot, docs)
+        write_json_atomic(snapshot / MANIFEST_NAME, manifest)
+        if status in ("completed", "completed_with_errors"):
+            recorder.changes = run_changes(before, before_manifest, manifest, snapshot, recorder.vanished)
         summary = build_summary(status, started, recorder, stats, snapshot)
         write_json_atomic(snapshot / SUMMARY_NAME, summary)
         if status in ("completed", "completed_with_errors"):
@@ -3420,14 +3946,33 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
                 status = "completed_with_errors"
                 summary = build_summary(status, started, recorder, stats, snapshot)
                 write_json_atomic(snapshot / SUMMARY_NAME, summary)
-            if options.keep is not None and status == "completed":
+            if options.retention and status == "completed":
                 try:
-                    prune_snapshots(options.output, options.keep, snapshot,
-                                    vanished_protection(options.output, utc_now(), options.keep_vanished))
+                    prune_snapshots(options.output, options.retention, options.keep_vanished, snapshot)
                 except OSError as exc:
-                    LOG.warning("--keep: could not remove an old snapshot: %s", exc)
+                    LOG.warning("retention: could not remove an old snapshot: %s", exc)
+        if recorder.changes is not None:
+            LOG.info("%s", describe_changes(recorder.changes))
         log_outcome(summary, snapshot)
         return exit_code(status, received, recorder)
+
+
+def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
+                vanished: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The change report, computed in a scratch folder inside --output (we hold its lock);
+    `removed` is this run's `vanished`, counted alike. A report that cannot be made is a
+    warning, never the run's failure."""
+    if before is not None and not isinstance(before_manifest, dict):
+        LOG.warning("no change report: the manifest of %s is unreadable", before.name)
+        return None
+    try:
+        changes = change_report(before, before_manifest, manifest, snapshot, snapshot.parent)
+    except (OSError, ValueError, sqlite3.Error, BackupError) as exc:
+        LOG.warning("no change report: %s", exc)
+        return None
+    for kind, count in vanished_counts(vanished).items():
+        changes[kind]["removed"] = count
+    return changes
 
 
 def archive(snapshot: Path, started: dt.datetime, recorder: RunRecorder, stats: RequestStats) -> Dict[str, Any]:
@@ -3539,9 +4084,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "listed again); link everything else")
     how.add_argument("--dry-run", action="store_true",
                      help="list what would be backed up (with --incremental: what would be linked); write nothing")
-    how.add_argument("--keep", type=int, metavar="N",
-                     help="after a run that completed without errors, keep the newest N completed snapshots "
-                          "and delete older ones and their .zip (never latest or a running one)")
+    how.add_argument("--keep-last", "--keep", dest="keep", type=int, metavar="N",
+                     help="retention, applied after a run that completed without errors (or with --prune): "
+                          "keep the newest N completed snapshots; the union of all --keep-* rules is kept, "
+                          "the rest deleted with its .zip (never latest or a running one)")
+    how.add_argument("--keep-daily", type=int, metavar="N", help="keep the newest snapshot of each of the last N "
+                                                                  "days that have one (UTC)")
+    how.add_argument("--keep-weekly", type=int, metavar="N", help="... of each of the last N ISO weeks")
+    how.add_argument("--keep-monthly", type=int, metavar="N", help="... of each of the last N months")
+    how.add_argument("--keep-within", type=int, metavar="DAYS",
+                     help="keep every snapshot less than DAYS days older than the newest completed one")
     how.add_argument("--zip", **SWITCH, help="also write DIR/<snapshot>.zip after a finished run")
     how.add_argument("--max-vanished", type=float, default=DEFAULT_MAX_VANISHED, metavar="PCT",
                      help="deletion guard: when more than PCT%% of the latest snapshot's docs vanished from Coda, "
@@ -3559,7 +4111,16 @@ def build_parser() -> argparse.ArgumentParser:
                       help="re-hash a snapshot (default: latest) against its manifest and exit")
     runs.add_argument("--list-runs", action="store_true",
                       help="list the snapshots in --output, newest first, and exit")
-    runs.add_argument("--json", action="store_true", help="with --list-runs: print JSON")
+    runs.add_argument("--prune", action="store_true",
+                      help="apply the --keep-* rules now, without a backup (no token needed); with --dry-run: "
+                           "print the plan only")
+    runs.add_argument("--diff", nargs="*", metavar="SNAPSHOT",
+                      help="--diff [OLD [NEW]]: what changed between two snapshots (default NEW: latest, OLD: the "
+                           "completed snapshot before NEW), down to rows and columns; no token, writes nothing")
+    runs.add_argument("--find", metavar="PATTERN",
+                      help="list the snapshots holding a doc, page, table or view whose name or id matches this "
+                           "glob, newest first")
+    runs.add_argument("--json", action="store_true", help="with --list-runs, --diff or --find: print JSON")
     how.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                      help=f"pages and tables worked on at once, and the most requests in flight "
                           f"(default {DEFAULT_CONCURRENCY}; 1 = serial)")
@@ -3653,7 +4214,6 @@ def options_from_args(args: argparse.Namespace) -> Options:
         (args.timeout > 0, "--timeout must be positive"),
         (args.poll_interval >= 0, "--poll-interval must not be negative"),
         (args.export_timeout > 0, "--export-timeout must be positive"),
-        (args.keep is None or args.keep >= 1, "--keep must be at least 1"),
         (0 <= args.max_vanished <= 100, "--max-vanished must be between 0 and 100"),
         (args.keep_vanished >= 0, "--keep-vanished must not be negative"),
         (not (args.incremental and args.retry_failed), "--incremental and --retry-failed do not go together"),
@@ -3672,12 +4232,34 @@ def options_from_args(args: argparse.Namespace) -> Options:
         poll_interval=args.poll_interval, export_timeout=args.export_timeout, retry_delay=args.retry_delay,
         rate_limits=parse_rate_limits(args.rate_limits), rows_json=args.rows_json, extras=not args.no_extras,
         docs=tuple(args.doc), exclude_docs=tuple(args.exclude_doc), exclude_tables=tuple(args.exclude_table),
-        retry_failed=args.retry_failed, keep=args.keep, zip=args.zip,
+        retry_failed=args.retry_failed, retention=retention_from_args(args), zip=args.zip,
         max_vanished=args.max_vanished, allow_vanished=args.allow_vanished, keep_vanished=args.keep_vanished,
         assets=args.assets,
         asset_hosts=tuple(dict.fromkeys(DEFAULT_ASSET_HOSTS + tuple(map(asset_host_prefix, args.asset_host)))),
         max_asset_mb=args.max_asset_mb,
     )
+
+
+def retention_from_args(args: argparse.Namespace) -> Optional[RetentionPolicy]:
+    """The --keep-* rules, or None when none was given."""
+    values = {"last": args.keep, "daily": args.keep_daily, "weekly": args.keep_weekly,
+              "monthly": args.keep_monthly, "within_days": args.keep_within}
+    for name, value in values.items():
+        if value is not None and value < 1:
+            flag = "--keep-within" if name == "within_days" else f"--keep-{name}"
+            raise ConfigError(f"{flag} must be at least 1")
+    policy = RetentionPolicy(**values)
+    return policy if policy else None
+
+
+def snapshot_output(output: Optional[str], flag: str) -> Path:
+    """--output for the commands that only read snapshots: it must exist."""
+    if not output:
+        raise ConfigError(f"{flag} needs --output DIR")
+    base = Path(output).expanduser()
+    if not base.is_dir():
+        raise ConfigError(f"--output {base} is not a folder")
+    return base
 
 
 def run_verify(output: Optional[str], which: str) -> int:
@@ -3695,13 +4277,19 @@ def run_verify(output: Optional[str], which: str) -> int:
     return EXIT_FAILURES if problems else EXIT_OK
 
 
-def run_list(output: Optional[str], as_json: bool, keep_vanished: int = DEFAULT_KEEP_VANISHED) -> int:
+def run_list(output: Optional[str], as_json: bool, keep_vanished: int = DEFAULT_KEEP_VANISHED,
+             policy: Optional[RetentionPolicy] = None) -> int:
     """--list-runs: the snapshots in --output, newest first, and which ones retention keeps for
-    what vanished."""
+    what vanished; with --keep-* rules, what the plan does with each."""
     if not output:
         raise ConfigError("--list-runs needs --output DIR")
     base = Path(output).expanduser()
     runs = describe_runs(base, vanished_protection(base, utc_now(), keep_vanished))
+    if policy is not None:
+        plan = {decision.name: decision for decision in retention_plan(base, policy, keep_vanished)}
+        for run in runs:
+            decision = plan.get(run["snapshot"], RetentionDecision(run["snapshot"], True, ("no time in its name",)))
+            run["retention"] = {"keep": decision.keep, "reasons": list(decision.reasons)}
     if as_json:
         print(json.dumps(runs, indent=2))
         return EXIT_OK
@@ -3714,10 +4302,78 @@ def run_list(output: Optional[str], as_json: bool, keep_vanished: int = DEFAULT_
               f"started {run['started_at'] or '?'}  {duration}  "
               f"docs {counts.get('docs', '?')} pages {counts.get('pages', '?')} tables {counts.get('tables', '?')} "
               f"views {counts.get('views', '?')} rows {counts.get('rows', '?')}  failures {run['failures']}  "
-              f"{run['size_bytes'] / 1e6:.1f} MB ({run['unique_bytes'] / 1e6:.1f} MB own)")
+              f"{run['size_bytes'] / 1e6:.1f} MB ({run['unique_bytes'] / 1e6:.1f} MB own)"
+              + (f"  {format_decision(plan[run['snapshot']])}" if run.get("retention") and run["snapshot"] in plan
+                 else ""))
         if run["protected"]:
             print(f"    kept: {run['protected']}")
     return EXIT_OK
+
+
+def run_prune(output: Optional[str], policy: Optional[RetentionPolicy], keep_vanished: int, dry_run: bool) -> int:
+    """--prune: apply the retention rules without a backup, under the lock; --dry-run: the plan only."""
+    base = snapshot_output(output, "--prune")
+    if policy is None:
+        raise ConfigError("--prune needs a rule: --keep-last, --keep-daily, --keep-weekly, --keep-monthly "
+                          "or --keep-within")
+    if dry_run:
+        plan = retention_plan(base, policy, keep_vanished)
+        for decision in plan:
+            print(f"{'keep  ' if decision.keep else 'delete'} {decision.name}  ({', '.join(decision.reasons)})")
+        print(f"would delete {sum(not d.keep for d in plan)} snapshot(s), keep {sum(d.keep for d in plan)}")
+        return EXIT_OK
+    with RunLock(base):
+        mark_abandoned(base)
+        removed = prune_snapshots(base, policy, keep_vanished)
+        kept = [decision for decision in retention_plan(base, policy, keep_vanished) if decision.keep]
+    for name in removed:
+        print(f"deleted {name}")
+    print(f"deleted {len(removed)} snapshot(s), kept {len(kept)}")
+    return EXIT_OK
+
+
+def resolve_snapshot(base: Path, name: str) -> Path:
+    """A snapshot named on the command line: `latest` or a folder name in --output."""
+    snapshot = read_latest(base) if name == LATEST_LINK else base / name
+    if snapshot is None or not SNAPSHOT_NAME_RE.match(snapshot.name) or not snapshot.is_dir():
+        raise ConfigError(f"no snapshot {name!r} in {base}")
+    if not isinstance(load_manifest(snapshot), dict):
+        raise ConfigError(f"snapshot {snapshot.name} has no readable {MANIFEST_NAME}")
+    return snapshot
+
+
+def run_diff(output: Optional[str], names: List[str], as_json: bool) -> int:
+    """--diff [OLD [NEW]]: read two snapshots and print how they differ; no lock, writes nothing."""
+    base = snapshot_output(output, "--diff")
+    if len(names) > 2:
+        raise ConfigError("--diff takes at most two snapshots: OLD and NEW")
+    new = resolve_snapshot(base, names[1] if len(names) == 2 else LATEST_LINK)
+    if names:
+        old = resolve_snapshot(base, names[0])
+    else:
+        earlier = [folder for folder in snapshot_folders(base)
+                   if snapshot_key(folder) < snapshot_key(new) and read_summary(folder).get("status") == "completed"]
+        if not earlier:
+            raise ConfigError(f"no completed snapshot before {new.name} to compare with; name one: --diff OLD")
+        old = resolve_snapshot(base, earlier[-1].name)
+    diff = diff_snapshots(old, new)
+    print(json.dumps(diff, indent=2) if as_json else "\n".join(format_diff(diff)))
+    return EXIT_OK
+
+
+def run_find(output: Optional[str], pattern: str, as_json: bool) -> int:
+    """--find PATTERN: exit 0 with the matches, newest snapshot first; exit 1 when none."""
+    found = find_objects(snapshot_output(output, "--find"), pattern)
+    if as_json:
+        print(json.dumps(found, indent=2))
+    for item in [] if as_json else found:
+        where = printable(item["name"]) if item["kind"] == "doc" else \
+            f"{printable(item['doc_name'])} / {printable(item['name'])}"
+        print(f"{item['snapshot']}  {item['kind']:<5} {where} ({printable(item['id'])})  "
+              f"updatedAt {item['updatedAt'] or '?'}  {printable(item['path'])}")
+    if not found and not as_json:
+        print(f"no snapshot holds an object matching {pattern!r}")
+    return EXIT_OK if found else EXIT_FAILURES
 
 
 def reparse_with_config(parser: argparse.ArgumentParser, cli: argparse.Namespace,
@@ -3746,12 +4402,17 @@ def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
     actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "version", "config")}
+    for action in list(actions.values()):  # a flag's other long names work too (keep-last = keep)
+        for option in action.option_strings:
+            name = option.lstrip("-").replace("-", "_")
+            if option.startswith("--") and not isinstance(action, argparse.BooleanOptionalAction):
+                actions.setdefault(name, action)
     defaults = {}
     for key, value in data.items():
         dest = key.replace("-", "_")
         if dest not in actions:
             raise ConfigError(f"--config {path}: unknown key {key!r}")
-        defaults[dest] = config_value(actions[dest], key, value)
+        defaults[actions[dest].dest] = config_value(actions[dest], key, value)
     parser.set_defaults(**defaults)
 
 
@@ -3819,7 +4480,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.verify is not None:
             return run_verify(args.output, args.verify)
         if args.list_runs:
-            return run_list(args.output, args.json, args.keep_vanished)
+            return run_list(args.output, args.json, args.keep_vanished, retention_from_args(args))
+        if args.diff is not None:
+            return run_diff(args.output, args.diff, args.json)
+        if args.find is not None:
+            return run_find(args.output, args.find, args.json)
+        if args.prune:
+            return run_prune(args.output, retention_from_args(args), args.keep_vanished, args.dry_run)
         options = options_from_args(args)
         token = read_token(args.token_file)
         for handler in handlers:

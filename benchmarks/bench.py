@@ -25,9 +25,15 @@ paced at the published limits after a first full burst, plus one export's render
 Memory mode measures the peak RSS of the CLI backing up one table of 200 000 rows and one of
 20 000 rows (no latency, no rate limits: memory is what is measured).
 
+Diff mode writes two snapshot folders of one table with 1 000 000 rows directly (valid manifests,
+no backup through the fake), the second with 1 % of the rows changed (0.6 % edited, 0.2 % removed,
+0.2 % added), and measures the wall time and peak RSS of ``--diff --json`` between them, checking
+its counts against what was changed.
+
     python3 benchmarks/bench.py                      # speed, default workspace (several minutes)
     python3 benchmarks/bench.py --pages 60 --rows 20000 --docs 4 --tables 12   # a quicker look
     python3 benchmarks/bench.py --mode memory
+    python3 benchmarks/bench.py --mode diff          # --diff of two 1 000 000-row snapshots (a minute or two)
     python3 benchmarks/bench.py --mode shapes        # five shapes x two rate models (about 15 minutes)
     python3 benchmarks/bench.py --mode shapes --shape mixed --rate-model bucket
 """
@@ -36,14 +42,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -133,11 +141,11 @@ def shapes(args: argparse.Namespace) -> None:
                 fake.stop()
 
 
-def run_cli(args: List[str], env: Dict[str, str]) -> Tuple[int, float, int]:
+def run_cli(args: List[str], env: Dict[str, str], stdout: Any = subprocess.DEVNULL) -> Tuple[int, float, int]:
     """Run the CLI; return exit code, wall seconds and peak RSS in KiB (from wait4)."""
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, CLI, *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=stdout, stderr=subprocess.PIPE)
     assert proc.stderr is not None
     stderr_lines = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -221,9 +229,67 @@ def memory(args: argparse.Namespace) -> None:
     print(f"difference: {(figures[big] - figures[small]) / 1024:.1f} MiB")
 
 
+def bench_rows(rows: int, changed: bool) -> Iterator[List[str]]:
+    """A table's CSV records; `changed`: in every 500 rows, 3 edited, 1 removed and 1 added."""
+    for index in range(rows):
+        kind = index % 500
+        if changed and kind == 1:  # 0.2 % removed
+            continue
+        if changed and kind == 2:  # 0.2 % added
+            yield [f"i-new{index:07d}", f"New {index}", str(index), "2026-01-02T00:00:00.000Z",
+                   "2026-01-02T00:00:00.000Z", f"https://coda.io/d/_dX/r{index}", f"New {index}", str(index), ""]
+        number = index * 7 if changed and kind in (3, 4, 5) else index
+        yield [f"i-{index:07d}", f"Item {index}", str(index), "2026-01-01T00:00:00.000Z", "2026-01-01T00:00:00.000Z",
+               f"https://coda.io/d/_dX/r{index}", f"Item {index}", str(number), "some, text \"quoted\""]
+
+
+def write_bench_snapshot(output: Path, name: str, rows: int, changed: bool) -> None:
+    """A snapshot folder as the tool would leave it: one doc, one table, summary and manifest."""
+    root = output / name
+    doc = "docs/Bench__d-bench"
+    stem = f"{doc}/tables/table/Page__Big__grid-big"
+    (root / doc / "tables" / "table").mkdir(parents=True)
+    with open(root / f"{stem}.csv", "w", encoding="utf-8", newline="") as handle:
+        handle.write(coda_backup.csv_line(coda_backup.CSV_META_HEADER + ["Name", "Number", "Notes"]))
+        for record in bench_rows(rows, changed):
+            handle.write(coda_backup.csv_line(record))
+    files = [dict(coda_backup.file_record(root, coda_backup.PurePosixPath(f"{stem}.csv")), role="csv")]
+    table = {"id": "grid-big", "name": "Big", "tableType": "table", "path": f"{stem}.csv", "status": "ok",
+             "updatedAt": f"{name}", "rowCount": rows, "files": files}
+    manifest = {"version": coda_backup.MANIFEST_VERSION, "snapshot": name, "status": "completed",
+                "options": {"layout": {}}, "docs": [{"id": "d-bench", "name": "Bench", "path": doc, "status": "ok",
+                                                    "updatedAt": name, "files": [], "pages": [], "tables": [table]}]}
+    coda_backup.write_json_atomic(root / coda_backup.MANIFEST_NAME, manifest)
+    coda_backup.write_json_atomic(root / coda_backup.SUMMARY_NAME, {"status": "completed"})
+
+
+def diff(args: argparse.Namespace) -> None:
+    rows = args.diff_rows
+    out = Path(tempfile.mkdtemp(prefix="coda-bench-diff-"))
+    try:
+        started = time.monotonic()
+        write_bench_snapshot(out, "2026-01-01T000000Z", rows, changed=False)
+        write_bench_snapshot(out, "2026-01-02T000000Z", rows, changed=True)
+        coda_backup.point_latest(out, out / "2026-01-02T000000Z")
+        size = sum(path.stat().st_size for path in out.rglob("*.csv"))
+        print(f"two snapshots of {rows:,} rows written in {time.monotonic() - started:.1f}s "
+              f"({size / 1e6:.0f} MB of CSV)")
+        with tempfile.TemporaryFile() as stdout:
+            code, wall, peak = run_cli(["--output", str(out), "--diff", "--json"], cli_env(), stdout=stdout)
+            stdout.seek(0)
+            result = json.loads(stdout.read() or b"null")
+        blocks = rows // 500
+        expected = {"added": blocks, "removed": blocks, "changed": 3 * blocks}
+        found = result["tables"]["changed"][0]["rows"] if code == 0 else None
+        print(f"--diff: exit {code}, wall {wall:.1f}s, peak RSS {peak / 1024:.1f} MiB, rows {found} "
+              f"({'as changed' if found == expected else f'EXPECTED {expected}'})")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("speed", "memory", "shapes", "all"), default="speed")
+    parser.add_argument("--mode", choices=("speed", "memory", "shapes", "diff", "all"), default="speed")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="with --mode shapes: only this shape")
     parser.add_argument("--rate-model", choices=("window", "bucket", "both"), default="both",
                         help="with --mode shapes: how the fake counts the limits")
@@ -237,6 +303,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--export-delay", type=float, default=2.0)
     parser.add_argument("--skip-serial", action="store_true", help="leave out the slow serial baseline")
     parser.add_argument("--memory-rows", type=int, default=200_000)
+    parser.add_argument("--diff-rows", type=int, default=1_000_000)
     args = parser.parse_args(argv)
     if args.mode in ("speed", "all"):
         speed(args)
@@ -244,6 +311,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         memory(args)
     if args.mode in ("shapes", "all"):
         shapes(args)
+    if args.mode in ("diff", "all"):
+        diff(args)
     return 0
 
 

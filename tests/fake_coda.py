@@ -425,6 +425,15 @@ class Table:
         self.touch()
         return column
 
+    def remove_column(self, name_or_id: str) -> Column:
+        """Delete a column; rows drop its values (as Coda does)."""
+        self._require_base("remove columns")
+        column = self.column(name_or_id)
+        with self.doc.fake._state_lock:
+            self._columns.remove(column)
+            self.touch()
+        return column
+
     def add_row(self, values: Mapping[str, CellValue], name: Optional[str] = None) -> Row:
         """Append a row; ``values`` keyed by column id or name (first column with that name)."""
         self._require_base("add rows")

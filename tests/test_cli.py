@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SEED_FLAGS = ["--output", "--token-file", "--include-shared", "--workspace-id", "--skip-hidden-pages", "--no-views",
               "--incremental", "--strict-latest", "--log-level", "--max-retries", "--api-url"]
 LATER_FLAGS = ["--page-format", "--dry-run", "--doc", "--exclude-doc", "--concurrency", "--quiet", "--zip", "--keep",
-               "--retry-failed", "--list-runs", "--config"]
+               "--retry-failed", "--list-runs", "--config", "--keep-last", "--keep-daily", "--keep-weekly",
+               "--keep-monthly", "--keep-within", "--prune", "--diff", "--find"]
 
 
 def closed_port_url() -> str:

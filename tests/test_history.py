@@ -1,0 +1,288 @@
+"""History: the change report in summary.json, --diff, retention (--keep-* and --prune), --find.
+
+The end-to-end tests share one series of real runs against the fake, with changes made in
+Coda between them (see HistoryRunsTest.setUpClass); the retention planner is tested as a pure
+function over (name, time, status) records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import os
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import coda_backup
+from coda_backup import RetentionPolicy, SnapshotRecord, plan_retention
+from fake_coda import FakeCoda
+from support import FAST_FLAGS, TOKEN, BackupTestCase
+
+
+class HistoryRunsTest(BackupTestCase):
+    """Three snapshots made by the tool.
+
+    S1: Alpha (pages Overview, Notes; table Tasks with 5 rows; view Big Points of Tasks) and Beta.
+    Then: in Tasks a row is added, one removed, one changed, column Owner added and Notes removed;
+    Overview's text changes, Notes is deleted, page Later is added, doc Beta is deleted.
+    S2: an --incremental run (with --allow-vanished: Beta is half the docs).  Then doc Gamma appears.
+    S3: a run with --exclude-doc "Alpha Doc" (so Alpha was not looked at, not removed).
+    """
+
+    runs: List[Path]
+    ids: Dict[str, str]
+    shared_out: Path
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        fake = FakeCoda(token=TOKEN, seed=11)
+        fake.start()
+        cls.addClassCleanup(fake.stop)
+        tmp = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(tmp.cleanup)
+        cls.shared_out = Path(tmp.name) / "backups"
+        alpha = fake.add_doc("Alpha Doc")
+        overview = alpha.add_page("Overview", content="# Overview\n\nWhere things stand.\n")
+        notes = alpha.add_page("Notes", content="# Notes\n")
+        tasks = alpha.add_table("Tasks", parent_page=overview,
+                                columns=["Task", {"name": "Points", "type": "number"}, "Notes"])
+        rows = [tasks.add_row({"Task": f"T{i}", "Points": i, "Notes": f"n{i}"}) for i in range(5)]
+        points = tasks.column("Points").id
+        alpha.add_view(tasks, "Big Points", parent_page=overview, row_filter=lambda v: (v.get(points) or 0) >= 3)
+        beta = fake.add_doc("Beta Wiki")
+        beta.add_page("Home", content="# Home\n")
+        cls.runs = [cls.backup(fake)]
+
+        added = tasks.add_row({"Task": "T5", "Points": 5, "Notes": "n5"})
+        removed = tasks.remove_row(1)
+        tasks.set_cell(2, "Task", "T3 renamed")  # rows now T0 T2 T3 T4 T5: index 2 is T3
+        tasks.add_column("Owner")
+        tasks.remove_column("Notes")
+        overview.content = "# Overview\n\nWhere things are now.\n\nMore.\n"
+        overview.touch()
+        alpha.remove_page(notes)
+        alpha.add_page("Later", content="# Later\n")
+        fake.remove_doc(beta)
+        cls.runs.append(cls.backup(fake, "--incremental", "--allow-vanished"))  # 1 doc of 2: past the guard
+
+        fake.add_doc("Gamma Log").add_page("Start", content="# Start\n")
+        cls.runs.append(cls.backup(fake, "--exclude-doc", "Alpha Doc"))
+        cls.ids = {"added": added.id, "removed": removed.id, "changed": rows[3].id, "tasks": tasks.id,
+                   "overview": overview.id, "notes": notes.id, "beta": beta.id, "alpha": alpha.id}
+
+    @classmethod
+    def backup(cls, fake: FakeCoda, *extra: str) -> Path:
+        args = ["--output", str(cls.shared_out), "--api-url", fake.api_url, "--no-extras", *FAST_FLAGS, *extra]
+        old = os.environ.get("CODA_API_TOKEN")
+        os.environ["CODA_API_TOKEN"] = TOKEN
+        try:
+            with contextlib.redirect_stderr(io.StringIO()) as err, contextlib.redirect_stdout(io.StringIO()):
+                code = coda_backup.main(args)
+        finally:
+            if old is None:
+                os.environ.pop("CODA_API_TOKEN", None)
+            else:
+                os.environ["CODA_API_TOKEN"] = old
+        assert code == 0, err.getvalue()
+        latest = coda_backup.read_latest(cls.shared_out)
+        assert latest is not None
+        return latest
+
+    def setUp(self) -> None:  # no fake of its own: these tests only read the shared snapshots
+        self.stderr = ""
+        self.set_env("CODA_API_TOKEN", None)  # history needs no token
+        self.out = self.shared_out
+
+    def cli(self, *args: str, output: Optional[Path] = None) -> int:
+        return self.run_main(["--output", str(output or self.out), *args])
+
+    def diff_json(self, *names: str) -> Dict[str, Any]:
+        self.assertEqual(self.cli("--diff", *names, "--json"), 0, self.stderr)
+        return json.loads(self.stdout)  # type: ignore[no-any-return]
+
+    # -- the change report
+
+    def test_summary_changes_count_against_the_previous_snapshot(self) -> None:
+        first, second, third = (self.summary(run)["changes"] for run in self.runs)
+        self.assertEqual(first["docs"], {"added": 2, "changed": 0, "removed": 0}, "a first run adds everything")
+        self.assertIsNone(first["since"])
+        self.assertEqual(second["since"], self.runs[0].name)
+        expected = {
+            "docs": {"added": 0, "changed": 1, "removed": 1},  # Alpha changed, Beta deleted
+            "pages": {"added": 1, "changed": 1, "removed": 1},  # Beta's Home is counted with Beta
+            "tables": {"added": 0, "changed": 1, "removed": 0},
+            "views": {"added": 0, "changed": 1, "removed": 0},
+            "rows": {"added": 1, "changed": 1, "removed": 1},  # base tables only: views show the same rows
+        }
+        self.assertEqual({key: second[key] for key in expected}, expected)
+        self.assertEqual(third["docs"], {"added": 1, "changed": 0, "removed": 0},
+                         "Alpha was left out by --exclude-doc: not removed")
+        self.assertEqual((third["pages"]["removed"], third["tables"]["removed"]), (0, 0))
+
+    def test_diff_is_exact_for_rows_columns_pages_and_docs(self) -> None:
+        diff = self.diff_json()  # defaults: NEW = latest (S3), OLD = the completed one before it (S2)
+        self.assertEqual((diff["old"], diff["new"]), (self.runs[1].name, self.runs[2].name))
+
+        diff = self.diff_json(self.runs[0].name, self.runs[1].name)
+        summary_changes = self.summary(self.runs[1])["changes"]
+        self.assertEqual(diff["counts"], {kind: summary_changes[kind] for kind in coda_backup.HISTORY_KINDS},
+                         "--diff and the change report count alike")
+        self.assertEqual([d["id"] for d in diff["docs"]["removed"]], [self.ids["beta"]])
+        self.assertEqual([p["name"] for p in diff["pages"]["added"]], ["Later"])
+        self.assertEqual([p["id"] for p in diff["pages"]["removed"]], [self.ids["notes"]])
+        [page] = diff["pages"]["changed"]
+        self.assertEqual((page["id"], page["lines"]), (self.ids["overview"], {"added": 3, "removed": 1}))
+        [table] = diff["tables"]["changed"]
+        self.assertEqual(table["id"], self.ids["tasks"])
+        self.assertEqual(table["rows"], {"added": 1, "removed": 1, "changed": 1})
+        self.assertEqual(table["columns"], {"added": ["Owner"], "removed": ["Notes"]})
+        self.assertEqual(table["examples"], {"added": [self.ids["added"]], "removed": [self.ids["removed"]],
+                                             "changed": [self.ids["changed"]]})
+        [view] = diff["views"]["changed"]
+        self.assertEqual(view["rows"], {"added": 1, "removed": 0, "changed": 1}, "T5 joins, T3 changes")
+
+        self.assertEqual(self.cli("--diff", self.runs[0].name, self.runs[1].name), 0, self.stderr)
+        lines = self.stdout.splitlines()
+        self.assertIn("docs:   0 added, 1 removed, 1 changed", lines)
+        self.assertIn(f"- doc   Beta Wiki ({self.ids['beta']})", lines)
+        self.assertIn(f"~ table Alpha Doc / Tasks ({self.ids['tasks']}): rows +1 -1 ~1; columns +Owner -Notes",
+                      lines)
+        self.assertIn(f"    changed rows: {self.ids['changed']}", lines)
+
+    def test_diff_across_a_selection_and_bad_arguments(self) -> None:
+        diff = self.diff_json(self.runs[0].name, "latest")
+        self.assertEqual([d["name"] for d in diff["docs"]["added"]], ["Gamma Log"])
+        self.assertEqual([d["name"] for d in diff["docs"]["removed"]], ["Beta Wiki"], "Alpha was excluded")
+        for args in (["--diff", "2001-01-01T000000Z"], ["--diff", "a", "b", "c"], ["--diff", "../x"]):
+            with self.subTest(args=args):
+                self.assertEqual(self.cli(*args), 2)
+                self.assertEqual(len(self.stderr.strip().splitlines()), 1, self.stderr)
+        self.assertEqual(self.run_main(["--diff"]), 2)
+        self.assertIn("--output", self.stderr)
+
+    # -- find
+
+    def test_find_reaches_objects_only_older_snapshots_hold(self) -> None:
+        self.assertEqual(self.cli("--find", "beta*", "--json"), 0, self.stderr)
+        found = json.loads(self.stdout)
+        self.assertEqual([(f["snapshot"], f["kind"], f["name"]) for f in found],
+                         [(self.runs[0].name, "doc", "Beta Wiki")])
+        self.assertEqual(self.cli("--find", self.ids["notes"]), 0, self.stderr)
+        self.assertEqual(len(self.stdout.splitlines()), 1, self.stdout)
+        self.assertIn(self.runs[0].name, self.stdout)
+        self.assertIn("pages/Notes__", self.stdout)
+        self.assertEqual(self.cli("--find", "Tasks", "--json"), 0, self.stderr)
+        self.assertEqual([f["snapshot"] for f in json.loads(self.stdout)], [self.runs[1].name, self.runs[0].name],
+                         "newest first; S3 left Alpha out")
+        self.assertEqual(self.cli("--find", "no such thing"), 1)
+
+    # -- retention end to end
+
+    def test_prune_and_its_dry_run(self) -> None:
+        out = Path(tempfile.mkdtemp()) / "copy"
+        self.addCleanup(shutil.rmtree, out.parent)
+        shutil.copytree(self.out, out, symlinks=True)
+        names = [run.name for run in self.runs]
+        self.assertEqual(self.cli("--list-runs", "--keep-last", "1", output=out), 0, self.stderr)
+        lines = {line.split()[0]: line for line in self.stdout.splitlines() if line[:1].isdigit()}
+        self.assertTrue(lines[names[2]].endswith("keep (last, latest)"), lines[names[2]])
+        self.assertTrue(lines[names[1]].endswith("delete (no rule keeps it)"), lines[names[1]])
+        self.assertRegex(lines[names[0]], r"keep \(newest copy of .*Beta Wiki.*--keep-vanished 90\)\)$",
+                         "S1 holds the last copy of Beta: --keep-vanished protects it")
+
+        no_vanished_rule = ["--keep-vanished", "0"]
+        self.assertEqual(self.cli("--prune", "--dry-run", "--keep", "1", *no_vanished_rule, output=out), 0,
+                         self.stderr)
+        self.assertIn(f"delete {names[0]}  (no rule keeps it)", self.stdout.splitlines())
+        self.assertEqual(sorted(p.name for p in out.iterdir() if p.name in names), names, "a dry run deletes nothing")
+
+        self.assertEqual(self.cli("--prune", "--keep-last", "1", output=out), 0, self.stderr)
+        self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], [names[0], names[2]])
+        self.assertEqual(self.cli("--prune", "--keep-last", "1", *no_vanished_rule, output=out), 0, self.stderr)
+        self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], [names[2]])
+        self.assertEqual(self.cli("--prune", output=out), 2, "--prune without a rule")
+        self.assertEqual(self.cli("--prune", "--keep-daily", "0", output=out), 2)
+
+
+# --- the retention planner ---------------------------------------------------------------------
+
+
+def record(moment: str, status: str = "completed") -> SnapshotRecord:
+    time = dt.datetime.strptime(moment, "%Y-%m-%d %H:%M").replace(tzinfo=dt.timezone.utc)
+    return SnapshotRecord(time.strftime(coda_backup.SNAPSHOT_TIME_FORMAT), time, status)
+
+
+def kept(records: List[SnapshotRecord], policy: RetentionPolicy, latest: Optional[str] = None,
+         protected: Optional[Dict[str, str]] = None) -> List[Tuple[str, Tuple[str, ...]]]:
+    return [(d.name[:13], d.reasons) for d in plan_retention(records, policy, latest, protected) if d.keep]
+
+
+def name(moment: str) -> str:
+    return record(moment).name
+
+
+class RetentionPlannerTest(unittest.TestCase):
+    def test_policies(self) -> None:
+        nightly = [record(f"2026-03-{day:02d} 02:00") for day in range(1, 11)]
+        cases = [
+            ("last 3", nightly, RetentionPolicy(last=3),
+             [("2026-03-10T02", ("last",)), ("2026-03-09T02", ("last",)), ("2026-03-08T02", ("last",))]),
+            ("daily 2 takes the newest of each day",
+             [record("2026-03-01 02:00"), record("2026-03-01 14:00"), record("2026-03-02 02:00"),
+              record("2026-03-02 09:00"), record("2026-03-03 02:00")],
+             RetentionPolicy(daily=2), [("2026-03-03T02", ("daily",)), ("2026-03-02T09", ("daily",))]),
+            ("ISO week 2026-W53 runs from 2026-12-28 to 2027-01-03",
+             [record("2026-12-27 02:00"), record("2026-12-28 02:00"), record("2026-12-31 02:00"),
+              record("2027-01-03 02:00"), record("2027-01-04 02:00")],
+             RetentionPolicy(weekly=3),
+             [("2027-01-04T02", ("weekly",)), ("2027-01-03T02", ("weekly",)), ("2026-12-27T02", ("weekly",))]),
+            ("month boundaries in UTC",
+             [record("2026-01-31 23:59"), record("2026-02-01 00:00"), record("2026-02-28 23:00"),
+              record("2026-03-01 00:30")],
+             RetentionPolicy(monthly=2), [("2026-03-01T00", ("monthly",)), ("2026-02-28T23", ("monthly",))]),
+            ("months across a year", [record("2025-12-15 02:00"), record("2026-01-02 02:00")],
+             RetentionPolicy(monthly=5), [("2026-01-02T02", ("monthly",)), ("2025-12-15T02", ("monthly",))]),
+            ("within counts from the newest completed snapshot, not from now", nightly,
+             RetentionPolicy(within_days=2), [("2026-03-10T02", ("within",)), ("2026-03-09T02", ("within",))]),
+            ("the union, with every reason", nightly, RetentionPolicy(last=1, daily=2, weekly=2),
+             [("2026-03-10T02", ("last", "daily", "weekly")), ("2026-03-09T02", ("daily",)),
+              ("2026-03-08T02", ("weekly",))]),
+        ]
+        for label, records, policy, expected in cases:
+            with self.subTest(label):
+                self.assertEqual(kept(records, policy), expected)
+
+    def test_only_completed_snapshots_count_and_some_are_never_deleted(self) -> None:
+        runs = [record("2026-03-01 02:00"), record("2026-03-02 02:00", "failed"),
+                record("2026-03-03 02:00"), record("2026-03-04 02:00", "completed_with_errors"),
+                record("2026-03-05 02:00", "running")]
+        cases = [
+            ("errors and failures do not use up a slot; newer unfinished ones stay", RetentionPolicy(last=1), None,
+             None, [("2026-03-05T02", ("running",)),
+                    ("2026-03-04T02", ("completed_with_errors, newer than the oldest kept snapshot",)),
+                    ("2026-03-03T02", ("last",))]),
+            ("latest and protected are kept", RetentionPolicy(last=1), name("2026-03-01 02:00"),
+             {name("2026-03-02 02:00"): "holds a vanished doc"},
+             [("2026-03-05T02", ("running",)),
+              ("2026-03-04T02", ("completed_with_errors, newer than the oldest kept snapshot",)),
+              ("2026-03-03T02", ("last",)), ("2026-03-02T02", ("holds a vanished doc",)),
+              ("2026-03-01T02", ("latest",))]),
+        ]
+        for label, policy, latest, protected, expected in cases:
+            with self.subTest(label):
+                self.assertEqual(kept(runs, policy, latest, protected), expected)
+        unfinished = [record("2026-03-01 02:00", "completed_with_errors"), record("2026-03-02 02:00", "failed")]
+        self.assertEqual(len(kept(unfinished, RetentionPolicy(last=1))), 2, "no completed snapshot: nothing goes")
+        plan = plan_retention(runs, RetentionPolicy(last=1))
+        self.assertEqual([(d.name[:13], d.reasons) for d in plan if not d.keep],
+                         [("2026-03-02T02", ("failed, older than the oldest kept snapshot",)),
+                          ("2026-03-01T02", ("no rule keeps it",))])
+
+
+if __name__ == "__main__":
+    unittest.main()
