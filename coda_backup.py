@@ -27,8 +27,11 @@ Run the tests::
 
     python3 -m unittest discover -s tests -v
 
-Nightly use. --incremental hard-links what did not change from the latest
-snapshot (each snapshot stays complete on its own); --keep-last/-daily/-weekly/
+Nightly use. --incremental hard-links what did not change from the newest
+earlier snapshot that holds it intact (so a cancelled or failed run is resumed;
+each snapshot stays complete on its own; saved files are read-only, 0400, as
+snapshots share them), re-reading what --max-age says is too old and tables
+with formulas whose doc moved; --keep-last/-daily/-weekly/
 -monthly/-within prune old ones like restic (--prune: without a backup); every
 summary says what changed, --diff shows it down to rows, --find finds the last
 copy of an object; --verify re-hashes a snapshot; --list-runs, --retry-failed,
@@ -56,6 +59,7 @@ import csv
 import datetime as dt
 import email.utils
 import fnmatch
+import functools
 import gzip
 import hashlib
 import html
@@ -74,6 +78,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import sys
 import tempfile
 import threading
@@ -177,6 +182,9 @@ VANISHED_VERSION = 1
 DEFAULT_MAX_VANISHED = 25.0
 VANISHED_MIN_OBJECTS = 5
 DEFAULT_KEEP_VANISHED = 90  # days retention keeps the last snapshot holding a vanished object
+FINISHED_STATUSES = ("completed", "completed_with_errors")  # every doc such a run listed was seen to the end
+READ_ONLY_MODE = 0o400  # saved content; summary.json, manifest.json and DIR's own files stay 0600
+DEFAULT_MAX_AGE_DAYS = 7.0
 
 LOG = logging.getLogger("coda_backup")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -1092,12 +1100,14 @@ def make_private_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+def atomic_file(path: Path, settle: Optional[Callable[[str], bool]] = None) -> Iterator[IO[bytes]]:
     """Write to a temp file in the same folder, fsync, then rename into place.
 
     A reader sees the old file or the complete new one, never half of it; on
     any error (or cancellation) the temp file is removed. mkstemp makes the
-    file 0600 on POSIX.
+    file 0600 on POSIX. `settle(temp name)` runs before the rename; when it
+    returns True it has put the target in place itself (a hard link to an
+    identical file) and the temp file is dropped.
     """
     make_private_dir(path.parent)
     fd, temp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=str(path.parent))
@@ -1106,11 +1116,72 @@ def atomic_file(path: Path) -> Iterator[IO[bytes]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        replace_file(temp_name, path)
+        if settle is not None and settle(temp_name):
+            make_writable(temp_name)
+            os.unlink(temp_name)
+        else:
+            replace_file(temp_name, path)
     except BaseException:
         with contextlib.suppress(OSError):
+            make_writable(temp_name)
             os.unlink(temp_name)
         raise
+
+
+class HashingWriter(io.BufferedIOBase):
+    """A write-only stream that hashes what passes through it, so a saved file's size and
+    sha256 for the manifest come for free instead of from reading the file back."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__()
+        self._raw = raw
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    @property
+    def name(self) -> Any:
+        return self._raw.name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._digest.update(view)
+        self._raw.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    @property
+    def sha256(self) -> str:
+        return self._digest.hexdigest()
+
+    def record(self, relative: PurePosixPath, role: str) -> Dict[str, Any]:
+        return {"path": str(relative), "size": self.size, "sha256": self.sha256, "role": role}
+
+
+# Given the size and sha256 of a file just written, an earlier identical file to hard-link instead.
+Twin = Callable[[int, str], Optional[Path]]
+
+
+@contextlib.contextmanager
+def content_file(path: Path, twin: Optional[Twin] = None) -> Iterator[HashingWriter]:
+    """atomic_file for a snapshot's content: hashed while written, read-only (0400) before it
+    gets its name, and replaced by a hard link when `twin` finds an identical earlier file
+    (a re-read that changed nothing costs no disk)."""
+    writer: Optional[HashingWriter] = None
+
+    def settle(temp_name: str) -> bool:
+        os.chmod(temp_name, READ_ONLY_MODE)
+        same = twin(writer.size, writer.sha256) if twin is not None and writer is not None else None
+        if same is not None and hard_link(same, path):
+            return True
+        make_writable(path)  # a page rewritten with its asset links: Windows cannot replace a read-only file
+        return False
+
+    with atomic_file(path, settle) as raw:
+        writer = HashingWriter(raw)
+        yield writer
 
 
 def replace_file(source: str, target: Path) -> None:
@@ -1131,20 +1202,39 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
+def json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, ensure_ascii=False, indent=2, sort_keys=False) + "\n").encode("utf-8")
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
-    text = json.dumps(value, ensure_ascii=False, indent=2, sort_keys=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"))
+    write_bytes_atomic(path, json_bytes(value))
 
 
-def file_record(root: Path, relative: PurePosixPath) -> Dict[str, Any]:
-    """Path, size and sha256 of a written file, for the manifest and --verify."""
+def hash_file(path: Path) -> Tuple[int, str]:
+    """Size and sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
     size = 0
-    with open(inside(root, relative), "rb") as handle:
+    with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
             size += len(chunk)
-    return {"path": str(relative), "size": size, "sha256": digest.hexdigest()}
+    return size, digest.hexdigest()
+
+
+def file_record(root: Path, relative: PurePosixPath) -> Dict[str, Any]:
+    """Path, size and sha256 of a file on disk, for --verify."""
+    size, sha256 = hash_file(inside(root, relative))
+    return {"path": str(relative), "size": size, "sha256": sha256}
+
+
+def file_matches(path: Path, record: Dict[str, Any]) -> bool:
+    """Whether a file still holds what its manifest record says: size first (cheap), then sha256."""
+    try:
+        if path.stat().st_size != record.get("size"):
+            return False
+        return hash_file(path) == (record.get("size"), record.get("sha256"))
+    except OSError:
+        return False
 
 
 def with_suffix(stem: PurePosixPath, suffix: str) -> PurePosixPath:
@@ -1199,20 +1289,25 @@ def csv_record(row: Dict[str, Any], column_ids: List[str]) -> List[str]:
 
 
 def write_rows_csv(path: Path, columns: List[Dict[str, Any]], rows: Iterator[Dict[str, Any]],
-                   ndjson_path: Optional[Path] = None) -> Tuple[int, Optional[BackupError]]:
+                   ndjson_path: Optional[Path] = None, like: Optional[SavedCopy] = None,
+                   written: Optional[List[HashingWriter]] = None) -> Tuple[int, Optional[BackupError]]:
     """Stream rows into a CSV file (and, if asked, NDJSON), one page of results at a time.
 
     Memory stays flat whatever the table size. A listing that ends early
     (ListingIncomplete) keeps the rows read and returns the error; an API
-    failure discards the temp files and raises.
+    failure discards the temp files and raises. A file identical to `like`'s
+    becomes a hard link of it; `written` receives the files' hashing writers
+    (size and sha256).
     """
     column_ids = [str(column.get("id")) for column in columns]
     count = 0
     problem: Optional[BackupError] = None
     with contextlib.ExitStack() as files:
-        text = io.TextIOWrapper(files.enter_context(atomic_file(path)), encoding="utf-8", newline="")
+        csv_out = files.enter_context(content_file(path, twin_of(like, "csv")))
+        text = io.TextIOWrapper(csv_out, encoding="utf-8", newline="")
         files.callback(text.detach)  # flushes; the raw file stays open for atomic_file to fsync
-        ndjson = files.enter_context(atomic_file(ndjson_path)) if ndjson_path is not None else None
+        ndjson = files.enter_context(content_file(ndjson_path, twin_of(like, "rows"))) \
+            if ndjson_path is not None else None
         text.write(csv_line(csv_header(columns)))
         try:
             for row in rows:
@@ -1222,6 +1317,8 @@ def write_rows_csv(path: Path, columns: List[Dict[str, Any]], rows: Iterator[Dic
                 count += 1
         except ListingIncomplete as exc:
             problem = exc
+    if written is not None:
+        written.extend([csv_out] + ([ndjson] if ndjson is not None else []))
     return count, problem
 
 
@@ -1232,16 +1329,393 @@ def ndjson_line(row: Dict[str, Any]) -> bytes:
     return (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
 
 
-def link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link an unchanged file into the new snapshot; copy where links fail (FAT, other devices)."""
-    make_private_dir(target.parent)
+def hard_link(source: Path, target: Path) -> bool:
+    """Hard-link an earlier snapshot's file; False where links fail (FAT, another drive).
+
+    Files saved before snapshots became read-only are made 0400 on the way (the inode is
+    shared, so every snapshot holding it gains the protection).
+    """
     try:
         os.link(source, target)
     except FileExistsError:
         raise
     except OSError:
-        with atomic_file(target) as handle, open(source, "rb") as original:
+        return False
+    if os.name == "posix":
+        with contextlib.suppress(OSError):
+            if target.stat().st_mode & 0o777 != READ_ONLY_MODE:
+                os.chmod(target, READ_ONLY_MODE)
+    return True
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link an unchanged file into the new snapshot; copy where links fail."""
+    make_private_dir(target.parent)
+    if not hard_link(source, target):
+        with content_file(target) as handle, open(source, "rb") as original:
             shutil.copyfileobj(original, handle)
+
+
+def make_writable(path: Any) -> None:
+    """Windows refuses to delete a read-only file; POSIX asks only the folder, so this is a no-op there."""
+    if os.name == "nt":
+        with contextlib.suppress(OSError):
+            os.chmod(path, stat.S_IWRITE | stat.S_IREAD)
+
+
+def remove_tree(folder: Path) -> None:
+    """shutil.rmtree that also deletes read-only snapshot files on Windows (clears the attribute
+    and tries again); on POSIX a 0400 file in a 0700 folder is deleted as it is."""
+    def retry(function: Callable[..., Any], path: str, *_: Any) -> None:
+        make_writable(path)
+        function(path)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=retry)
+    else:
+        shutil.rmtree(folder, onerror=retry)
+
+
+# --- Previous snapshots and reuse ---------------------------------------------
+
+# Why an object is reused or fetched again: the manifest's `reason` and what --dry-run prints.
+REASON_UNCHANGED = "unchanged"
+REASON_DOC_UNCHANGED = "doc unchanged"
+REASON_RETRY_FAILED = "saved before (--retry-failed)"
+REASON_NO_COPY = "no saved copy"
+REASON_CHANGED = "changed"
+REASON_FILES = "other files asked for"
+REASON_FLAGS = "other flags"
+REASON_PARTIAL = "not all of it saved"
+REASON_TABLES = "a table on it changed"
+REASON_BASE = "base table changed"
+REASON_FORMULAS = "calculated columns, doc changed"
+REASON_MAX_AGE = "older than --max-age"
+REASON_DAMAGED = "saved copy damaged"
+REASON_ASSETS = "assets not all saved"
+
+
+@dataclass(frozen=True)
+class SavedCopy:
+    """One object as an earlier snapshot saved it, with the facts reuse compares, all taken
+    from that same snapshot (a page is only as current as the tables it showed then)."""
+
+    snapshot: Path
+    entry: Dict[str, Any]  # its manifest entry
+    fetched_at: Optional[dt.datetime]  # when its bytes were downloaded; None = unknown (too old)
+    doc_updated: Any = None  # the doc's updatedAt in that snapshot
+    base_updated: Any = None  # a view's base table's updatedAt in that snapshot
+    hosted: Dict[str, Optional[str]] = field(default_factory=dict)  # a page's tables: id -> CSV sha256
+    whole: bool = False  # a doc: its run finished and every page and table of it was saved
+    layout: Any = None  # a doc: the file choices of that run (Options.layout_key)
+
+    def path_of(self, record: Dict[str, Any]) -> Path:
+        return inside(self.snapshot, PurePosixPath(record["path"]))
+
+    def roles(self) -> set[str]:
+        return {record["role"] for record in self.entry["files"]}
+
+    def all_files(self) -> List[Tuple[Path, Dict[str, Any]]]:
+        """A doc's own files and those of its pages and tables (assets included); any other
+        object's files."""
+        children = self.entry.get("pages", []) + self.entry.get("tables", [])
+        records = {record["path"]: record for item in [self.entry] + children
+                   for record in item["files"] + item.get("assets", [])}  # a doc's pages share assets
+        return [(self.path_of(record), record) for record in records.values()]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Reuse `source` (link its files), or fetch; `source` is then the copy that identical new
+    files are linked to. `reason` is one of the REASON_ strings."""
+
+    reuse: bool
+    reason: str
+    source: Optional[SavedCopy] = None
+
+
+@dataclass(frozen=True)
+class ReusePolicy:
+    """Whether an object may be linked from an earlier snapshot: pure, so that the run and
+    --dry-run decide alike and every rule has a table-driven test.
+
+    The rules, in the order they are asked (README "Incremental runs" lists them): a saved
+    copy exists (ok/unchanged, files present); it has the files this run wants; the
+    object's updatedAt did not move; a page's tables are byte for byte what the saved page
+    showed; a view's base table did not move; a table with calculated columns is re-read
+    when its doc moved (Coda's updatedAt ignores formula results); nothing is older than
+    --max-age. --retry-failed reuses whatever was saved.
+    """
+
+    now: dt.datetime
+    max_age_days: float = DEFAULT_MAX_AGE_DAYS
+    retry_failed: bool = False
+    page_formats: Tuple[str, ...] = ("markdown",)
+    rows_json: bool = False
+    layout: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def for_run(cls, options: Options, now: dt.datetime) -> ReusePolicy:
+        return cls(now=now, max_age_days=options.max_age_days, retry_failed=options.retry_failed,
+                   page_formats=options.page_formats, rows_json=options.rows_json, layout=options.layout_key())
+
+    def doc(self, doc: Dict[str, Any], saved: Optional[SavedCopy]) -> Decision:
+        """Link a whole doc (no request at all) or list it again and decide object by object."""
+        if saved is None:
+            return Decision(False, REASON_NO_COPY)
+        if not saved.whole:
+            return Decision(False, REASON_PARTIAL, saved)
+        if saved.layout != self.layout:
+            return Decision(False, REASON_FLAGS, saved)
+        if self.retry_failed:
+            return Decision(True, REASON_RETRY_FAILED, saved)
+        if not doc.get("updatedAt") or doc.get("updatedAt") != saved.entry.get("updatedAt"):
+            return Decision(False, REASON_CHANGED, saved)
+        if self._too_old(saved):
+            return Decision(False, REASON_MAX_AGE, saved)
+        return Decision(True, REASON_DOC_UNCHANGED, saved)
+
+    def page(self, page: Dict[str, Any], saved: Optional[SavedCopy],
+             hosted: Callable[[], Dict[str, Optional[str]]]) -> Decision:
+        """`hosted()`: this run's CSV sha256 of each table and view shown on the page (None: failed,
+        or not known yet in a dry run); asked last, as it waits for those tables."""
+        if saved is None:
+            return Decision(False, REASON_NO_COPY)
+        if saved.roles() != set(self.page_formats):
+            return Decision(False, REASON_FILES, saved)
+        if self.retry_failed:
+            return Decision(True, REASON_RETRY_FAILED, saved)
+        if not page.get("updatedAt") or page.get("updatedAt") != saved.entry.get("updatedAt"):
+            return Decision(False, REASON_CHANGED, saved)
+        if self._too_old(saved):
+            return Decision(False, REASON_MAX_AGE, saved)
+        now_shown = hosted()
+        if now_shown != saved.hosted or None in now_shown.values():
+            return Decision(False, REASON_TABLES, saved)
+        return Decision(True, REASON_UNCHANGED, saved)
+
+    def table(self, table: Dict[str, Any], saved: Optional[SavedCopy], doc_updated: Any,
+              base_updated: Callable[[], Any]) -> Decision:
+        """`table`: GET /tables/{id}. `doc_updated`: the doc's updatedAt now. `base_updated()`: a
+        view's base table's updatedAt now (one more read, so asked last and only for views)."""
+        if saved is None:
+            return Decision(False, REASON_NO_COPY)
+        wanted = {"table", "columns", "csv"} | ({"rows"} if self.rows_json else set())
+        if saved.roles() != wanted:
+            return Decision(False, REASON_FILES, saved)
+        if self.retry_failed:
+            return Decision(True, REASON_RETRY_FAILED, saved)
+        if not table.get("updatedAt") or table.get("updatedAt") != saved.entry.get("updatedAt"):
+            return Decision(False, REASON_CHANGED, saved)
+        calculated = saved.entry.get("calculatedColumns")
+        if (calculated is None or calculated > 0) and doc_updated != saved.doc_updated:
+            return Decision(False, REASON_FORMULAS, saved)
+        if self._too_old(saved):
+            return Decision(False, REASON_MAX_AGE, saved)
+        if _ref_id(table.get("parentTable")) is not None:
+            now_base = base_updated()
+            if not now_base or now_base != saved.base_updated:
+                return Decision(False, REASON_BASE, saved)
+        return Decision(True, REASON_UNCHANGED, saved)
+
+    def _too_old(self, saved: SavedCopy) -> bool:
+        if saved.fetched_at is None or self.max_age_days <= 0:
+            return True
+        return self.now - saved.fetched_at > dt.timedelta(days=self.max_age_days)
+
+
+def intact(files: List[Tuple[Path, Dict[str, Any]]]) -> bool:
+    """Every file still holds the bytes its manifest recorded (read and hashed in full)."""
+    for path, record in files:
+        if not file_matches(path, record):
+            LOG.warning("%s no longer matches its manifest (size or sha256); not linking it", path)
+            return False
+    return True
+
+
+def csv_sha256(entry: Dict[str, Any]) -> Optional[str]:
+    """The sha256 of a saved table's rows, or None unless it was saved (ok or unchanged)."""
+    if entry.get("status") not in REUSABLE_STATUSES:
+        return None
+    return next((record["sha256"] for record in entry["files"] if record["role"] == "csv"), None)
+
+
+def twin_of(source: Optional[SavedCopy], role: str) -> Optional[Twin]:
+    """Finds the earlier file of this role when a new file turns out byte-identical to it."""
+    record = next((r for r in source.entry["files"] if r["role"] == role), None) if source else None
+    if source is None or record is None:
+        return None
+
+    def twin(size: int, sha256: str) -> Optional[Path]:
+        if (size, sha256) != (record["size"], record["sha256"]):
+            return None
+        path = source.path_of(record)
+        return path if file_matches(path, record) else None
+
+    return twin
+
+
+def parse_time(value: Any) -> Optional[dt.datetime]:
+    try:
+        return dt.datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    except ValueError:
+        return None
+
+
+class SnapshotIndex:
+    """For every doc, page and table: the newest earlier snapshot that holds it intact
+    (status ok or unchanged, every file there with its recorded size), whatever that
+    run's status: a cancelled or failed run is resumed, not thrown away.
+
+    Manifests are read newest first and an object found is not looked for further back,
+    so memory holds one entry per object. Reading stops after a `completed` snapshot that
+    backed up the same docs as this run (nothing older can add to it). A manifest that
+    cannot be read is skipped with a warning. Pages and tables are keyed by (doc id, id):
+    ids are unique only within a doc, and a copy of a doc may keep them.
+    """
+
+    def __init__(self) -> None:
+        self.docs: Dict[str, SavedCopy] = {}
+        self.pages: Dict[Tuple[str, str], SavedCopy] = {}
+        self.tables: Dict[Tuple[str, str], SavedCopy] = {}
+
+    @classmethod
+    def load(cls, output: Path, options: Options, current: Optional[Path] = None) -> SnapshotIndex:
+        """All snapshots in `output` but `current`; --retry-failed: only `latest`."""
+        index = cls()
+        if options.retry_failed:
+            latest = read_latest(output)
+            folders = [latest] if latest is not None else []
+        else:
+            folders = [folder for folder in reversed(snapshot_folders(output)) if folder != current]
+        if not folders:
+            LOG.warning("no previous snapshot in %s; making a full backup", output)
+        selection = selection_key(options)
+        for folder in folders:
+            try:
+                manifest = read_manifest(folder)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, BackupError) as exc:
+                if read_summary(folder).get("status") == "abandoned":
+                    LOG.info("snapshot %s was abandoned without a manifest; nothing to reuse there", folder.name)
+                else:
+                    LOG.warning("cannot use the manifest of %s (%s); its files are not reused", folder.name, exc)
+                continue
+            index.add(folder, manifest)
+            options_then = manifest["options"]
+            if manifest.get("status") == "completed" and selection_key_of(options_then) == selection:
+                break
+        return index
+
+    def add(self, folder: Path, manifest: Dict[str, Any]) -> None:
+        started = parse_time(manifest.get("started_at"))
+        finished = manifest.get("status") in FINISHED_STATUSES
+        layout = manifest["options"].get("layout")
+        for doc in manifest["docs"]:
+            doc_id, doc_updated = doc["id"], doc.get("updatedAt")
+            hosted: Dict[str, Dict[str, Optional[str]]] = {}
+            updated: Dict[str, Any] = {}
+            for table in doc["tables"]:
+                hosted.setdefault(table.get("parentPageId") or "", {})[table["id"]] = csv_sha256(table)
+                updated[table["id"]] = table.get("updatedAt")
+            for page in doc["pages"]:
+                if (doc_id, page["id"]) not in self.pages and self._saved(folder, page):
+                    self.pages[(doc_id, page["id"])] = SavedCopy(
+                        folder, page, fetched_time(page, started), doc_updated, hosted=hosted.get(page["id"], {}))
+            for table in doc["tables"]:
+                if (doc_id, table["id"]) not in self.tables and self._saved(folder, table):
+                    self.tables[(doc_id, table["id"])] = SavedCopy(
+                        folder, table, fetched_time(table, started), doc_updated,
+                        base_updated=updated.get(table.get("parentTableId") or ""))
+            known = self.docs.get(doc_id)
+            if known is None or not known.whole:
+                copy = self._doc_copy(folder, doc, started, finished, layout)
+                if copy is not None and (known is None or copy.whole):
+                    self.docs[doc_id] = copy
+
+    def _doc_copy(self, folder: Path, doc: Dict[str, Any], started: Optional[dt.datetime], finished: bool,
+                  layout: Any) -> Optional[SavedCopy]:
+        if not self._saved(folder, doc):
+            return None
+        children = doc["pages"] + doc["tables"]
+        whole = finished and all(child["status"] in REUSABLE_STATUSES + ("skipped",) for child in children) \
+            and all(self._saved(folder, child) for child in children if child["status"] != "skipped") \
+            and all(assets_intact(folder, child) for child in children)
+        times = [fetched_time(item, started) for item in [doc] + children if item["status"] != "skipped"]
+        oldest = None if None in times else min(time for time in times if time is not None)
+        return SavedCopy(folder, doc, oldest, doc.get("updatedAt"), whole=whole, layout=layout)
+
+    @staticmethod
+    def _saved(folder: Path, entry: Dict[str, Any]) -> bool:
+        if entry.get("status") not in REUSABLE_STATUSES:
+            return False
+        for record in entry["files"]:
+            try:
+                if inside(folder, PurePosixPath(record["path"])).stat().st_size != record["size"]:
+                    return False
+            except OSError:
+                return False
+        return True
+
+
+def fetched_time(entry: Dict[str, Any], started: Optional[dt.datetime]) -> Optional[dt.datetime]:
+    """When an entry's bytes were downloaded. Manifests older than `fetchedAt` did not say: an
+    `ok` entry was downloaded by that run (its start is a safe, earlier bound); for a linked
+    (`unchanged`) one nobody knows, so it counts as older than any --max-age."""
+    if "fetchedAt" in entry:
+        return parse_time(entry["fetchedAt"])
+    return started if entry.get("status") == "ok" else None
+
+
+def selection_key(options: Options) -> Dict[str, Any]:
+    """Which docs a run backs up; a completed run with the same selection holds them all."""
+    return {"include_shared": options.include_shared, "workspace_id": options.workspace_id,
+            "docs": list(options.docs), "exclude_docs": list(options.exclude_docs)}
+
+
+def selection_key_of(options: Dict[str, Any]) -> Dict[str, Any]:
+    return {"include_shared": options.get("include_shared"), "workspace_id": options.get("workspace_id"),
+            "docs": options.get("docs", []), "exclude_docs": options.get("exclude_docs", [])}
+
+
+def read_manifest(folder: Path) -> Dict[str, Any]:
+    """A snapshot's manifest, checked: every field reuse reads has the right type and no path
+    leaves the snapshot. Raises ValueError (or OSError) otherwise."""
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"manifest version {manifest.get('version') if isinstance(manifest, dict) else None!r}")
+    if not isinstance(manifest.get("options"), dict) or not isinstance(manifest.get("docs"), list):
+        raise ValueError("manifest without options or docs")
+    for doc in manifest["docs"]:
+        _check_entry(folder, doc, DOC_FILES)
+        if not isinstance(doc.get("pages"), list) or not isinstance(doc.get("tables"), list):
+            raise ValueError(f"doc {doc['id']!r} without pages or tables")
+        for page in doc["pages"]:
+            _check_entry(folder, page, PAGE_ROLES)
+        for table in doc["tables"]:
+            _check_entry(folder, table, TABLE_ROLES)
+            for key in ("rowCount", "calculatedColumns"):
+                if not isinstance(table.get(key), (int, type(None))) or isinstance(table.get(key), bool):
+                    raise ValueError(f"table {table['id']!r} has a {key} that is not a number")
+    return manifest
+
+
+def _check_entry(root: Path, entry: Any, roles: Collection[str]) -> None:
+    """Raise ValueError unless a manifest entry has what reuse reads, of the right types,
+    and only files of the roles its kind of object has."""
+    if not isinstance(entry, dict):
+        raise ValueError("manifest entry is not an object")
+    for key, kinds in (("id", str), ("status", str), ("path", str), ("updatedAt", (str, type(None))),
+                       ("parentPageId", (str, type(None))), ("parentTableId", (str, type(None)))):
+        if not isinstance(entry.get(key), kinds):
+            raise ValueError(f"manifest entry {entry.get('id')!r}: bad {key}")
+    if not isinstance(entry.get("files"), list):
+        raise ValueError(f"manifest entry {entry['id']!r}: no files list")
+    for record in entry["files"]:
+        if not (isinstance(record, dict) and isinstance(record.get("path"), str)
+                and isinstance(record.get("size"), int) and not isinstance(record.get("size"), bool)
+                and isinstance(record.get("sha256"), str) and record.get("role") in roles):
+            raise ValueError(f"manifest entry {entry['id']!r}: bad file record")
+        inside(root, PurePosixPath(record["path"]))  # a manifest must not point outside
 
 
 # --- Exporters ----------------------------------------------------------------
@@ -1294,6 +1768,7 @@ class Options:
     assets: bool = True
     asset_hosts: Tuple[str, ...] = DEFAULT_ASSET_HOSTS  # the allowed URL prefixes, default included
     max_asset_mb: int = DEFAULT_MAX_ASSET_MB
+    max_age_days: float = DEFAULT_MAX_AGE_DAYS
 
     def layout_key(self) -> Dict[str, Any]:
         """The choices that change which files a doc has; a doc is reused only when they match."""
@@ -1372,34 +1847,57 @@ class RunRecorder:
 
 @dataclass
 class Job:
-    """What every exporter of one run shares."""
+    """What every exporter of one run shares. `index` is None in a full run: nothing is reused."""
 
     options: Options
     api: CodaApi
     root: Path
     paths: PathAllocator
     recorder: RunRecorder
-    previous: Optional[PreviousSnapshot]
+    index: Optional[SnapshotIndex]
+    policy: ReusePolicy
     assets: Optional[AssetStore] = None  # None with --no-assets
 
-    def write_json(self, relative: PurePosixPath, value: Any, role: str) -> Dict[str, Any]:
-        write_json_atomic(inside(self.root, relative), value)
-        return dict(file_record(self.root, relative), role=role)
+    def write_json(self, relative: PurePosixPath, value: Any, role: str,
+                   like: Optional[SavedCopy] = None) -> Dict[str, Any]:
+        return self.write_bytes(relative, json_bytes(value), role, like)
 
-    def write_bytes(self, relative: PurePosixPath, data: bytes, role: str) -> Dict[str, Any]:
-        write_bytes_atomic(inside(self.root, relative), data)
-        return dict(file_record(self.root, relative), role=role)
+    def write_bytes(self, relative: PurePosixPath, data: bytes, role: str,
+                    like: Optional[SavedCopy] = None) -> Dict[str, Any]:
+        """Save one file; when `like` holds a byte-identical file of this role, link that instead."""
+        with content_file(inside(self.root, relative), twin_of(like, role)) as handle:
+            handle.write(data)
+        return handle.record(relative, role)
 
-    def link_files(self, records: List[Dict[str, Any]], stem: Optional[PurePosixPath] = None) -> List[Dict[str, Any]]:
-        """Link files of the previous snapshot into this one; at `stem` if the object moved."""
-        assert self.previous is not None
+    def link_files(self, source: SavedCopy, records: List[Dict[str, Any]], stem: Optional[PurePosixPath] = None,
+                   checked: bool = False) -> Optional[List[Dict[str, Any]]]:
+        """Link files of an earlier snapshot into this one (at `stem` if the object moved), each
+        checked first against its manifest (size and sha256) unless the caller just did;
+        None, linking nothing, if one does not match."""
+        if not checked and not intact([(source.path_of(record), record) for record in records]):
+            return None
         linked = []
         for record in records:
-            source = PurePosixPath(record["path"])
-            target = with_suffix(stem, ROLE_SUFFIXES[record["role"]]) if stem is not None else source
-            link_or_copy(inside(self.previous.root, source), inside(self.root, target))
+            target = with_suffix(stem, ROLE_SUFFIXES[record["role"]]) if stem is not None else PurePosixPath(
+                record["path"])
+            link_or_copy(source.path_of(record), inside(self.root, target))
             linked.append(dict(record, path=str(target)))
         return linked
+
+    def fetched(self, entry: Dict[str, Any], decision: Decision) -> None:
+        """Mark an entry downloaded now, saying why when this run could have reused it."""
+        entry["fetchedAt"] = iso(utc_now())
+        if self.index is not None:
+            entry["reason"] = decision.reason
+
+    @staticmethod
+    def reused(entry: Dict[str, Any], decision: Decision) -> None:
+        """Mark an entry linked from `decision.source`: its download time travels with it."""
+        assert decision.source is not None
+        before = decision.source
+        entry.update(status="unchanged", updatedAt=before.entry.get("updatedAt"),
+                     fetchedAt=iso(before.fetched_at) if before.fetched_at else None,
+                     reusedFrom=before.snapshot.name, reason=decision.reason)
 
 
 def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -> bytes:
@@ -1476,21 +1974,25 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
                 shown_tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> Dict[str, Any]:
     """Save one page in every requested format; record, never raise, a failure.
 
-    A page's updatedAt covers its own text, not the tables shown on it, so an
-    unchanged page is reused only when the tables and views it hosts are too.
+    A page's updatedAt covers its own text, not the tables shown on it, so the
+    policy also compares those tables with what the saved page showed.
     """
     formats = job.options.page_formats
     entry = page_entry(page, stem, formats)
     try:
-        previous = job.previous.reusable_page(doc_id, page, formats) if job.previous else None
-        if previous is not None and not _tables_unchanged(job, doc_id, shown_tables):
-            previous = None
-        if previous is not None and not assets_reusable(job, previous, stem):
-            previous = None
-        if previous is not None:
-            entry.update(files=job.link_files(previous["files"], stem), status="unchanged",
-                         updatedAt=previous["updatedAt"])
-            carry_assets(job, doc_id, entry, previous)
+        saved = job.index.pages.get((doc_id, page["id"])) if job.index is not None else None
+        decision = job.policy.page(page, saved, lambda: hosted_tables(shown_tables))
+        if decision.reuse and decision.source is not None and not assets_reusable(
+                job.assets is not None, decision.source, stem):
+            decision = Decision(False, REASON_ASSETS, decision.source)
+        linked = job.link_files(decision.source, decision.source.entry["files"], stem) \
+            if decision.reuse and decision.source is not None else None
+        if decision.reuse and linked is None:
+            decision = Decision(False, REASON_DAMAGED)
+        if linked is not None and decision.source is not None:
+            entry["files"] = linked
+            job.reused(entry, decision)
+            carry_assets(job, doc_id, entry, decision.source.entry)
             job.recorder.unchanged("pages")
         elif (page.get("contentType") or "canvas") != "canvas":
             entry["status"] = "skipped"
@@ -1501,7 +2003,8 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
             for output_format in formats:
                 data = fetch_page_export(job, doc_id, page["id"], output_format)
                 entry["files"].append(job.write_bytes(with_suffix(stem, ROLE_SUFFIXES[output_format]),
-                                                      data, output_format))
+                                                      data, output_format, decision.source))
+            job.fetched(entry, decision)
             save_page_assets(job, doc_id, entry)
         job.recorder.count("pages")
     except Cancelled:
@@ -1516,18 +2019,9 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
     return entry
 
 
-def _tables_unchanged(job: Job, doc_id: str, tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> bool:
-    """Whether the data of these tables is what the previous snapshot saw: linked, or read
-    again only because reading it failed last time."""
-    if job.previous is None or job.previous.ignore_updates:
-        return True
-    for future in tables:
-        entry = future.result()
-        before = job.previous.tables.get((doc_id, entry["id"])) or {}
-        retried = before.get("status") == "failed" and before.get("updatedAt") == entry.get("updatedAt")
-        if not (entry["status"] == "unchanged" or (entry["status"] == "ok" and retried)):
-            return False
-    return True
+def hosted_tables(tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> Dict[str, Optional[str]]:
+    """The CSV sha256 this run saved for each table shown on a page (waits for them)."""
+    return {entry["id"]: csv_sha256(entry) for entry in (future.result() for future in tables)}
 
 
 def table_entry(ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
@@ -1544,11 +2038,11 @@ def table_entry(ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
     }
 
 
-def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
+def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath, doc_updated: Any) -> Dict[str, Any]:
     """Save one table or view: .table.json, .columns.json and the rows as CSV.
 
     The table list lacks updatedAt and rowCount, so the table is always
-    fetched; with --incremental an unchanged one is linked, not re-read.
+    fetched; with --incremental one the policy calls unchanged is linked, not re-read.
     """
     entry = table_entry(ref, stem)
     kind = "views" if entry["tableType"] == "view" else "tables"
@@ -1558,33 +2052,25 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         parent_table = table.get("parentTable")
         entry.update(updatedAt=table.get("updatedAt"), rowCount=table.get("rowCount"),
                      parentTableId=_ref_id(parent_table), browserLink=table.get("browserLink", entry["browserLink"]))
-        entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table"))
-        previous = job.previous.reusable_table(doc_id, table, job.options.rows_json) if job.previous else None
-        if previous is not None and not _base_table_unchanged(job, doc_id, table):
-            previous = None
-        if previous is not None and not assets_reusable(job, previous, None):
-            previous = None
-        if previous is not None:
-            data_files = [record for record in previous["files"] if record["role"] != "table"]
-            entry["files"].extend(job.link_files(data_files, stem))
-            carry_assets(job, doc_id, entry, previous)
-            entry.update(status="unchanged", rowCount=previous.get("rowCount"), updatedAt=previous["updatedAt"])
+        saved = job.index.tables.get((doc_id, ref["id"])) if job.index is not None else None
+        entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table", saved))
+        decision = job.policy.table(table, saved, doc_updated, lambda: base_updated(job, doc_id, table))
+        if decision.reuse and decision.source is not None and not assets_reusable(
+                job.assets is not None, decision.source, None):
+            decision = Decision(False, REASON_ASSETS, decision.source)
+        source = decision.source
+        linked = job.link_files(source, [r for r in source.entry["files"] if r["role"] != "table"], stem) \
+            if decision.reuse and source is not None else None
+        if decision.reuse and linked is None:
+            decision = Decision(False, REASON_DAMAGED)
+        if linked is not None and source is not None:
+            entry["files"].extend(linked)
+            carry_assets(job, doc_id, entry, source.entry)
+            job.reused(entry, decision)
+            entry.update(rowCount=source.entry.get("rowCount"), calculatedColumns=source.entry.get("calculatedColumns"))
             job.recorder.unchanged(kind)
         else:
-            columns = list_all(api.iter_columns(doc_id, ref["id"]))
-            entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns"))
-            csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
-            ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
-            found = CellAssets(job, doc_id, stem, columns) if job.assets is not None else None
-            count, problem = read_rows(job, doc_id, table, columns, csv_path, ndjson_path, found)
-            if found is not None:
-                found.save(entry)
-            entry["files"].append(dict(file_record(job.root, csv_path), role="csv"))
-            if ndjson_path is not None:
-                entry["files"].append(dict(file_record(job.root, ndjson_path), role="rows"))
-            entry["rowCount"] = count
-            if problem is not None:
-                raise problem
+            read_table(job, doc_id, table, stem, entry, decision)
         job.recorder.count(kind)
         job.recorder.count("rows", entry.get("rowCount") or 0)
     except Cancelled:
@@ -1599,18 +2085,45 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
     return entry
 
 
+def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath, entry: Dict[str, Any],
+               decision: Decision) -> None:
+    """Read a table's columns and rows into the snapshot; files identical to the saved copy's
+    become hard links of it. Raises when the rows could not all be read."""
+    columns = list_all(job.api.iter_columns(doc_id, table["id"]))
+    entry["calculatedColumns"] = sum(1 for column in columns if column.get("calculated") is True)
+    entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns",
+                                         decision.source))
+    csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
+    ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
+    found = CellAssets(job, doc_id, stem, columns) if job.assets is not None else None
+    count, problem, records = read_rows(job, doc_id, table, columns, csv_path, ndjson_path, decision.source, found)
+    if found is not None:
+        found.save(entry)
+    entry["files"].extend(records)
+    entry["rowCount"] = count
+    job.fetched(entry, decision)
+    if problem is not None:
+        raise problem
+
+
 def read_rows(job: Job, doc_id: str, table: Dict[str, Any], columns: List[Dict[str, Any]], csv_path: PurePosixPath,
-              ndjson_path: Optional[PurePosixPath],
-              found: Optional[CellAssets] = None) -> Tuple[int, Optional[BackupError]]:
+              ndjson_path: Optional[PurePosixPath], like: Optional[SavedCopy], found: Optional[CellAssets] = None
+              ) -> Tuple[int, Optional[BackupError], List[Dict[str, Any]]]:
     """Stream a table's rows to disk, at most about as many as its rowCount says (and the asset
-    URLs in their cells to `found`). Coda answers 504 when a page of a large table takes too long
-    to build; its advice is to start the listing again with a smaller limit."""
+    URLs in their cells to `found`); files identical to `like`'s become hard links of it. Coda
+    answers 504 when a page of a large table takes too long to build; its advice is to start the
+    listing again with a smaller limit."""
     table_id = table["id"]
 
-    def write(limit: int) -> Tuple[int, Optional[BackupError]]:
+    def write(limit: int) -> Tuple[int, Optional[BackupError], List[Dict[str, Any]]]:
+        written: List[HashingWriter] = []
         rows = job.api.iter_rows(doc_id, table_id, limit, table.get("rowCount"))
-        return write_rows_csv(inside(job.root, csv_path), columns, found.scan(rows) if found else rows,
-                              inside(job.root, ndjson_path) if ndjson_path else None)
+        count, problem = write_rows_csv(inside(job.root, csv_path), columns, found.scan(rows) if found else rows,
+                                        inside(job.root, ndjson_path) if ndjson_path else None, like, written)
+        records = [written[0].record(csv_path, "csv")]
+        if ndjson_path is not None:
+            records.append(written[1].record(ndjson_path, "rows"))
+        return count, problem, records
 
     try:
         return write(ROW_LIMIT)
@@ -1621,14 +2134,12 @@ def read_rows(job: Job, doc_id: str, table: Dict[str, Any], columns: List[Dict[s
     return write(SMALL_ROW_LIMIT)
 
 
-def _base_table_unchanged(job: Job, doc_id: str, table: Dict[str, Any]) -> bool:
+def base_updated(job: Job, doc_id: str, table: Dict[str, Any]) -> Any:
     """A view shows its base table's rows; Coda does not promise to bump the view's
     updatedAt when they change, so the base table is asked too (one read, only
     for views that would otherwise be reused)."""
     base_id = _ref_id(table.get("parentTable"))
-    if base_id is None or job.previous is None or job.previous.ignore_updates:
-        return True
-    return job.previous.same_update(doc_id, base_id, job.api.get_table(doc_id, base_id).get("updatedAt"))
+    return job.api.get_table(doc_id, base_id).get("updatedAt") if base_id is not None else None
 
 
 @dataclass
@@ -1678,20 +2189,25 @@ def doc_entry(doc: Dict[str, Any], folder: PurePosixPath) -> Dict[str, Any]:
 def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor) -> DocWork:
     """List a doc's pages and tables, save the lists, and queue every object.
 
-    A doc the previous snapshot already holds unchanged is linked whole,
+    A doc an earlier snapshot holds whole and unchanged is linked whole,
     without a single request.
     """
-    previous = job.previous.reusable_doc(doc, job.options.layout_key()) if job.previous else None
-    folder = job.paths.claim(PurePosixPath(previous["path"]) if previous is not None else doc_folder(doc))
+    doc_id = doc["id"]
+    saved = job.index.docs.get(doc_id) if job.index is not None else None
+    decision = job.policy.doc(doc, saved)
+    folder = job.paths.claim(PurePosixPath(saved.entry["path"]) if decision.reuse and saved else doc_folder(doc))
     work = DocWork(doc_entry(doc, folder))
     job.recorder.count("docs")
     entry = work.entry
-    if previous is not None and str(folder) == previous["path"]:
-        link_whole_doc(job, previous, entry)
-        return work
-    doc_id = doc["id"]
-    if job.previous is not None and job.previous.ignore_updates and doc_id in job.previous.docs:
-        entry["updatedAt"] = job.previous.docs[doc_id].get("updatedAt")
+    if decision.reuse and saved is not None and str(folder) == saved.entry["path"]:
+        if link_whole_doc(job, decision, entry):
+            return work
+        decision = Decision(False, REASON_DAMAGED)
+    if saved is not None and job.policy.retry_failed:
+        entry["updatedAt"] = saved.entry.get("updatedAt")  # not looked at: the next run must still compare
+    if job.index is not None:
+        entry["reason"] = decision.reason
+    entry["fetchedAt"] = iso(utc_now())
     entry["files"].append(job.write_json(folder / DOC_FILES["doc"], doc, "doc"))
     pages, problem = read_all(job.api.iter_pages(doc))
     job.recorder.listed.pages[doc_id] = listed_ids(pages, problem)
@@ -1713,7 +2229,7 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
     for table in selected_tables(job.options, doc, tables):
         stem = job.paths.claim(folder / table_stem(table))
         job.recorder.queue()
-        future = pool.submit(export_table, job, doc_id, table, stem)
+        future = pool.submit(export_table, job, doc_id, table, stem, doc.get("updatedAt"))
         work.tables.append(future)
         hosted.setdefault(_ref_id(table.get("parent")) or "", []).append(future)
     stems = page_stems(pages)
@@ -1786,26 +2302,44 @@ class DocExtras:
     errors: List[str] = field(default_factory=list)
 
 
-def link_whole_doc(job: Job, previous: Dict[str, Any], entry: Dict[str, Any]) -> None:
-    """Carry an unchanged doc over from the previous snapshot, file by file."""
+def link_whole_doc(job: Job, decision: Decision, entry: Dict[str, Any]) -> bool:
+    """Carry an unchanged doc over from an earlier snapshot, file by file, after checking every
+    file against its manifest; False (nothing linked) if one does not match."""
+    saved = decision.source
+    assert saved is not None
+    if not intact(saved.all_files()):
+        return False
     recorder = job.recorder
-    entry.update(status="unchanged", path=previous["path"], files=job.link_files(previous["files"]),
-                 updatedAt=previous["updatedAt"])
-    recorder.listed.pages[entry["id"]] = {page["id"] for page in previous["pages"]}
-    recorder.listed.tables[entry["id"]] = {table["id"] for table in previous["tables"]}
-    link_doc_assets(job, previous)
-    for page in previous["pages"]:
-        entry["pages"].append(dict(page, files=job.link_files(page["files"]),
-                                   status="unchanged" if page["status"] != "skipped" else "skipped"))
+    before = saved.entry
+    recorder.listed.pages[entry["id"]] = {page["id"] for page in before["pages"]}
+    recorder.listed.tables[entry["id"]] = {table["id"] for table in before["tables"]}
+    entry.update(files=job.link_files(saved, before["files"], checked=True) or [], path=before["path"])
+    Job.reused(entry, decision)
+    entry["fetchedAt"] = before.get("fetchedAt") or entry["fetchedAt"]
+    link_doc_assets(job, saved)
+    for page in before["pages"]:
+        page_copy = dict(page, files=job.link_files(saved, page["files"], checked=True) or [])
+        if page["status"] != "skipped":
+            Job.reused(page_copy, Decision(True, decision.reason, replace_entry(saved, page)))
+        entry["pages"].append(page_copy)
         recorder.count("pages" if page["status"] != "skipped" else "pages_not_exportable")
-    for table in previous["tables"]:
-        entry["tables"].append(dict(table, files=job.link_files(table["files"]), status="unchanged"))
+    for table in before["tables"]:
+        table_copy = dict(table, files=job.link_files(saved, table["files"], checked=True) or [])
+        Job.reused(table_copy, Decision(True, decision.reason, replace_entry(saved, table)))
+        entry["tables"].append(table_copy)
         kind = "views" if table.get("tableType") == "view" else "tables"
         recorder.count(kind)
         recorder.count("rows", table.get("rowCount") or 0)
         recorder.unchanged(kind)
-    recorder.unchanged("pages", sum(1 for page in previous["pages"] if page["status"] != "skipped"))
+    recorder.unchanged("pages", sum(1 for page in before["pages"] if page["status"] != "skipped"))
     recorder.unchanged("docs")
+    return True
+
+
+def replace_entry(saved: SavedCopy, entry: Dict[str, Any]) -> SavedCopy:
+    """A doc's saved copy narrowed to one of its pages or tables (same snapshot), keeping
+    that object's own download time."""
+    return SavedCopy(saved.snapshot, entry, fetched_time(entry, None) or saved.fetched_at, saved.doc_updated)
 
 
 # --- Assets -------------------------------------------------------------------
@@ -1940,7 +2474,7 @@ def cell_asset_urls(value: Any, prefixes: Collection[str]) -> Iterator[str]:
             yield from cell_asset_urls(item, prefixes)
 
 
-def copy_limited(read: Callable[[int], bytes], handle: IO[bytes], limit: int) -> Tuple[int, str]:
+def copy_limited(read: Callable[[int], bytes], handle: HashingWriter, limit: int) -> Tuple[int, str]:
     """Copy a stream into a file in chunks, hashing as it goes; AssetTooLarge past `limit` bytes
     (the caller's atomic_file then removes the partial file)."""
     digest = hashlib.sha256()
@@ -1996,20 +2530,21 @@ def assets_intact(root: Path, entry: Dict[str, Any]) -> bool:
     return True
 
 
-def assets_reusable(job: Job, entry: Dict[str, Any], stem: Optional[PurePosixPath]) -> bool:
+def assets_reusable(assets: bool, saved: SavedCopy, stem: Optional[PurePosixPath]) -> bool:
     """The asset part of the reuse decision for a previous page (`stem` given) or table.
 
     With --no-assets a page whose links were rewritten into assets/ is exported again, with its
     original links. Otherwise the entry must come from a run that kept assets, with all of them
     intact, and a page must sit at the same depth (its links are relative).
     """
-    if job.assets is None:
+    entry = saved.entry
+    if not assets:
         return stem is None or not entry.get("assets")
-    if not isinstance(entry.get("assets"), list) or job.previous is None:
+    if not isinstance(entry.get("assets"), list):
         return False
     if stem is not None and len(PurePosixPath(entry["path"]).parts) != len(stem.parts):
         return False
-    return assets_intact(job.previous.root, entry)
+    return assets_intact(saved.snapshot, entry)
 
 
 def doc_folder_of(relative: PurePosixPath) -> PurePosixPath:
@@ -2037,13 +2572,13 @@ class AssetStore:
     """
 
     def __init__(self, options: Options, http: HttpClient, root: Path, recorder: RunRecorder,
-                 previous: Optional[PreviousSnapshot]) -> None:
+                 index: Optional[SnapshotIndex]) -> None:
         self.prefixes = options.asset_hosts
         self._limit = options.max_asset_mb * 1024 * 1024
         self._http = http
         self._root = root
         self._recorder = recorder
-        self._earlier = earlier_assets(previous)
+        self._earlier = earlier_assets(index)
         self._requested: Dict[Tuple[str, str], concurrent.futures.Future[AssetOutcome]] = {}
         self._lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(ASSET_WORKERS, thread_name_prefix="coda-asset")
@@ -2105,7 +2640,7 @@ class AssetStore:
         relative = folder / ASSET_FOLDER / PurePosixPath(record["path"]).name
         try:
             source = inside(root, PurePosixPath(record["path"]))
-            if source.stat().st_size != record["size"]:
+            if not file_matches(source, record):
                 return None
             link_or_copy(source, inside(self._root, relative))
         except (OSError, BackupError) as exc:
@@ -2125,7 +2660,7 @@ class AssetStore:
             content_type = (raw.getheader("content-type") or "application/octet-stream").strip()[:200]
             relative = folder / ASSET_FOLDER / asset_file_name(url, content_type)
             try:
-                with atomic_file(inside(self._root, relative)) as handle:
+                with content_file(inside(self._root, relative)) as handle:
                     size, digest = copy_limited(lambda n: _read_network(raw, n), handle, self._limit)
             except OSError as exc:
                 raise AssetDiskError(f"cannot write {relative}: {exc}") from exc
@@ -2136,16 +2671,17 @@ class AssetStore:
         return record
 
 
-def earlier_assets(previous: Optional[PreviousSnapshot]) -> Dict[Tuple[str, str], Tuple[Path, Dict[str, Any]]]:
-    """(doc id, URL) -> (snapshot root, record) of every sound asset record the previous snapshot holds."""
+def earlier_assets(index: Optional[SnapshotIndex]) -> Dict[Tuple[str, str], Tuple[Path, Dict[str, Any]]]:
+    """(doc id, URL) -> (snapshot root, record) of every sound asset record of the saved copies
+    reuse would take each page and table from (the newest intact one)."""
     found: Dict[Tuple[str, str], Tuple[Path, Dict[str, Any]]] = {}
-    if previous is None:
+    if index is None:
         return found
-    for (doc_id, _), entry in list(previous.pages.items()) + list(previous.tables.items()):
-        saved = entry.get("assets")
+    for (doc_id, _), copy in list(index.pages.items()) + list(index.tables.items()):
+        saved = copy.entry.get("assets")
         for record in saved if isinstance(saved, list) else []:
             if valid_asset_record(record):
-                found[(doc_id, record["url"])] = (previous.root, record)
+                found.setdefault((doc_id, record["url"]), (copy.snapshot, record))
     return found
 
 
@@ -2238,18 +2774,19 @@ class CellAssets:
         self._store.follow(self._job, self._doc_id, entry, list(self._urls), rewrite=False)
 
 
-def link_doc_assets(job: Job, previous: Dict[str, Any]) -> None:
-    """The assets of a doc linked whole from the previous snapshot (same folder, same paths)."""
-    if job.assets is None or job.previous is None:
+def link_doc_assets(job: Job, saved: SavedCopy) -> None:
+    """The assets of a doc linked whole from an earlier snapshot (same folder, same paths;
+    checked with the doc's other files)."""
+    if job.assets is None:
         return
     seen = set()
-    for child in previous["pages"] + previous["tables"]:
+    for child in saved.entry["pages"] + saved.entry["tables"]:
         for record in child.get("assets", []):
             if record["path"] in seen:
                 continue
             seen.add(record["path"])
             relative = PurePosixPath(record["path"])
-            link_or_copy(inside(job.previous.root, relative), inside(job.root, relative))
+            link_or_copy(inside(saved.snapshot, relative), inside(job.root, relative))
             job.recorder.count("assets")
             job.recorder.count("asset_bytes", record["size"])
 
@@ -2432,120 +2969,6 @@ class RunLock:
             return "unknown holder"
 
 
-class PreviousSnapshot:
-    """The last finished snapshot and its manifest, for --incremental and --retry-failed.
-
-    Pages and tables are indexed by (doc id, object id): ids are unique only within a doc, and
-    a copy of a doc may well keep them. Every field the reuse code reads is checked here, so a
-    manifest that is damaged in any way is not used at all (a full backup follows).
-    """
-
-    def __init__(self, root: Path, manifest: Dict[str, Any], ignore_updates: bool = False) -> None:
-        self.root = root
-        # --retry-failed: reuse every object that was saved, changed or not; refetch only failures.
-        self.ignore_updates = ignore_updates
-        options = manifest.get("options")
-        if not isinstance(options, dict) or not isinstance(manifest.get("docs"), list):
-            raise ValueError("manifest without options or docs")
-        self.layout = options.get("layout")
-        self.docs: Dict[str, Dict[str, Any]] = {}
-        self.pages: Dict[Tuple[str, str], Dict[str, Any]] = {}
-        self.tables: Dict[Tuple[str, str], Dict[str, Any]] = {}
-        for doc in manifest["docs"]:
-            _check_entry(root, doc, DOC_FILES)
-            if not isinstance(doc.get("pages"), list) or not isinstance(doc.get("tables"), list):
-                raise ValueError(f"doc {doc['id']!r} without pages or tables")
-            self.docs[doc["id"]] = doc
-            for page in doc["pages"]:
-                _check_entry(root, page, PAGE_ROLES)
-                self.pages[(doc["id"], page["id"])] = page
-            for table in doc["tables"]:
-                _check_entry(root, table, TABLE_ROLES)
-                if not isinstance(table.get("rowCount"), (int, type(None))):
-                    raise ValueError(f"table {table['id']!r} has a rowCount that is not a number")
-                self.tables[(doc["id"], table["id"])] = table
-
-    @classmethod
-    def load(cls, output: Path, ignore_updates: bool = False) -> Optional[PreviousSnapshot]:
-        """Read `latest`'s manifest; anything wrong means a full backup, with a warning."""
-        root = read_latest(output)
-        if root is None:
-            LOG.warning("no previous snapshot in %s; making a full backup", output)
-            return None
-        try:
-            manifest = json.loads((root / MANIFEST_NAME).read_text(encoding="utf-8"))
-            if manifest.get("version") != MANIFEST_VERSION:
-                raise ValueError(f"manifest version {manifest.get('version')!r}")
-            return cls(root, manifest, ignore_updates)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, BackupError) as exc:
-            LOG.warning("cannot use the previous manifest %s (%s); making a full backup", root / MANIFEST_NAME, exc)
-            return None
-
-    def reusable_doc(self, doc: Dict[str, Any], layout: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-        entry = self.docs.get(doc["id"])
-        if entry is None or layout != self.layout or not self._unchanged(entry, doc.get("updatedAt")):
-            return None
-        children = entry["pages"] + entry["tables"]
-        if not all(child["status"] in REUSABLE_STATUSES + ("skipped",) for child in children):
-            return None
-        if not all(self._files_present(child) for child in children):
-            return None
-        if not all(assets_intact(self.root, child) for child in children):
-            return None
-        return entry
-
-    def reusable_page(self, doc_id: str, page: Dict[str, Any], formats: Tuple[str, ...]) -> Optional[Dict[str, Any]]:
-        entry = self.pages.get((doc_id, page["id"]))
-        if entry is None or {record["role"] for record in entry["files"]} != set(formats):
-            return None
-        return entry if self._unchanged(entry, page.get("updatedAt")) else None
-
-    def reusable_table(self, doc_id: str, table: Dict[str, Any], rows_json: bool) -> Optional[Dict[str, Any]]:
-        """The previous entry if its data can be linked: same updatedAt and the same files
-        (a run that now asks for --rows-json needs the NDJSON too)."""
-        entry = self.tables.get((doc_id, table["id"]))
-        wanted = {"table", "columns", "csv"} | ({"rows"} if rows_json else set())
-        if entry is None or {record["role"] for record in entry["files"]} != wanted:
-            return None
-        return entry if self._unchanged(entry, table.get("updatedAt")) else None
-
-    def same_update(self, doc_id: str, table_id: str, updated_at: Any) -> bool:
-        """Whether the previous snapshot saw this table at this updatedAt."""
-        before = self.tables.get((doc_id, table_id))
-        return before is not None and before.get("updatedAt") == updated_at
-
-    def _unchanged(self, entry: Dict[str, Any], updated_at: Any) -> bool:
-        same = self.ignore_updates or (bool(updated_at) and entry.get("updatedAt") == updated_at)
-        return same and entry.get("status") in REUSABLE_STATUSES and self._files_present(entry)
-
-    def _files_present(self, entry: Dict[str, Any]) -> bool:
-        for record in entry["files"]:
-            try:
-                if inside(self.root, PurePosixPath(record["path"])).stat().st_size != record["size"]:
-                    return False
-            except OSError:
-                return False
-        return True
-
-
-def _check_entry(root: Path, entry: Any, roles: Collection[str]) -> None:
-    """Raise ValueError unless a manifest entry has what reuse reads, of the right types,
-    and only files of the roles its kind of object has."""
-    if not isinstance(entry, dict):
-        raise ValueError("manifest entry is not an object")
-    for key, kinds in (("id", str), ("status", str), ("path", str), ("updatedAt", (str, type(None)))):
-        if not isinstance(entry.get(key), kinds):
-            raise ValueError(f"manifest entry {entry.get('id')!r}: bad {key}")
-    if not isinstance(entry.get("files"), list):
-        raise ValueError(f"manifest entry {entry['id']!r}: no files list")
-    for record in entry["files"]:
-        if not (isinstance(record, dict) and isinstance(record.get("path"), str)
-                and isinstance(record.get("size"), int) and not isinstance(record.get("size"), bool)
-                and isinstance(record.get("sha256"), str) and record.get("role") in roles):
-            raise ValueError(f"manifest entry {entry['id']!r}: bad file record")
-        inside(root, PurePosixPath(record["path"]))  # a manifest must not point outside
-
-
 def snapshot_folders(output: Path) -> List[Path]:
     """Snapshot folders in --output, oldest first (names sort by time; -2, -3 after the plain one)."""
     if not output.is_dir():
@@ -2615,7 +3038,8 @@ def prune_snapshots(output: Path, policy: RetentionPolicy, keep_vanished: int,
     fails is logged and the others go on.
     """
     for leftover in output.glob(".deleting-*"):  # a prune cut short; we hold the lock
-        shutil.rmtree(leftover, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(leftover)
     removed = []
     for decision in retention_plan(output, policy, keep_vanished, current):
         if decision.keep:
@@ -3539,7 +3963,7 @@ def delete_snapshot(output: Path, name: str) -> None:
     os.replace(output / name, doomed)
     with contextlib.suppress(FileNotFoundError):
         (output / f"{name}.zip").unlink()
-    shutil.rmtree(doomed)
+    remove_tree(doomed)
 
 
 def format_decision(decision: RetentionDecision) -> str:
@@ -3761,28 +4185,37 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def dry_run(options: Options, token: str) -> int:
-    """--dry-run: say what a run would back up and what --incremental would skip.
+    """--dry-run: say what a run would back up and what --incremental would link, and why.
 
     Lists docs, pages and tables and reads each table's metadata for its row
     count; makes no export request, reads no rows, writes nothing, takes no lock.
+    Reuse is decided by the run's own policy, saved files are checked the same way.
     """
     cancel = threading.Event()
     http = HttpClient(client_settings(options), token, cancel)
     api = CodaApi(http)
     recorder = RunRecorder()
-    previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
+    index = SnapshotIndex.load(options.output, options) if options.reuses_previous else None
+    policy = ReusePolicy.for_run(options, utc_now())
     totals = {"docs": 0, "pages": 0, "tables": 0, "views": 0, "rows": 0, "unchanged": 0}
     with cancel_on_signals(cancel, http.abort) as received:
         try:
             check_access(api)
             for doc in list_docs(api, options, recorder):
                 totals["docs"] += 1
-                if previous is not None and previous.reusable_doc(doc, options.layout_key()) is not None:
-                    totals["unchanged"] += 1
-                    print(f"doc {printable(doc.get('name'))} ({printable(doc['id'])}): unchanged, would be linked")
+                label = f"doc {printable(doc.get('name'))} ({printable(doc['id'])})"
+                if index is None:
+                    print(label)
+                    plan_doc(api, options, policy, index, doc, totals, recorder)
                     continue
-                print(f"doc {printable(doc.get('name'))} ({printable(doc['id'])})")
-                plan_doc(api, options, previous, doc, totals, recorder)
+                decision = policy.doc(doc, index.docs.get(doc["id"]))
+                if decision.reuse and decision.source is not None and not intact(decision.source.all_files()):
+                    decision = Decision(False, REASON_DAMAGED)
+                print(f"{label}: {plan_text(decision, 'list again')}")
+                if decision.reuse:
+                    totals["unchanged"] += 1
+                    continue
+                plan_doc(api, options, policy, index, doc, totals, recorder)
         except FatalError as exc:
             print(f"coda-backup: {exc}", file=sys.stderr)
             return EXIT_FATAL
@@ -3794,8 +4227,17 @@ def dry_run(options: Options, token: str) -> int:
     return EXIT_FAILURES if recorder.failures else EXIT_OK
 
 
-def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot], doc: Dict[str, Any],
-             totals: Dict[str, int], recorder: RunRecorder) -> None:
+def plan_text(decision: Optional[Decision], verb: str) -> str:
+    """`link from <snapshot> (<reason>)` or `<verb> (<reason>)`, as --dry-run prints it."""
+    if decision is None:
+        return verb
+    if decision.reuse and decision.source is not None:
+        return f"link from {decision.source.snapshot.name} ({decision.reason})"
+    return f"{verb} ({decision.reason})"
+
+
+def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optional[SnapshotIndex],
+             doc: Dict[str, Any], totals: Dict[str, int], recorder: RunRecorder) -> None:
     """Print one doc's pages and tables for --dry-run, deciding reuse as a run would."""
     doc_id = doc["id"]
     pages, page_problem = read_all(api.iter_pages(doc))
@@ -3803,44 +4245,74 @@ def plan_doc(api: CodaApi, options: Options, previous: Optional[PreviousSnapshot
     for problem in (page_problem, table_problem):
         if problem is not None:
             recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
+    chosen = selected_tables(options, doc, tables)
     fetched: Dict[str, Dict[str, Any]] = {}
-    for ref in selected_tables(options, doc, tables):
+    for ref in chosen:
         try:
             fetched[ref["id"]] = api.get_table(doc_id, ref["id"])
         except ApiError as exc:
             kind = "view" if ref.get("tableType") == "view" else "table"
             recorder.fail(kind, doc_id, ref["id"], ref.get("name"), exc)
 
-    def table_unchanged(table: Dict[str, Any]) -> bool:
-        if previous is None or previous.reusable_table(doc_id, table, options.rows_json) is None:
-            return False
-        base_id = _ref_id(table.get("parentTable"))
-        if base_id is None or previous.ignore_updates:
-            return True
+    def base_now(table: Dict[str, Any]) -> Any:
+        base_id = _ref_id(table.get("parentTable")) or ""
         try:
-            base = fetched.get(base_id) or api.get_table(doc_id, base_id)
+            return (fetched.get(base_id) or api.get_table(doc_id, base_id)).get("updatedAt")
         except ApiError:
-            return False
-        return previous.same_update(doc_id, base_id, base.get("updatedAt"))
+            return None
 
-    unchanged_tables = {table_id for table_id, table in fetched.items() if table_unchanged(table)}
+    decisions: Dict[str, Optional[Decision]] = {}
+    for table_id, table in fetched.items():
+        decision = None
+        if index is not None:
+            decision = policy.table(table, index.tables.get((doc_id, table_id)), doc.get("updatedAt"),
+                                    functools.partial(base_now, table))
+            if decision.reuse and decision.source is not None and not assets_reusable(
+                    options.assets, decision.source, None):
+                decision = Decision(False, REASON_ASSETS, decision.source)
+            source = decision.source
+            if decision.reuse and source is not None and not intact(
+                    [(source.path_of(r), r) for r in source.entry["files"] if r["role"] != "table"]):
+                decision = Decision(False, REASON_DAMAGED)
+        decisions[table_id] = decision
+
+    def hosted(page_id: str) -> Dict[str, Optional[str]]:
+        """A table the run would link keeps its saved CSV; one it reads again is not known yet."""
+        shown: Dict[str, Optional[str]] = {}
+        for ref in chosen:
+            if _ref_id(ref.get("parent")) == page_id:
+                decision = decisions.get(ref["id"])
+                source = decision.source if decision is not None and decision.reuse else None
+                shown[ref["id"]] = csv_sha256(source.entry) if source is not None else None
+        return shown
+
+    stems = page_stems(pages)
     for page in selected_pages(options, pages):
-        hosted = [ref["id"] for ref in tables if _ref_id(ref.get("parent")) == page["id"] and ref["id"] in fetched]
-        unchanged = (previous is not None and previous.reusable_page(doc_id, page, options.page_formats) is not None
-                     and (previous.ignore_updates or all(table_id in unchanged_tables for table_id in hosted)))
         exportable = (page.get("contentType") or "canvas") == "canvas"
-        note = "unchanged" if unchanged else ("export" if exportable else "not exportable")
+        decision = None
+        if index is not None:
+            decision = policy.page(page, index.pages.get((doc_id, page["id"])), functools.partial(hosted, page["id"]))
+            if decision.reuse and decision.source is not None and not assets_reusable(
+                    options.assets, decision.source, doc_folder(doc) / stems[page["id"]]):
+                decision = Decision(False, REASON_ASSETS, decision.source)
+            source = decision.source
+            if decision.reuse and source is not None and not intact(
+                    [(source.path_of(r), r) for r in source.entry["files"]]):
+                decision = Decision(False, REASON_DAMAGED)
+        reused = decision is not None and decision.reuse
         totals["pages"] += 1
-        totals["unchanged"] += int(unchanged)
+        totals["unchanged"] += int(reused)
+        note = plan_text(decision, "export") if reused or exportable else "not exportable"
         print(f"  page  {printable(page.get('name'))} ({printable(page['id'])}): {note}")
     for table_id, table in fetched.items():
         kind = "view" if table.get("tableType") == "view" else "table"
         rows = table.get("rowCount")
+        decision = decisions[table_id]
         totals[f"{kind}s"] += 1
         totals["rows"] += rows if isinstance(rows, int) else 0
-        totals["unchanged"] += int(table_id in unchanged_tables)
+        totals["unchanged"] += int(decision is not None and decision.reuse)
         print(f"  {kind:<5} {printable(table.get('name'))} ({printable(table_id)}): {rows} rows, "
-              f"{'unchanged' if table_id in unchanged_tables else 'read'}")
+              f"{plan_text(decision, 'read')}")
 
 
 def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
@@ -3873,7 +4345,8 @@ def build_manifest(options: Options, started: dt.datetime, status: str, snapshot
         "finished_at": iso(utc_now()),
         "options": {"layout": options.layout_key(), "include_shared": options.include_shared,
                     "workspace_id": options.workspace_id, "incremental": options.incremental,
-                    "docs": list(options.docs), "exclude_docs": list(options.exclude_docs)},
+                    "docs": list(options.docs), "exclude_docs": list(options.exclude_docs),
+                    "max_age_days": options.max_age_days},
         "docs": docs,
     }
 
@@ -3899,9 +4372,10 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
         before_manifest = load_manifest(before) if before is not None else None
         started = utc_now()
         snapshot = create_snapshot(options.output, started)
-        previous = PreviousSnapshot.load(options.output, options.retry_failed) if options.reuses_previous else None
-        assets = AssetStore(options, asset_http, snapshot, recorder, previous) if options.assets else None
-        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, previous, assets)
+        index = SnapshotIndex.load(options.output, options, snapshot) if options.reuses_previous else None
+        assets = AssetStore(options, asset_http, snapshot, recorder, index) if options.assets else None
+        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, index,
+                  ReusePolicy.for_run(options, started), assets)
         LOG.info("writing snapshot %s", snapshot)
         docs: List[Dict[str, Any]] = []
         fatal = False
@@ -4076,7 +4550,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"skip (and list in summary.json) assets larger than N MiB (default {DEFAULT_MAX_ASSET_MB})")
     how = parser.add_argument_group("how to run")
     how.add_argument("--incremental", **SWITCH,
-                     help="link unchanged docs, pages and tables from the latest snapshot instead of downloading")
+                     help="link unchanged docs, pages and tables from earlier snapshots instead of downloading "
+                          "(resumes a cancelled or failed run)")
+    how.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_DAYS, metavar="DAYS",
+                     help=f"with --incremental: download again what was last downloaded more than DAYS ago, "
+                          f"changed or not (default {DEFAULT_MAX_AGE_DAYS:g}; 0 = never reuse); identical "
+                          f"files are still hard-linked")
     how.add_argument("--strict-latest", **SWITCH,
                      help="ask Coda for the newest doc version (X-Coda-Doc-Version: latest); may need retries")
     how.add_argument("--retry-failed", action="store_true",
@@ -4216,6 +4695,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         (args.export_timeout > 0, "--export-timeout must be positive"),
         (0 <= args.max_vanished <= 100, "--max-vanished must be between 0 and 100"),
         (args.keep_vanished >= 0, "--keep-vanished must not be negative"),
+        (args.max_age >= 0, "--max-age must not be negative"),
         (not (args.incremental and args.retry_failed), "--incremental and --retry-failed do not go together"),
         (args.max_asset_mb >= 1, "--max-asset-mb must be at least 1"),
     ]
@@ -4237,6 +4717,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         assets=args.assets,
         asset_hosts=tuple(dict.fromkeys(DEFAULT_ASSET_HOSTS + tuple(map(asset_host_prefix, args.asset_host)))),
         max_asset_mb=args.max_asset_mb,
+        max_age_days=args.max_age,
     )
 
 

@@ -34,7 +34,9 @@ Switches are plain attributes, settable at any time (see :class:`FakeCoda`): ``l
 ``timeout_sleep``, ``repeat_token``, ``endless_tokens``, ``duplicate_ids``, ``download_stall``,
 ``max_limit``, ``gzip``, ``views_follow_base``; per page ``export_fail_times``,
 ``export_expire_times``, ``download_expire_times``; per doc ``forbidden``, ``stale_times``,
-``acl_forbidden``, ``listed``; ``asset_latency`` on the asset host.
+``acl_forbidden``, ``listed``; ``asset_latency`` on the asset host; per table ``set_calculated()``
+(a formula result that changes while only the doc's ``updatedAt`` moves).  ``hold()`` keeps one
+request waiting.
 
 Every request lands in ``fake.log`` as a :class:`RequestRecord`; ``fake.requests(...)`` filters
 it.  Handler bugs never pass silently: they answer 500 and are appended to ``fake.errors``.
@@ -456,6 +458,21 @@ class Table:
             self._rows[row_index] = Row(old.id, values, old.created, fake._clock.tick(), old.name)
             self.touch()
 
+    def set_calculated(self, row_index: int, column: str, value: CellValue) -> None:
+        """Change what a calculated (formula or lookup) column shows in one row, as a change
+        elsewhere in the doc would: Coda's row and table updatedAt ignore calculated values, so
+        only the doc's updatedAt moves (see coda-api.md, "Change signals")."""
+        self._require_base("edit cells")
+        if not self.column(column).calculated:
+            raise ValueError(f"column {column!r} is not calculated")
+        fake = self.doc.fake
+        with fake._state_lock:
+            old = self._rows[row_index]
+            values = dict(old.values)
+            values[self.column(column).id] = value
+            self._rows[row_index] = Row(old.id, values, old.created, old.updated, old.name)
+            self.doc.touch()
+
     def remove_row(self, row_index: int) -> Row:
         self._require_base("remove rows")
         if isinstance(self._rows, LazyRows):
@@ -779,6 +796,33 @@ class _ScriptedFault:
     headers: Dict[str, str]
     body: Any
     host: str
+
+
+class Hold:
+    """See :meth:`FakeCoda.hold`."""
+
+    def __init__(self, pattern: Pattern[str], method: Optional[str], stopping: threading.Event) -> None:
+        self.pattern = pattern
+        self.method = method
+        self.reached = threading.Event()
+        self._released = threading.Event()
+        self._stopping = stopping
+        self._taken = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def wait_if_matching(self, request: Any) -> None:
+        if (self.method is not None and request.method != self.method) or not self.pattern.search(request.path):
+            return
+        with self._lock:
+            if self._taken:
+                return
+            self._taken = True
+        self.reached.set()
+        while not (self._released.wait(0.02) or self._stopping.is_set()):
+            pass
 
 
 @dataclass
@@ -1230,6 +1274,14 @@ class FakeCoda:
     def clear_faults(self) -> None:
         with self._lock:
             self._faults.clear()
+
+    def hold(self, path: str, method: Optional[str] = "GET") -> Hold:
+        """Keep the first API request whose path matches the regex waiting, before it is answered,
+        until ``release()`` (or the fake stops): a test can then interrupt the client at a known
+        point instead of sleeping and hoping.  ``reached`` is set when the request arrives."""
+        hold = Hold(re.compile(path), method.upper() if method else None, self._stopping)
+        self.before_api.append(hold.wait_if_matching)
+        return hold
 
     # -- observations
     def requests(

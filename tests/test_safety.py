@@ -107,7 +107,9 @@ class TokenLeakTest(ResilienceCase):
 
 @unittest.skipUnless(os.name == "posix", "POSIX permissions")
 class PermissionsTest(ResilienceCase):
-    def test_snapshot_folders_are_0700_and_files_0600(self) -> None:
+    def test_snapshot_folders_are_0700_and_files_private(self) -> None:
+        """Saved content is read-only (0400: an in-place edit would change every snapshot sharing
+        the inode); the run's own summary.json and manifest.json are 0600."""
         old = os.umask(0o022)  # the usual default: group/other bits must be cleared by the tool itself
         self.addCleanup(os.umask, old)
         data = build_nightly(self.fake)
@@ -124,7 +126,8 @@ class PermissionsTest(ResilienceCase):
             for name in files:
                 path = Path(folder, name)
                 checked += 1
-                self.assertEqual(stat.S_IMODE(path.lstat().st_mode), 0o600, path)
+                own_record = name in ("summary.json", "manifest.json") or Path(folder) == self.out
+                self.assertEqual(stat.S_IMODE(path.lstat().st_mode), 0o600 if own_record else 0o400, path)
         self.assertGreater(checked, 20)
 
     def test_token_file_readable_by_others_gets_a_warning(self) -> None:

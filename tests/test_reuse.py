@@ -1,0 +1,348 @@
+"""--incremental you can trust: the one reuse policy, resuming from any snapshot, calculated
+columns, --max-age, checked links and read-only snapshot files.
+
+The policy is pure and gets table-driven tests without a server. The rest runs the real CLI
+against the fake (a subprocess where a signal is needed) and asserts on requests, inodes and the
+manifest's `fetchedAt`, `reusedFrom` and `reason`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+from test_incremental import IncrementalTestCase, build_small_workspace, flip_one_byte, manifest_entries
+
+from support import FAST_FLAGS, TOKEN, coda_backup, read_csv, read_json
+
+NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
+FRESH = NOW - dt.timedelta(days=1)
+SNAP = Path("/backups/2026-11-30T120000Z")
+
+
+def saved(entry: Dict[str, Any], **facts: Any) -> coda_backup.SavedCopy:
+    facts.setdefault("fetched_at", FRESH)
+    return coda_backup.SavedCopy(SNAP, dict({"status": "ok", "updatedAt": "t1"}, **entry), **facts)
+
+
+def files(*roles: str) -> Dict[str, Any]:
+    return {"files": [{"path": f"x.{role}", "size": 1, "sha256": "ab", "role": role} for role in roles]}
+
+
+def never(*_: Any) -> Any:
+    raise AssertionError("asked for a fact the decision did not need")
+
+
+class PolicyTest(unittest.TestCase):
+    """Each row: the facts, then the expected (reuse?, reason)."""
+
+    def policy(self, **options: Any) -> coda_backup.ReusePolicy:
+        return coda_backup.ReusePolicy(now=NOW, layout={"k": 1}, **options)
+
+    def check(self, cases: Dict[str, Any], decide: Callable[..., coda_backup.Decision]) -> None:
+        for name, (args, expected) in cases.items():
+            with self.subTest(case=name):
+                decision = decide(*args)
+                self.assertEqual((decision.reuse, decision.reason), expected)
+                if decision.reuse:
+                    self.assertIsNotNone(decision.source, "a reuse names where from")
+
+    def test_tables_and_views(self) -> None:
+        table = files("table", "columns", "csv")
+        plain = {"updatedAt": "t1"}
+        view = {"updatedAt": "t1", "parentTable": {"id": "grid-base"}}
+        same_base: Callable[[], Any] = lambda: "b1"  # noqa: E731
+        policy, rows_json, retry = self.policy(), self.policy(rows_json=True), self.policy(retry_failed=True)
+        cases = {
+            "nothing saved": ((policy, plain, None, "d1", never), (False, "no saved copy")),
+            "unchanged": ((policy, plain, saved(dict(table, calculatedColumns=0), doc_updated="d1"), "d2", never),
+                          (True, "unchanged")),
+            "updatedAt moved": ((policy, {"updatedAt": "t2"}, saved(table), "d1", never), (False, "changed")),
+            "no updatedAt": ((policy, {}, saved(table), "d1", never), (False, "changed")),
+            "NDJSON now wanted": ((rows_json, plain, saved(table), "d1", never), (False, "other files asked for")),
+            "formula, doc moved": ((policy, plain, saved(dict(table, calculatedColumns=2), doc_updated="d1"), "d2",
+                                    never), (False, "calculated columns, doc changed")),
+            "formula, doc still": ((policy, plain, saved(dict(table, calculatedColumns=2), doc_updated="d1"), "d1",
+                                    never), (True, "unchanged")),
+            "no formula, doc moved": ((policy, plain, saved(dict(table, calculatedColumns=0), doc_updated="d1"), "d2",
+                                       never), (True, "unchanged")),
+            "old manifest, doc moved": ((policy, plain, saved(table, doc_updated="d1"), "d2", never),
+                                        (False, "calculated columns, doc changed")),
+            "8 days old": ((policy, plain, saved(table, fetched_at=NOW - dt.timedelta(days=8)), None, never),
+                           (False, "older than --max-age")),
+            "6 days old": ((policy, plain, saved(table, fetched_at=NOW - dt.timedelta(days=6)), None, never),
+                           (True, "unchanged")),
+            "download time unknown": ((policy, plain, saved(table, fetched_at=None), None, never),
+                                      (False, "older than --max-age")),
+            "--max-age 0": ((self.policy(max_age_days=0), plain, saved(table), None, never),
+                            (False, "older than --max-age")),
+            "view, base moved": ((policy, view, saved(table, base_updated="b0"), None, same_base),
+                                 (False, "base table changed")),
+            "view, base still": ((policy, view, saved(table, base_updated="b1"), None, same_base),
+                                 (True, "unchanged")),
+            "view, base gone": ((policy, view, saved(table, base_updated="b1"), None, lambda: None),
+                                (False, "base table changed")),
+            "--retry-failed": ((retry, {"updatedAt": "t9"}, saved(table), "d9", never),
+                               (True, "saved before (--retry-failed)")),
+        }
+        self.check(cases, lambda policy, *facts: policy.table(*facts))
+
+    def test_pages(self) -> None:
+        page = files("markdown")
+        policy = self.policy()
+        cases = {
+            "nothing saved": ((policy, {"updatedAt": "t1"}, None, never), (False, "no saved copy")),
+            "unchanged, no tables": ((policy, {"updatedAt": "t1"}, saved(page), lambda: {}), (True, "unchanged")),
+            "its tables the same": ((policy, {"updatedAt": "t1"}, saved(page, hosted={"g": "s1"}),
+                                     lambda: {"g": "s1"}), (True, "unchanged")),
+            "a table changed": ((policy, {"updatedAt": "t1"}, saved(page, hosted={"g": "s1"}),
+                                 lambda: {"g": "s2"}), (False, "a table on it changed")),
+            "a table failed now": ((policy, {"updatedAt": "t1"}, saved(page, hosted={"g": "s1"}),
+                                    lambda: {"g": None}), (False, "a table on it changed")),
+            # The page was saved while its table failed: nothing says it showed the table as it is.
+            "a table failed then": ((policy, {"updatedAt": "t1"}, saved(page, hosted={"g": None}),
+                                     lambda: {"g": "s1"}), (False, "a table on it changed")),
+            "a table added": ((policy, {"updatedAt": "t1"}, saved(page, hosted={}), lambda: {"g": "s1"}),
+                              (False, "a table on it changed")),
+            "text changed": ((policy, {"updatedAt": "t2"}, saved(page), never), (False, "changed")),
+            "HTML now wanted": ((self.policy(page_formats=("html",)), {"updatedAt": "t1"}, saved(page), never),
+                                (False, "other files asked for")),
+            "too old": ((self.policy(max_age_days=0.5), {"updatedAt": "t1"}, saved(page), never),
+                        (False, "older than --max-age")),
+        }
+        self.check(cases, lambda policy, *facts: policy.page(*facts))
+
+    def test_docs(self) -> None:
+        doc = dict(files("doc"), pages=[], tables=[])
+        policy = self.policy()
+        cases = {
+            "nothing saved": ((policy, {"updatedAt": "t1"}, None), (False, "no saved copy")),
+            "whole and unchanged": ((policy, {"updatedAt": "t1"}, saved(doc, whole=True, layout={"k": 1})),
+                                    (True, "doc unchanged")),
+            "part of it not saved": ((policy, {"updatedAt": "t1"}, saved(doc, whole=False, layout={"k": 1})),
+                                     (False, "not all of it saved")),
+            "other flags": ((policy, {"updatedAt": "t1"}, saved(doc, whole=True, layout={"k": 2})),
+                            (False, "other flags")),
+            "changed": ((policy, {"updatedAt": "t2"}, saved(doc, whole=True, layout={"k": 1})), (False, "changed")),
+            "too old": ((self.policy(max_age_days=0), {"updatedAt": "t1"}, saved(doc, whole=True, layout={"k": 1})),
+                        (False, "older than --max-age")),
+        }
+        self.check(cases, lambda policy, *facts: policy.doc(*facts))
+
+
+class ReuseCase(IncrementalTestCase):
+    def entries(self, snapshot: Path) -> Dict[str, Dict[str, Any]]:
+        return manifest_entries(self.manifest(snapshot))
+
+    def assert_same_inode(self, new: Path, old: Path) -> None:
+        self.assertEqual(new.read_bytes(), old.read_bytes())
+        if os.name == "posix":
+            self.assertEqual(new.stat().st_ino, old.stat().st_ino, f"{new} is not a hard link of {old}")
+
+
+class DryRunAgreesTest(ReuseCase):
+    def test_a_page_showing_a_table_that_failed_is_exported_by_the_run_and_the_dry_run(self) -> None:
+        ws = build_small_workspace(self.fake)
+        self.fake.add_fault(rf"/tables/{ws.plain.id}/rows$", status=403, times=None)
+        first = self.backup(expect=1)
+        self.fake.clear_faults()
+
+        self.assertEqual(self.run_backup("--dry-run", "--incremental", "--no-extras"), 0, self.stderr)
+        planned = self.stdout.splitlines()
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertEqual(sorted(self.export_posts()), [self.export_path(ws.overview)], "the run exports it")
+        self.assertEqual(self.entries(second)[ws.overview.id]["reason"], "a table on it changed")
+        overview = [line for line in planned if ws.overview.id in line]
+        self.assertEqual(len(overview), 1, planned)
+        self.assertIn("export (a table on it changed)", overview[0])
+        details = [line for line in planned if ws.details.id in line]
+        self.assertIn(f"link from {first.name} (unchanged)", details[0])
+
+
+class ResumeTest(ReuseCase):
+    @unittest.skipUnless(os.name == "posix", "POSIX signals")
+    def test_after_ctrl_c_only_what_was_not_saved_is_fetched(self) -> None:
+        ws = build_small_workspace(self.fake)
+        # One worker works through the queue in order; Beta's Home page is the last object of
+        # the run. The fake holds its export until the run is interrupted.
+        hold = self.fake.hold(rf"/pages/{ws.home.id}/export$", method="POST")
+        self.addCleanup(hold.release)
+        env = dict(os.environ, CODA_API_TOKEN=TOKEN)
+        env.pop("CODA_API_URL", None)
+        proc = subprocess.Popen(
+            [sys.executable, str(Path(coda_backup.__file__).resolve()), "--output", str(self.out),
+             "--api-url", self.fake.api_url, *FAST_FLAGS, "--no-extras", "--concurrency", "1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
+        self.assertTrue(hold.reached.wait(20), "the run never asked for the last export")
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+        self.assertEqual(proc.returncode, 130, stderr.decode("utf-8", "replace"))
+        hold.release()
+        [cancelled] = self.snapshots()
+        self.assertEqual(self.summary(cancelled)["status"], "cancelled")
+        self.assertIsNone(coda_backup.read_latest(self.out), "a cancelled run never becomes latest")
+        saved_before = self.entries(cancelled)
+        self.assertNotIn(ws.home.id, saved_before)
+        for obj in ws.pages[:3] + [ws.items, ws.open_items, ws.plain, ws.glossary]:
+            self.assertEqual(saved_before[obj.id]["status"], "ok", obj.name)
+
+        self.fake.clear_log()
+        resumed = self.backup("--incremental")
+        self.assertEqual(self.export_posts(), [self.export_path(ws.home)])
+        self.assertEqual(self.rows_gets(), [])
+        entries = self.entries(resumed)
+        for obj in ws.pages[:3] + [ws.items, ws.open_items, ws.plain, ws.glossary]:
+            with self.subTest(obj=obj.name):
+                self.assertEqual((entries[obj.id]["status"], entries[obj.id]["reusedFrom"]),
+                                 ("unchanged", cancelled.name))
+                self.assertEqual(entries[obj.id]["fetchedAt"], saved_before[obj.id]["fetchedAt"])
+        self.assert_same_inode(self.table_csv(resumed, ws.items), self.table_csv(cancelled, ws.items))
+        self.assertEqual(self.page_file(resumed, ws.home).read_text(encoding="utf-8"), ws.home.content)
+        self.assertEqual(self.summary(resumed)["status"], "completed")
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+    def test_after_a_failed_run_and_past_a_damaged_manifest(self) -> None:
+        ws = build_small_workspace(self.fake)
+        ws.details.export_fail_times = 10
+        failed = self.backup(expect=1)
+        # A run that ended `failed` (the API lost for good, a full disk) never moves latest;
+        # its manifest says so. Reuse does not look at the status, only at each object.
+        for name in ("summary.json", "manifest.json"):
+            record = read_json(failed / name)
+            record["status"] = "failed"
+            (failed / name).write_text(json.dumps(record), encoding="utf-8")
+        for name in (coda_backup.LATEST_TXT, coda_backup.LATEST_LINK):
+            (self.out / name).unlink()
+        ws.details.export_fail_times = 0
+        later = coda_backup.create_snapshot(self.out, coda_backup.utc_now())  # newer, manifest cut short
+        (later / "manifest.json").write_text('{"version": 1, "docs": [', encoding="utf-8")
+
+        self.fake.clear_log()
+        resumed = self.backup("--incremental")
+        self.assertEqual(self.export_posts(), [self.export_path(ws.details)])
+        self.assertEqual(self.rows_gets(), [])
+        self.assertIn(f"cannot use the manifest of {later.name}", self.stderr)
+        entries = self.entries(resumed)
+        self.assertEqual(entries[ws.overview.id]["reusedFrom"], failed.name)
+        self.assertEqual(entries[ws.details.id]["status"], "ok")
+        self.assertEqual(self.summary(resumed)["status"], "completed")
+
+
+class CalculatedColumnsTest(ReuseCase):
+    def test_a_formula_result_that_changed_without_updatedAt_is_caught_by_the_doc(self) -> None:
+        ws = build_small_workspace(self.fake)
+        scores = ws.beta.add_table("Scores", parent_page=ws.home, columns=[
+            "Player", {"name": "Total", "type": "number", "calculated": True, "formula": "thisRow.Points * 2"}],
+            rows=[{"Player": "ann", "Total": 4}, {"Player": "bob", "Total": 6}])
+        first = self.backup()
+        table_updated = scores.updated_at
+        scores.set_calculated(0, "Total", 40)  # the doc moves, the table and its rows do not
+        self.assertEqual(scores.updated_at, table_updated)
+
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+        self.assertEqual(set(self.rows_gets()), {self.rows_path(scores)}, "only the table with formulas")
+        self.assertEqual(read_csv(self.table_csv(second, scores))[1][6:], ["ann", "40"])
+        self.assertEqual(self.export_posts(), [self.export_path(ws.home)], "Home shows the new total")
+        entries = self.entries(second)
+        self.assertEqual(entries[scores.id]["reason"], "calculated columns, doc changed")
+        self.assertEqual(entries[scores.id]["calculatedColumns"], 1)
+        self.assertEqual(entries[ws.glossary.id]["reusedFrom"], first.name)
+
+        ws.beta.touch()  # the doc moves again; this time no value changed
+        self.fake.clear_log()
+        third = self.backup("--incremental")
+        self.assertEqual(set(self.rows_gets()), {self.rows_path(scores)})
+        self.assert_same_inode(self.table_csv(third, scores), self.table_csv(second, scores))
+        self.assertEqual(self.export_posts(), [], "identical rows count as unchanged for the page")
+        self.assertEqual(self.entries(third)[ws.home.id]["reusedFrom"], second.name)
+
+
+class MaxAgeTest(ReuseCase):
+    def test_reuse_carries_the_download_time_and_max_age_refetches_into_hard_links(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        ws.alpha.touch()  # Alpha is decided object by object, Beta is linked whole
+        second = self.backup("--incremental")
+        before, entries = self.entries(first), self.entries(second)
+        for obj in (ws.overview, ws.items, ws.beta, ws.home, ws.glossary):
+            with self.subTest(obj=obj.name):
+                self.assertRegex(before[obj.id]["fetchedAt"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+                self.assertNotIn("reusedFrom", before[obj.id])
+                self.assertEqual(entries[obj.id]["fetchedAt"], before[obj.id]["fetchedAt"])
+                self.assertEqual(entries[obj.id]["reusedFrom"], first.name)
+        self.assertEqual(entries[ws.overview.id]["reason"], "unchanged")
+        self.assertEqual(entries[ws.home.id]["reason"], "doc unchanged")
+
+        self.fake.clear_log()
+        third = self.backup("--incremental", "--max-age", "0")
+        self.assertEqual(len(self.export_posts()), 4)
+        self.assertEqual(len(set(self.rows_gets())), 4)
+        entries = self.entries(third)
+        for obj in (ws.overview, ws.items, ws.home, ws.glossary):
+            with self.subTest(obj=obj.name):
+                self.assertEqual((entries[obj.id]["status"], entries[obj.id]["reason"]),
+                                 ("ok", "older than --max-age"))
+                self.assertNotIn("reusedFrom", entries[obj.id])
+        self.assert_same_inode(self.table_csv(third, ws.items), self.table_csv(first, ws.items))
+        self.assert_same_inode(self.page_file(third, ws.home), self.page_file(first, ws.home))
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+
+class CheckedLinksTest(ReuseCase):
+    def test_a_same_size_edit_of_a_saved_file_is_not_linked_forward(self) -> None:
+        ws = build_small_workspace(self.fake)
+        first = self.backup()
+        damaged = self.table_csv(first, ws.glossary)
+        original = damaged.read_bytes()
+        flip_one_byte(damaged)
+        self.fake.clear_log()
+        second = self.backup("--incremental")
+
+        self.assertEqual(self.rows_gets(), [self.rows_path(ws.glossary)])
+        self.assertIn("no longer matches its manifest", self.stderr)
+        new = self.table_csv(second, ws.glossary)
+        self.assertEqual(new.read_bytes(), original)
+        self.assertNotEqual(new.stat().st_ino, damaged.stat().st_ino)
+        self.assertEqual(self.entries(second)[ws.glossary.id]["reason"], "saved copy damaged")
+        self.assert_same_inode(self.page_file(second, ws.home), self.page_file(first, ws.home))
+        self.assertEqual(self.verify(), 0, self.stdout)
+
+
+@unittest.skipUnless(os.name == "posix", "POSIX permissions")
+class ReadOnlyTest(ReuseCase):
+    def test_content_is_0400_from_the_start_the_run_records_0600_and_pruning_deletes(self) -> None:
+        ws = build_small_workspace(self.fake)
+        seen: Dict[str, int] = {}
+
+        def look(_request: Any) -> None:  # mid-run: every saved file is already read-only
+            for path in self.out.rglob("*.csv"):
+                seen[path.name] = stat.S_IMODE(path.stat().st_mode)
+
+        self.fake.before_api.append(look)
+        first = self.backup()
+        self.fake.before_api.remove(look)
+        self.assertTrue(seen)
+        self.assertEqual(set(seen.values()), {0o400})
+        ws.plain.set_cell(0, "Value", "2")
+        second = self.backup("--incremental", "--keep", "1")
+        self.assertFalse(first.exists(), "--keep 1 removed the older snapshot and its read-only files")
+        modes = {path.relative_to(second).as_posix(): stat.S_IMODE(path.stat().st_mode)
+                 for path in second.rglob("*")}
+        for relative, mode in modes.items():
+            with self.subTest(path=relative):
+                expected = {"summary.json": 0o600, "manifest.json": 0o600}.get(relative)
+                if (second / relative).is_dir():
+                    expected = 0o700
+                self.assertEqual(mode, expected or 0o400)
