@@ -3453,7 +3453,7 @@ def vanished_protection(output: Path, now: dt.datetime, days: int) -> Dict[str, 
     return protected_snapshots(read_vanished(output), names, now, days, holds)
 
 
-# --- History: changes, diff, retention, find ------------------------------------
+# --- History: changes, diff, retention, find ----------------------------------
 #
 # Everything here reads snapshots and never writes into one (deleting a whole one
 # is retention's job). Manifests are read defensively and only for the fields
@@ -3538,10 +3538,9 @@ def read_objects(manifest: Any) -> Dict[str, Dict[Tuple[str, str], HistoryObject
 def manifest_listing(manifest: Any) -> Listed:
     """What the run that wrote a manifest listed, as far as the manifest tells: the ids it holds,
     and nothing below a doc that failed (one of its listings may have)."""
-    listed = Listed(docs=set())
-    for doc in _manifest_docs(manifest):
-        assert listed.docs is not None
-        listed.docs.add(doc["id"])
+    docs = _manifest_docs(manifest)
+    listed = Listed(docs={doc["id"] for doc in docs})
+    for doc in docs:
         failed = doc.get("status") == "failed"
         listed.pages[doc["id"]] = None if failed else {p["id"] for p in _entries(doc.get("pages")) if "id" in p}
         listed.tables[doc["id"]] = None if failed else {t["id"] for t in _entries(doc.get("tables")) if "id" in t}
@@ -3964,10 +3963,6 @@ def delete_snapshot(output: Path, name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         (output / f"{name}.zip").unlink()
     remove_tree(doomed)
-
-
-def format_decision(decision: RetentionDecision) -> str:
-    return f"{'keep' if decision.keep else 'delete'} ({', '.join(decision.reasons)})"
 
 
 # -- find
@@ -4569,8 +4564,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "the rest deleted with its .zip (never latest or a running one)")
     how.add_argument("--keep-daily", type=int, metavar="N", help="keep the newest snapshot of each of the last N "
                                                                   "days that have one (UTC)")
-    how.add_argument("--keep-weekly", type=int, metavar="N", help="... of each of the last N ISO weeks")
-    how.add_argument("--keep-monthly", type=int, metavar="N", help="... of each of the last N months")
+    how.add_argument("--keep-weekly", type=int, metavar="N",
+                     help="keep the newest snapshot of each of the last N ISO weeks that have one")
+    how.add_argument("--keep-monthly", type=int, metavar="N",
+                     help="keep the newest snapshot of each of the last N months that have one")
     how.add_argument("--keep-within", type=int, metavar="DAYS",
                      help="keep every snapshot less than DAYS days older than the newest completed one")
     how.add_argument("--zip", **SWITCH, help="also write DIR/<snapshot>.zip after a finished run")
@@ -4784,8 +4781,8 @@ def run_list(output: Optional[str], as_json: bool, keep_vanished: int = DEFAULT_
               f"docs {counts.get('docs', '?')} pages {counts.get('pages', '?')} tables {counts.get('tables', '?')} "
               f"views {counts.get('views', '?')} rows {counts.get('rows', '?')}  failures {run['failures']}  "
               f"{run['size_bytes'] / 1e6:.1f} MB ({run['unique_bytes'] / 1e6:.1f} MB own)"
-              + (f"  {format_decision(plan[run['snapshot']])}" if run.get("retention") and run["snapshot"] in plan
-                 else ""))
+              + (f"  {'keep' if run['retention']['keep'] else 'delete'} ({', '.join(run['retention']['reasons'])})"
+                 if "retention" in run else ""))
         if run["protected"]:
             print(f"    kept: {run['protected']}")
     return EXIT_OK

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 import unittest
 from pathlib import Path
@@ -200,6 +201,15 @@ class HistoryRunsTest(BackupTestCase):
                          self.stderr)
         self.assertIn(f"delete {names[0]}  (no rule keeps it)", self.stdout.splitlines())
         self.assertEqual(sorted(p.name for p in out.iterdir() if p.name in names), names, "a dry run deletes nothing")
+
+        config = out.parent / "retention.toml"
+        config.write_text("keep-last = 1\nkeep-vanished = 0\n", encoding="utf-8")  # a flag's other name
+        code = self.cli("--config", str(config), "--prune", "--dry-run", output=out)
+        if sys.version_info >= (3, 11):
+            self.assertEqual(code, 0, self.stderr)
+            self.assertIn(f"delete {names[0]}  (no rule keeps it)", self.stdout.splitlines())
+        else:
+            self.assertEqual(code, 2, "--config needs tomllib")
 
         self.assertEqual(self.cli("--prune", "--keep-last", "1", output=out), 0, self.stderr)
         self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], [names[0], names[2]])
