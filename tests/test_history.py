@@ -36,6 +36,7 @@ class HistoryRunsTest(BackupTestCase):
     """
 
     runs: List[Path]
+    logs: List[str]
     ids: Dict[str, str]
     shared_out: Path
 
@@ -57,7 +58,8 @@ class HistoryRunsTest(BackupTestCase):
         alpha.add_view(tasks, "Big Points", parent_page=overview, row_filter=lambda v: (v.get(points) or 0) >= 3)
         beta = fake.add_doc("Beta Wiki")
         beta.add_page("Home", content="# Home\n")
-        cls.runs = [cls.backup(fake)]
+        cls.runs, cls.logs = [], []
+        cls.backup(fake)
 
         added = tasks.add_row({"Task": "T5", "Points": 5, "Notes": "n5"})
         removed = tasks.remove_row(1)
@@ -69,16 +71,17 @@ class HistoryRunsTest(BackupTestCase):
         alpha.remove_page(notes)
         alpha.add_page("Later", content="# Later\n")
         fake.remove_doc(beta)
-        cls.runs.append(cls.backup(fake, "--incremental", "--allow-vanished"))  # 1 doc of 2: past the guard
+        cls.backup(fake, "--incremental", "--allow-vanished")  # 1 doc of 2: past the guard
 
         fake.add_doc("Gamma Log").add_page("Start", content="# Start\n")
-        cls.runs.append(cls.backup(fake, "--exclude-doc", "Alpha Doc"))
+        cls.backup(fake, "--exclude-doc", "Alpha Doc")
         cls.ids = {"added": added.id, "removed": removed.id, "changed": rows[3].id, "tasks": tasks.id,
                    "overview": overview.id, "notes": notes.id, "beta": beta.id, "alpha": alpha.id}
 
     @classmethod
-    def backup(cls, fake: FakeCoda, *extra: str) -> Path:
-        args = ["--output", str(cls.shared_out), "--api-url", fake.api_url, "--no-extras", *FAST_FLAGS, *extra]
+    def backup(cls, fake: FakeCoda, *extra: str) -> None:
+        args = ["--output", str(cls.shared_out), "--api-url", fake.api_url, "--no-extras", *FAST_FLAGS,
+                "--log-level", "INFO", *extra]
         old = os.environ.get("CODA_API_TOKEN")
         os.environ["CODA_API_TOKEN"] = TOKEN
         try:
@@ -92,7 +95,8 @@ class HistoryRunsTest(BackupTestCase):
         assert code == 0, err.getvalue()
         latest = coda_backup.read_latest(cls.shared_out)
         assert latest is not None
-        return latest
+        cls.runs.append(latest)
+        cls.logs.append(err.getvalue())
 
     def setUp(self) -> None:  # no fake of its own: these tests only read the shared snapshots
         self.stderr = ""
@@ -121,6 +125,11 @@ class HistoryRunsTest(BackupTestCase):
             "rows": {"added": 1, "changed": 1, "removed": 1},  # base tables only: views show the same rows
         }
         self.assertEqual({key: second[key] for key in expected}, expected)
+        self.assertEqual(second["docs"]["removed"], self.summary(self.runs[1])["counts"]["vanished"]["docs"])
+        last_lines = self.logs[1].splitlines()[-2:]
+        self.assertIn(f"changes since {self.runs[0].name}: docs 0 added, 1 changed, 1 removed; pages 1 added, "
+                      "1 changed, 1 removed; tables 0 added, 1 changed, 0 removed; views 0 added, 1 changed, "
+                      "0 removed; rows 1 added, 1 changed, 1 removed", last_lines[0])
         self.assertEqual(third["docs"], {"added": 1, "changed": 0, "removed": 0},
                          "Alpha was left out by --exclude-doc: not removed")
         self.assertEqual((third["pages"]["removed"], third["tables"]["removed"]), (0, 0))
@@ -215,6 +224,8 @@ class HistoryRunsTest(BackupTestCase):
         self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], [names[0], names[2]])
         self.assertEqual(self.cli("--prune", "--keep-last", "1", *no_vanished_rule, output=out), 0, self.stderr)
         self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], [names[2]])
+        with coda_backup.RunLock(out):
+            self.assertEqual(self.cli("--prune", "--keep-last", "1", output=out), 4, "--prune takes the lock")
         self.assertEqual(self.cli("--prune", output=out), 2, "--prune without a rule")
         self.assertEqual(self.cli("--prune", "--keep-daily", "0", output=out), 2)
 
