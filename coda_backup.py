@@ -171,6 +171,7 @@ LATEST_LINK = "latest"
 LATEST_TXT = "latest.txt"
 SUMMARY_NAME = "summary.json"
 MANIFEST_NAME = "manifest.json"
+JOURNAL_NAME = "manifest.partial.jsonl"  # what a run saved so far, until manifest.json replaces it
 MANIFEST_VERSION = 1
 REUSABLE_STATUSES = ("ok", "unchanged")
 VANISHED_NAME = "vanished.json"
@@ -1562,6 +1563,78 @@ def parse_time(value: Any) -> Optional[dt.datetime]:
         return None
 
 
+class Journal:
+    """`manifest.partial.jsonl` in a running snapshot: one JSON line per doc, page and table as
+    it is saved, so a run killed outright (kill -9, Task Scheduler's End, a power cut), which
+    never writes manifest.json, can still be resumed. Lines are appended whole under a lock; a
+    line cut short by the kill is skipped when read. Removed once manifest.json is written.
+    Best effort: a journal that cannot be written is a debug line, not a failure.
+    """
+
+    def __init__(self, path: Optional[Path] = None) -> None:
+        self._fd: Optional[int] = None
+        self._path = path
+        self._lock = threading.Lock()
+
+    @classmethod
+    def start(cls, snapshot: Path, options_record: Dict[str, Any], started: dt.datetime) -> Journal:
+        journal = cls(snapshot / JOURNAL_NAME)
+        with contextlib.suppress(OSError):
+            journal._fd = os.open(snapshot / JOURNAL_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        journal._write({"version": MANIFEST_VERSION, "started_at": iso(started), "options": options_record})
+        return journal
+
+    def doc(self, entry: Dict[str, Any]) -> None:
+        self._write({"doc": {key: entry.get(key) for key in ("id", "name", "path", "updatedAt", "fetchedAt")}})
+
+    def saved(self, doc_id: str, kind: str, entry: Dict[str, Any]) -> None:
+        """A page or table that ended saved (ok or unchanged); anything else is not worth a line."""
+        if entry.get("status") in REUSABLE_STATUSES:
+            # dict() copies at once (the asset finisher may still add to the entry).
+            self._write({"docId": doc_id, "kind": kind, "entry": dict(entry, files=list(entry["files"]))})
+
+    def close(self, remove: bool) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        if remove and self._path is not None:
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+
+    def _write(self, record: Dict[str, Any]) -> None:
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                os.write(self._fd, line)
+            except OSError as exc:
+                LOG.debug("cannot write %s (%s); a killed run could not be resumed", JOURNAL_NAME, exc)
+
+
+def journal_manifest(folder: Path) -> Dict[str, Any]:
+    """A manifest rebuilt from the journal of a run that never wrote manifest.json: its docs
+    are `partial` (never linked whole), their saved pages and tables usable one by one."""
+    lines = (folder / JOURNAL_NAME).read_bytes().splitlines()
+    header = json.loads(lines[0]) if lines else None
+    if not isinstance(header, dict):
+        raise ValueError(f"{JOURNAL_NAME} without a header")
+    docs: Dict[str, Dict[str, Any]] = {}
+    for line in lines[1:]:
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue  # the line the kill cut short
+        if isinstance(item, dict) and isinstance(item.get("doc"), dict):
+            docs.setdefault(str(item["doc"].get("id")), dict(item["doc"], status="partial", files=[],
+                                                              pages=[], tables=[]))
+        elif isinstance(item, dict) and item.get("kind") in ("page", "table") and item.get("docId") in docs:
+            docs[item["docId"]][item["kind"] + "s"].append(item["entry"])
+    return {"version": header.get("version"), "status": "abandoned", "started_at": header.get("started_at"),
+            "options": header.get("options"), "docs": list(docs.values())}
+
+
 class SnapshotIndex:
     """For every doc, page and table: the newest earlier snapshot that holds it intact
     (status ok or unchanged, every file there with its recorded size), whatever that
@@ -1680,7 +1753,10 @@ def selection_key_of(options: Dict[str, Any]) -> Dict[str, Any]:
 def read_manifest(folder: Path) -> Dict[str, Any]:
     """A snapshot's manifest, checked: every field reuse reads has the right type and no path
     leaves the snapshot. Raises ValueError (or OSError) otherwise."""
-    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    if not (folder / MANIFEST_NAME).exists() and (folder / JOURNAL_NAME).exists():
+        manifest: Any = journal_manifest(folder)
+    else:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"manifest version {manifest.get('version') if isinstance(manifest, dict) else None!r}")
     if not isinstance(manifest.get("options"), dict) or not isinstance(manifest.get("docs"), list):
@@ -1857,6 +1933,7 @@ class Job:
     index: Optional[SnapshotIndex]
     policy: ReusePolicy
     assets: Optional[AssetStore] = None  # None with --no-assets
+    journal: Journal = field(default_factory=Journal)
 
     def write_json(self, relative: PurePosixPath, value: Any, role: str,
                    like: Optional[SavedCopy] = None) -> Dict[str, Any]:
@@ -2016,6 +2093,7 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
         job.recorder.fail("page", doc_id, page["id"], page.get("name"), exc)
     finally:
         job.recorder.settle()
+    job.journal.saved(doc_id, "page", entry)
     return entry
 
 
@@ -2082,6 +2160,7 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         job.recorder.fail(kind[:-1], doc_id, ref["id"], ref.get("name"), exc)
     finally:
         job.recorder.settle()
+    job.journal.saved(doc_id, "table", entry)
     return entry
 
 
@@ -2208,6 +2287,7 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
     if job.index is not None:
         entry["reason"] = decision.reason
     entry["fetchedAt"] = iso(utc_now())
+    job.journal.doc(entry)
     entry["files"].append(job.write_json(folder / DOC_FILES["doc"], doc, "doc"))
     pages, problem = read_all(job.api.iter_pages(doc))
     job.recorder.listed.pages[doc_id] = listed_ids(pages, problem)
@@ -2333,6 +2413,10 @@ def link_whole_doc(job: Job, decision: Decision, entry: Dict[str, Any]) -> bool:
         recorder.unchanged(kind)
     recorder.unchanged("pages", sum(1 for page in before["pages"] if page["status"] != "skipped"))
     recorder.unchanged("docs")
+    job.journal.doc(entry)
+    for kind in ("page", "table"):
+        for child in entry[kind + "s"]:
+            job.journal.saved(entry["id"], kind, child)
     return True
 
 
@@ -4338,12 +4422,16 @@ def build_manifest(options: Options, started: dt.datetime, status: str, snapshot
         "status": status,
         "started_at": iso(started),
         "finished_at": iso(utc_now()),
-        "options": {"layout": options.layout_key(), "include_shared": options.include_shared,
-                    "workspace_id": options.workspace_id, "incremental": options.incremental,
-                    "docs": list(options.docs), "exclude_docs": list(options.exclude_docs),
-                    "max_age_days": options.max_age_days},
+        "options": manifest_options(options),
         "docs": docs,
     }
+
+
+def manifest_options(options: Options) -> Dict[str, Any]:
+    return {"layout": options.layout_key(), "include_shared": options.include_shared,
+            "workspace_id": options.workspace_id, "incremental": options.incremental,
+            "docs": list(options.docs), "exclude_docs": list(options.exclude_docs),
+            "max_age_days": options.max_age_days}
 
 
 def run_backup(options: Options, token: str, status_line: Optional[StatusLine] = None) -> int:
@@ -4369,8 +4457,9 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
         snapshot = create_snapshot(options.output, started)
         index = SnapshotIndex.load(options.output, options, snapshot) if options.reuses_previous else None
         assets = AssetStore(options, asset_http, snapshot, recorder, index) if options.assets else None
+        journal = Journal.start(snapshot, manifest_options(options), started)
         job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, index,
-                  ReusePolicy.for_run(options, started), assets)
+                  ReusePolicy.for_run(options, started), assets, journal)
         LOG.info("writing snapshot %s", snapshot)
         docs: List[Dict[str, Any]] = []
         fatal = False
@@ -4399,6 +4488,7 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
         status = run_status(fatal or nothing_selected(options, docs, recorder), cancel.is_set(), recorder)
         manifest = build_manifest(options, started, status, snapshot, docs)
         write_json_atomic(snapshot / MANIFEST_NAME, manifest)
+        journal.close(remove=True)
         if status in ("completed", "completed_with_errors"):
             recorder.changes = run_changes(before, before_manifest, manifest, snapshot, recorder.vanished)
         summary = build_summary(status, started, recorder, stats, snapshot)

@@ -8,7 +8,8 @@ delay and Coda's published rate limits enforced with 429s, and runs the real CLI
 three times:
 
 1. default settings, 2. ``--concurrency 1`` (the serial baseline), 3. an ``--incremental``
-rerun with no changes.
+rerun with no changes, 4. (resume) in a fresh folder, a run interrupted with SIGINT halfway through
+its page exports, then the ``--incremental`` run that resumes it.
 
 For each run it prints the wall time, requests by category, 429s, and the lower bound implied by
 the rate limits and the export delay for the requests that run made, with the ratio wall/bound.
@@ -46,6 +47,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -204,8 +206,34 @@ def speed(args: argparse.Namespace) -> None:
             print(f"\nserial / default wall: {results['serial --concurrency 1'][0] / full_wall:.2f}x")
         inc_requests = results["incremental, no change"][1]
         print(f"incremental requests / full requests: {100.0 * inc_requests / max(full_requests, 1):.2f}%")
+        resume(fake, full_wall, full_requests, cli_env())
     finally:
         fake.stop()
+
+
+def resume(fake: FakeCoda, full_wall: float, full_requests: int, env: Dict[str, str]) -> None:
+    """A fresh output: a full run interrupted (SIGINT) once half of its page exports were
+    started, then an --incremental run, which should fetch only what the first one did not save."""
+    out = Path(tempfile.mkdtemp(prefix="coda-bench-resume-"))
+    args = ["--output", str(out), "--api-url", fake.api_url, "--quiet", "--asset-host", fake.assets_url]
+    fake.clear_log()
+    pages = sum(len(doc.pages) for doc in fake.docs)
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, CLI, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while proc.poll() is None and len(fake.requests("POST", r"/export$")) < pages // 2:
+        time.sleep(0.05)  # a benchmark, not a test: polling is fine here
+    proc.send_signal(signal.SIGINT)
+    proc.wait()
+    cut_wall, cut_requests = time.monotonic() - started, len(fake.requests())
+    fake.clear_log()
+    code, wall, _ = run_cli([*args, "--incremental"], env)
+    total = len(fake.requests())
+    print(f"\n[resume] a run cancelled after {cut_wall:.1f}s and {cut_requests} requests (exit {proc.returncode}); "
+          f"the --incremental run after it: exit {code}, wall {wall:.1f}s, requests {total}, "
+          f"exports {len(fake.requests('POST', r'/export$'))} of {pages} pages")
+    print(f"    resumed run / full run: wall {100.0 * wall / max(full_wall, 0.001):.0f}%, "
+          f"requests {100.0 * total / max(full_requests, 1):.0f}%")
 
 
 def memory(args: argparse.Namespace) -> None:

@@ -171,11 +171,39 @@ class DryRunAgreesTest(ReuseCase):
 
 class ResumeTest(ReuseCase):
     @unittest.skipUnless(os.name == "posix", "POSIX signals")
-    def test_after_ctrl_c_only_what_was_not_saved_is_fetched(self) -> None:
+    def test_after_ctrl_c_or_kill_only_what_was_not_saved_is_fetched(self) -> None:
         ws = build_small_workspace(self.fake)
-        # One worker works through the queue in order; Beta's Home page is the last object of
-        # the run. The fake holds its export until the run is interrupted.
-        hold = self.fake.hold(rf"/pages/{ws.home.id}/export$", method="POST")
+        saved_objects = ws.pages[:3] + [ws.items, ws.open_items, ws.plain, ws.glossary]
+        for signum, status in ((signal.SIGINT, "cancelled"), (signal.SIGKILL, "abandoned")):
+            with self.subTest(signal=signum.name):
+                self.out = self.out.parent / signum.name
+                interrupted = self.interrupt_at_the_last_export(ws.home, signum)
+                if signum == signal.SIGKILL:  # no manifest.json: the journal says what was saved
+                    self.assertFalse((interrupted / "manifest.json").exists())
+                self.fake.clear_log()
+                resumed = self.backup("--incremental")
+                self.assertEqual(self.export_posts(), [self.export_path(ws.home)])
+                self.assertEqual(self.rows_gets(), [])
+
+                self.assertEqual(self.summary(interrupted)["status"], status)
+                saved_before = manifest_entries(coda_backup.read_manifest(interrupted))
+                self.assertNotIn(ws.home.id, saved_before)
+                for obj in saved_objects:
+                    self.assertEqual(saved_before[obj.id]["status"], "ok", obj.name)
+                entries = self.entries(resumed)
+                for obj in saved_objects:
+                    self.assertEqual((entries[obj.id]["status"], entries[obj.id]["reusedFrom"]),
+                                     ("unchanged", interrupted.name), obj.name)
+                    self.assertEqual(entries[obj.id]["fetchedAt"], saved_before[obj.id]["fetchedAt"])
+                self.assert_same_inode(self.table_csv(resumed, ws.items), self.table_csv(interrupted, ws.items))
+                self.assertEqual(self.page_file(resumed, ws.home).read_text(encoding="utf-8"), ws.home.content)
+                self.assertEqual(self.summary(resumed)["status"], "completed")
+                self.assertFalse((resumed / coda_backup.JOURNAL_NAME).exists(), "the journal outlived the run")
+
+    def interrupt_at_the_last_export(self, page: Any, signum: int) -> Path:
+        """A full run as its own process with one worker, which works through the queue in order
+        (Beta's Home page is the last object); the fake holds that export until the signal."""
+        hold = self.fake.hold(rf"/pages/{page.id}/export$", method="POST")
         self.addCleanup(hold.release)
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
         env.pop("CODA_API_URL", None)
@@ -185,32 +213,14 @@ class ResumeTest(ReuseCase):
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
         self.assertTrue(hold.reached.wait(20), "the run never asked for the last export")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=20)
-        self.assertEqual(proc.returncode, 130, stderr.decode("utf-8", "replace"))
+        self.assertEqual(proc.returncode, 130 if signum == signal.SIGINT else -signal.SIGKILL,
+                         stderr.decode("utf-8", "replace"))
         hold.release()
-        [cancelled] = self.snapshots()
-        self.assertEqual(self.summary(cancelled)["status"], "cancelled")
-        self.assertIsNone(coda_backup.read_latest(self.out), "a cancelled run never becomes latest")
-        saved_before = self.entries(cancelled)
-        self.assertNotIn(ws.home.id, saved_before)
-        for obj in ws.pages[:3] + [ws.items, ws.open_items, ws.plain, ws.glossary]:
-            self.assertEqual(saved_before[obj.id]["status"], "ok", obj.name)
-
-        self.fake.clear_log()
-        resumed = self.backup("--incremental")
-        self.assertEqual(self.export_posts(), [self.export_path(ws.home)])
-        self.assertEqual(self.rows_gets(), [])
-        entries = self.entries(resumed)
-        for obj in ws.pages[:3] + [ws.items, ws.open_items, ws.plain, ws.glossary]:
-            with self.subTest(obj=obj.name):
-                self.assertEqual((entries[obj.id]["status"], entries[obj.id]["reusedFrom"]),
-                                 ("unchanged", cancelled.name))
-                self.assertEqual(entries[obj.id]["fetchedAt"], saved_before[obj.id]["fetchedAt"])
-        self.assert_same_inode(self.table_csv(resumed, ws.items), self.table_csv(cancelled, ws.items))
-        self.assertEqual(self.page_file(resumed, ws.home).read_text(encoding="utf-8"), ws.home.content)
-        self.assertEqual(self.summary(resumed)["status"], "completed")
-        self.assertEqual(self.verify(), 0, self.stdout)
+        [interrupted] = self.snapshots()
+        self.assertIsNone(coda_backup.read_latest(self.out), "an interrupted run never becomes latest")
+        return interrupted
 
     def test_after_a_failed_run_and_past_a_damaged_manifest(self) -> None:
         ws = build_small_workspace(self.fake)
