@@ -140,6 +140,28 @@ class PaginationTest(FakeTestCase):
             page = self.api_json(f"/docs/{self.doc.id}/pages?pageToken={token}")
             self.assertEqual(page["nextPageToken"], token)
 
+    def test_endless_tokens_start_over_with_a_fresh_token_each_page(self) -> None:
+        self.fake.max_limit = 3
+        self.fake.endless_tokens = r"/docs$"
+        ids, tokens, page = [], set(), self.api_json("/docs")
+        for _ in range(4):
+            ids += [doc["id"] for doc in page["items"]]
+            tokens.add(page["nextPageToken"])
+            page = self.api_json(f"/docs?pageToken={page['nextPageToken']}")
+        every = [doc.id for doc in self.fake.docs]
+        self.assertLess(len(every), len(ids), "the listing goes on past its last item")
+        self.assertEqual(len(tokens), 4, "a fresh token on every page")
+        self.assertEqual(ids[:len(every)], every)
+        self.assertLessEqual(set(ids), set(every), "past the end, the same items again")
+
+    def test_duplicate_ids_repeat_the_last_item_of_the_page_before(self) -> None:
+        self.fake.max_limit = 2
+        self.fake.duplicate_ids = r"/pages$"
+        first = self.api_json(f"/docs/{self.doc.id}/pages")
+        second = self.api_json(f"/docs/{self.doc.id}/pages?pageToken={first['nextPageToken']}")
+        self.assertEqual(second["items"][0]["id"], first["items"][-1]["id"])
+        self.assertEqual(len(second["items"]), 3)
+
 
 class ExportTest(FakeTestCase):
     def start_export(self, page_id: str, output_format: str = "markdown") -> Dict[str, Any]:
