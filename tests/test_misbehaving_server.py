@@ -63,11 +63,11 @@ class MisbehavingServerTest(BackupTestCase):
 
     def test_download_host_that_never_answers_holds_a_page_no_longer_than_the_export_timeout(self) -> None:
         self.fake.download_stall = 60.0  # cut short when the fake stops
-        code = self.run_backup("--no-extras", "--doc", "Beta", "--timeout", "2", "--export-timeout", "0.3")
+        code = self.run_backup("--no-extras", "--doc", "Beta", "--timeout", "2", "--export-timeout", "0.8")
         self.assertEqual(code, 1, self.stderr)
         failure, = self.failures()
         self.assertEqual(failure["kind"], "page")
-        self.assertIn("did not finish within 0.3s", failure["error"])
+        self.assertIn("did not finish within 0.8s", failure["error"])
         self.assertEqual(len(self.fake.requests(host="download")), 1, "no retry after the deadline")
 
     def test_an_id_on_two_listing_pages_is_kept_once(self) -> None:
