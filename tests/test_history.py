@@ -126,10 +126,9 @@ class HistoryRunsTest(BackupTestCase):
         }
         self.assertEqual({key: second[key] for key in expected}, expected)
         self.assertEqual(second["docs"]["removed"], self.summary(self.runs[1])["counts"]["vanished"]["docs"])
-        last_lines = self.logs[1].splitlines()[-2:]
-        self.assertIn(f"changes since {self.runs[0].name}: docs 0 added, 1 changed, 1 removed; pages 1 added, "
+        self.assertIn(f"INFO changes since {self.runs[0].name}: docs 0 added, 1 changed, 1 removed; pages 1 added, "
                       "1 changed, 1 removed; tables 0 added, 1 changed, 0 removed; views 0 added, 1 changed, "
-                      "0 removed; rows 1 added, 1 changed, 1 removed", last_lines[0])
+                      "0 removed; rows 1 added, 1 changed, 1 removed\n", self.logs[1])
         self.assertEqual(third["docs"], {"added": 1, "changed": 0, "removed": 0},
                          "Alpha was left out by --exclude-doc: not removed")
         self.assertEqual((third["pages"]["removed"], third["tables"]["removed"]), (0, 0))
