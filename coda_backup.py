@@ -2060,7 +2060,7 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
         saved = job.index.pages.get((doc_id, page["id"])) if job.index is not None else None
         decision = job.policy.page(page, saved, lambda: hosted_tables(shown_tables))
         if decision.reuse and decision.source is not None and not assets_reusable(
-                job.assets is not None, decision.source, stem):
+                job.assets.prefixes if job.assets else None, decision.source, stem):
             decision = Decision(False, REASON_ASSETS, decision.source)
         linked = job.link_files(decision.source, decision.source.entry["files"], stem) \
             if decision.reuse and decision.source is not None else None
@@ -2134,7 +2134,7 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table", saved))
         decision = job.policy.table(table, saved, doc_updated, lambda: base_updated(job, doc_id, table))
         if decision.reuse and decision.source is not None and not assets_reusable(
-                job.assets is not None, decision.source, None):
+                job.assets.prefixes if job.assets else None, decision.source, None):
             decision = Decision(False, REASON_ASSETS, decision.source)
         source = decision.source
         linked = job.link_files(source, [r for r in source.entry["files"] if r["role"] != "table"], stem) \
@@ -2614,21 +2614,44 @@ def assets_intact(root: Path, entry: Dict[str, Any]) -> bool:
     return True
 
 
-def assets_reusable(assets: bool, saved: SavedCopy, stem: Optional[PurePosixPath]) -> bool:
+def assets_reusable(prefixes: Optional[Collection[str]], saved: SavedCopy, stem: Optional[PurePosixPath]) -> bool:
     """The asset part of the reuse decision for a previous page (`stem` given) or table.
 
     With --no-assets a page whose links were rewritten into assets/ is exported again, with its
-    original links. Otherwise the entry must come from a run that kept assets, with all of them
-    intact, and a page must sit at the same depth (its links are relative).
+    original links. Otherwise every asset the entry lists must be intact and a page must sit at
+    the same depth (its links are relative); an entry saved without assets (an older version,
+    --no-assets) is reused only if it links to none.
     """
     entry = saved.entry
-    if not assets:
+    if prefixes is None:
         return stem is None or not entry.get("assets")
-    if not isinstance(entry.get("assets"), list):
+    if "assets" not in entry:  # saved by a run that kept no assets: fine if it links to none
+        return not links_to_assets(saved.snapshot, entry, prefixes)
+    if not isinstance(entry["assets"], list):
         return False
     if stem is not None and len(PurePosixPath(entry["path"]).parts) != len(stem.parts):
         return False
     return assets_intact(saved.snapshot, entry)
+
+
+def links_to_assets(root: Path, entry: Dict[str, Any], prefixes: Collection[str]) -> bool:
+    """Whether a saved page's files, or a saved table's columns, hold or may hold asset URLs
+    (a file that cannot be read counts as yes): the first run that keeps assets then re-reads
+    only what has some, not everything."""
+    try:
+        for record in entry["files"]:
+            path = inside(root, PurePosixPath(record["path"]))
+            if record["role"] in PAGE_ROLES:
+                text = path.read_bytes().decode("utf-8", "surrogateescape")
+                if page_asset_urls(text, record["role"], prefixes):
+                    return True
+            elif record["role"] == "columns":
+                columns = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(columns, list) or asset_column_ids([c for c in columns if isinstance(c, dict)]):
+                    return True
+    except (OSError, ValueError, BackupError):
+        return True
+    return False
 
 
 def doc_folder_of(relative: PurePosixPath) -> PurePosixPath:
@@ -2829,7 +2852,7 @@ def save_page_assets(job: Job, doc_id: str, entry: Dict[str, Any]) -> None:
 def carry_assets(job: Job, doc_id: str, entry: Dict[str, Any], previous: Dict[str, Any]) -> None:
     """An unchanged page or table brings its assets along (linked, see AssetStore._link_earlier)."""
     if job.assets is not None:
-        job.assets.follow(job, doc_id, entry, [record["url"] for record in previous["assets"]], rewrite=False)
+        job.assets.follow(job, doc_id, entry, [record["url"] for record in previous.get("assets", [])], rewrite=False)
 
 
 class CellAssets:
@@ -4347,7 +4370,7 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
             decision = policy.table(table, index.tables.get((doc_id, table_id)), doc.get("updatedAt"),
                                     functools.partial(base_now, table))
             if decision.reuse and decision.source is not None and not assets_reusable(
-                    options.assets, decision.source, None):
+                    options.asset_hosts if options.assets else None, decision.source, None):
                 decision = Decision(False, REASON_ASSETS, decision.source)
             source = decision.source
             if decision.reuse and source is not None and not intact(
@@ -4372,7 +4395,8 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
         if index is not None:
             decision = policy.page(page, index.pages.get((doc_id, page["id"])), functools.partial(hosted, page["id"]))
             if decision.reuse and decision.source is not None and not assets_reusable(
-                    options.assets, decision.source, doc_folder(doc) / stems[page["id"]]):
+                    options.asset_hosts if options.assets else None, decision.source,
+                    doc_folder(doc) / stems[page["id"]]):
                 decision = Decision(False, REASON_ASSETS, decision.source)
             source = decision.source
             if decision.reuse and source is not None and not intact(

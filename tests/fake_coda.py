@@ -2224,7 +2224,9 @@ def build_asset_workspace(fake: FakeCoda, faulty: bool = True) -> Dict[str, Any]
       byte, over ``--max-asset-mb 1``), ``huge_stream`` (the same without Content-Length) and
       ``moved`` (a 302 to ``target`` on the same host).
 
-    Returns ``{"doc", "gallery", "details", "files", "urls": {key: URL}, "content": {key: bytes}}``.
+    * ``plain``: page "Plain" with table "Notes": no assets at all.
+
+    Returns ``{"doc", "gallery", "details", "files", "plain", "urls": {key: URL}, "content": {key: bytes}}``.
     """
     doc = fake.add_doc("Asset Gallery", owned=True, workspace_id="ws-1")
     content = {
@@ -2279,7 +2281,10 @@ def build_asset_workspace(fake: FakeCoda, faulty: bool = True) -> Dict[str, Any]
         {"Name": "empty", "Photo": None, "Files": []},
         {"Name": "another site", "Photo": elsewhere, "Files": None},
     ])
-    return {"doc": doc, "gallery": gallery, "details": details, "files": files, "urls": urls, "content": content}
+    plain = doc.add_page("Plain", content="# Plain\n\nNo files here.\n")
+    doc.add_table("Notes", columns=["Note"], rows=[{"Note": "text only"}], parent_page=plain)
+    return {"doc": doc, "gallery": gallery, "details": details, "files": files, "plain": plain,
+            "urls": urls, "content": content}
 
 
 def _spread(total: int, buckets: int) -> List[int]:

@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import io
 import os
-import re
 import unittest
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List
@@ -287,7 +286,7 @@ class AssetBackupTest(BackupTestCase):
                                  os.stat(first / record["path"]).st_ino, "hard-linked")
         self.assertIn("The final spec", self.find_one(third, "Gallery__*.md").read_text(encoding="utf-8"))
 
-    def test_no_assets(self) -> None:
+    def test_no_assets_then_assets(self) -> None:
         data = build_asset_workspace(self.fake, faulty=False)
         self.assertEqual(self.run_backup("--asset-host", self.fake.assets_url, "--no-assets"), 0, self.stderr)
         self.assertEqual(self.fake.requests(host="assets"), [])
@@ -295,7 +294,14 @@ class AssetBackupTest(BackupTestCase):
         page = self.find_one(self.latest(), "Gallery__*.md").read_text(encoding="utf-8")
         self.assertIn(data["urls"]["photo"], page)
         self.assertEqual(self.records(self.latest()), {})
-        self.assertFalse(re.search(r"\bassets\b", str(self.summary()["skipped"])))
+        self.assertEqual(self.summary()["skipped"], [])
+        self.fake.clear_log()
+        self.assertEqual(self.run_backup("--asset-host", self.fake.assets_url, "--incremental"), 0, self.stderr)
+        exported = {r.path.split("/")[4] for r in self.fake.requests("POST", r"/export$")}
+        self.assertEqual(exported, {data["gallery"].id, data["details"].id}, "pages without assets are linked")
+        read = {r.path.split("/")[4] for r in self.fake.requests("GET", r"/rows$")}
+        self.assertEqual(read, {data["files"].id}, "a table without file columns is linked")
+        self.assertEqual(len(self.records(self.latest())), 5)
 
 
 if __name__ == "__main__":
