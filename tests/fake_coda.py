@@ -36,7 +36,7 @@ Switches are plain attributes, settable at any time (see :class:`FakeCoda`): ``l
 ``export_expire_times``, ``download_expire_times``; per doc ``forbidden``, ``stale_times``,
 ``acl_forbidden``, ``listed``; ``asset_latency`` on the asset host; per table ``set_calculated()``
 (a formula result that changes while only the doc's ``updatedAt`` moves).  ``hold()`` keeps one
-request waiting.
+request waiting.  ``lose_api()`` plays an API that is gone for good (connections reset, or refused).
 
 Every request lands in ``fake.log`` as a :class:`RequestRecord`; ``fake.requests(...)`` filters
 it.  Handler bugs never pass silently: they answer 500 and are appended to ``fake.errors``.
@@ -927,6 +927,15 @@ class _Server(ThreadingHTTPServer):
         self.kind = kind
         super().__init__(("127.0.0.1", 0), _Handler)
 
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """After lose_api(), a new connection to the API host is reset before a byte is read."""
+        if self.kind == "api" and self.fake.api_lost:
+            self.fake._count_lost()
+            with contextlib.suppress(OSError):
+                request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return False
+        return True
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Stay quiet about clients that hang up; record anything else for the tests to see."""
         if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
@@ -973,6 +982,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self) -> None:
         fake = self.server.fake
         request = self._read_request()
+        if self.server.kind == "api" and fake.api_lost:  # a kept-alive connection: reset, no answer
+            fake._count_lost()
+            self._reset()
+            return
         # The request stops counting as in flight before its reply is written: a client that
         # sends its next request the moment it reads this reply must not look concurrent.
         with fake._tracked(request) as record:
@@ -1105,6 +1118,9 @@ class FakeCoda:
         # Seconds a keep-alive connection may sit idle before the server closes it, as load
         # balancers do (applies to connections opened after it is set).
         self.idle_timeout = 60.0
+        # lose_api(): every API request is reset from then on; lost_connections counts them.
+        self.api_lost = False
+        self.lost_connections = 0
         # Test hooks on the API host, called on the handler thread: before_api(request) before
         # anything else (to look at the disk mid-run), after_api(request, reply) once the reply
         # is ready (to script a fault for a later page of a listing, which add_fault cannot).
@@ -1270,6 +1286,23 @@ class FakeCoda:
         )
         with self._lock:
             self._faults.append(fault)
+
+    def lose_api(self, refuse: bool = False) -> None:
+        """Play an API that is gone for good: from now on every API request, new connection or
+        kept-alive, is reset without any HTTP answer (counted in ``lost_connections``, not logged).
+        ``refuse=True`` also closes the API host's listening socket, so new connections are refused
+        (ECONNREFUSED). Safe to call from a hook on a handler thread; the download host stays up.
+        """
+        self.api_lost = True
+        if refuse:
+            for server in self._servers:
+                if server.kind == "api":
+                    server.shutdown()  # returns at the serve loop's next poll (never call it on that loop)
+                    server.socket.close()
+
+    def _count_lost(self) -> None:
+        with self._lock:
+            self.lost_connections += 1
 
     def clear_faults(self) -> None:
         with self._lock:
