@@ -15,8 +15,9 @@ Where. Each run writes DIR/<UTC start, e.g. 2026-03-07T101530Z>/ with
 summary.json (status, counts, failures, request figures) and manifest.json
 (every object and file with size and sha256). DIR/latest (a symlink, and
 latest.txt) names the newest snapshot that finished; a failed or cancelled run
-never moves it. Names are made safe on Windows, macOS and Linux and always end
-in the object's id.
+never moves it. DIR/last-run.json says how the last run ended, whatever
+happened. Names are made safe on Windows, macOS and Linux and always end in
+the object's id.
 
 Run a backup (standard library only, Python 3.9+)::
 
@@ -52,12 +53,21 @@ to a log line or a file. README.md is the full manual.
 
 from __future__ import annotations
 
+import sys
+
+# First, before anything newer runs (argparse.BooleanOptionalAction, below, is 3.9): one line, not a
+# traceback. Python 3.6 and older cannot even read the `from __future__` line above and say so themselves.
+if sys.version_info < (3, 9):  # noqa: UP036 (the point is to run on older Pythons)
+    sys.stderr.write(f"coda-backup needs Python 3.9 or newer (this is Python {sys.version.split()[0]})\n")
+    raise SystemExit(2)
+
 import argparse
 import concurrent.futures
 import contextlib
 import csv
 import datetime as dt
 import email.utils
+import errno
 import fnmatch
 import functools
 import gzip
@@ -79,7 +89,6 @@ import socket
 import sqlite3
 import ssl
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -141,6 +150,11 @@ ASSET_WORKERS = 4  # downloads are not rate limited by Coda; a small pool of its
 ASSET_CHUNK = 1 << 16  # streamed to disk this much at a time: memory stays flat whatever the file size
 MAX_REDIRECTS = 5
 
+# A bad night's odd reset is ridden through; an API that only ever fails to connect (refused, reset,
+# DNS, TLS, timeouts; any HTTP answer, even a 503, shows it is there) is gone: the run stops, `failed`.
+API_LOST_SECONDS = 60.0  # nothing but connection failures for this long ...
+API_LOST_FAILURES = 50  # ... or this many in a row, across all workers (8 workers retrying: about 20 s)
+
 EXIT_OK = 0
 EXIT_FAILURES = 1
 EXIT_USAGE = 2
@@ -148,6 +162,20 @@ EXIT_FATAL = 3
 EXIT_LOCKED = 4
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+
+# How a run ended -> its exit code: the one table (see decide_outcome for the causes).
+EXIT_CODES = {
+    "completed": EXIT_OK,
+    "completed_with_errors": EXIT_FAILURES,
+    "nothing_selected": EXIT_FAILURES,  # --doc matched nothing: the run failed, but not the API
+    "fatal": EXIT_FATAL,  # token refused, API unreachable, a bug
+    "api_lost": EXIT_FATAL,
+    "disk": EXIT_FATAL,
+    "sigint": EXIT_SIGINT,
+    "sigterm": EXIT_SIGTERM,
+}
+# Errors that fail every later write too: the run stops at the first one.
+DISK_ERRNOS = frozenset(code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS) if code)
 
 MAX_COMPONENT_CHARS = 120
 MAX_COMPONENT_BYTES = 240  # ext4 and friends allow 255 bytes; leave room for temp-file affixes
@@ -170,6 +198,8 @@ WINDOWS_LOCK_OFFSET = 1 << 20  # the byte Windows locks, far past the holder's J
 LATEST_LINK = "latest"
 LATEST_TXT = "latest.txt"
 SUMMARY_NAME = "summary.json"
+LAST_RUN_NAME = "last-run.json"  # DIR/last-run.json: how the last run ended, whatever happened
+INCOMPLETE_STATUSES = ("running", "cancelled", "abandoned", "failed")
 MANIFEST_NAME = "manifest.json"
 JOURNAL_NAME = "manifest.partial.jsonl"  # what a run saved so far, until manifest.json replaces it
 MANIFEST_VERSION = 1
@@ -340,6 +370,54 @@ class RequestStats:
             }
 
 
+class ConnectionBreaker:
+    """Tells an API that is gone from a bad night's odd reset.
+
+    Only failures without any HTTP answer count (refused, reset, DNS, TLS, timeouts), from every
+    worker together; any answer, even a 503, shows the API is there and ends the streak. The API
+    counts as lost after `max_failures` in a row, or when the streak has lasted `max_seconds`.
+    """
+
+    def __init__(self, max_failures: int = API_LOST_FAILURES, max_seconds: float = API_LOST_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.max_seconds = max_seconds
+        self._clock = clock
+        self._failures = 0
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def answered(self) -> None:
+        with self._lock:
+            self._failures = 0
+
+    def unanswered(self) -> int:
+        """Connection failures since the API last answered: above 0 at the end of a run, the API
+        went away and the run ran out of work before the bounds were reached."""
+        with self._lock:
+            return self._failures
+
+    def failed(self) -> Optional[str]:
+        """Count one connection failure; return why the API is lost, or None while it may come back."""
+        with self._lock:
+            now = self._clock()
+            if self._failures == 0:
+                self._since = now
+            self._failures += 1
+            lasted = now - self._since
+            if self._failures >= self.max_failures or (self._failures > 1 and lasted >= self.max_seconds):
+                return f"{self._failures} connection failures in a row over {lasted:.0f}s and no answer"
+            return None
+
+
+@dataclass(frozen=True)
+class Halt:
+    """Why a run stopped at once, though nobody cancelled it: `kind` is a cause of EXIT_CODES."""
+
+    kind: str  # "api_lost" or "disk"
+    reason: str
+
+
 @dataclass(frozen=True)
 class ClientSettings:
     """How the HTTP client talks: retries, timeouts and pacing."""
@@ -400,6 +478,8 @@ class HttpClient:
         self._in_flight = threading.BoundedSemaphore(settings.max_in_flight)
         self._rng = random.Random()
         self._ssl: Optional[ssl.SSLContext] = None  # made on first https use (~50 ms)
+        self.breaker = ConnectionBreaker()
+        self.halted: Optional[Halt] = None  # set once by halt()
 
     # Public calls -------------------------------------------------------------
 
@@ -481,6 +561,19 @@ class HttpClient:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def halt(self, kind: str, reason: str) -> None:
+        """Stop the whole run for a cause other than a signal (the API is lost, the disk is full).
+
+        The first cause is kept (unless a signal came first); every worker, also one sleeping in a
+        backoff, raises Cancelled at its next request or sleep, and requests in flight are cut.
+        """
+        with self._opened_lock:
+            if self.halted is None and not self._cancel.is_set():
+                self.halted = Halt(kind, reason)
+                LOG.error("stopping the run: %s", reason)
+        self._cancel.set()
+        self.abort()
 
     def close(self) -> None:
         """Close every keep-alive connection; call once the workers are done."""
@@ -600,6 +693,7 @@ class HttpClient:
         if parts.query:
             target += "?" + parts.query
         LOG.debug("%s %s", method, _redact_url(url))
+        to_api = (parts.scheme, parts.netloc) == (self._api.scheme, self._api.netloc)
         conn = self._connection(parts.scheme, parts.netloc)
         conn.timeout = timeout  # read at connect; a kept-alive socket is set below
         if conn.sock is not None:
@@ -610,9 +704,16 @@ class HttpClient:
                 conn.request(method, target, body=body, headers=headers)
                 raw = conn.getresponse()
                 data = raw.read()
+        except (OSError, http.client.HTTPException) as exc:
+            self._drop_connection(parts.scheme, parts.netloc)
+            if to_api:
+                self._connection_failed(exc)
+            raise
         except BaseException:
             self._drop_connection(parts.scheme, parts.netloc)
             raise
+        if to_api:
+            self.breaker.answered()
         reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)
         if raw.will_close:
             self._drop_connection(parts.scheme, parts.netloc)
@@ -647,6 +748,14 @@ class HttpClient:
             raise
         if raw.will_close or not raw.isclosed():
             self._drop_connection(parts.scheme, parts.netloc)
+
+    def _connection_failed(self, exc: BaseException) -> None:
+        """Feed the breaker; a failure caused by our own cancel (connections cut) does not count."""
+        if self._cancel.is_set():
+            return
+        lost = self.breaker.failed()
+        if lost is not None:
+            self.halt("api_lost", f"lost the API: {lost} (last: {exc.__class__.__name__}: {exc})")
 
     def _connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
         """This thread's connection to a host: the kept-alive one unless the server closed it.
@@ -1653,7 +1762,8 @@ class SnapshotIndex:
         self.tables: Dict[Tuple[str, str], SavedCopy] = {}
 
     @classmethod
-    def load(cls, output: Path, options: Options, current: Optional[Path] = None) -> SnapshotIndex:
+    def load(cls, output: Path, options: Options, current: Optional[Path] = None,
+             warn: Callable[[str], None] = LOG.warning) -> SnapshotIndex:
         """All snapshots in `output` but `current`; --retry-failed: only `latest`."""
         index = cls()
         if options.retry_failed:
@@ -1662,7 +1772,7 @@ class SnapshotIndex:
         else:
             folders = [folder for folder in reversed(snapshot_folders(output)) if folder != current]
         if not folders:
-            LOG.warning("no previous snapshot in %s; making a full backup", output)
+            warn(f"no previous snapshot in {output}; making a full backup")
         selection = selection_key(options)
         for folder in folders:
             try:
@@ -1671,7 +1781,7 @@ class SnapshotIndex:
                 if read_summary(folder).get("status") == "abandoned":
                     LOG.info("snapshot %s was abandoned without a manifest; nothing to reuse there", folder.name)
                 else:
-                    LOG.warning("cannot use the manifest of %s (%s); its files are not reused", folder.name, exc)
+                    warn(f"cannot use the manifest of {folder.name} ({exc}); its files are not reused")
                 continue
             index.add(folder, manifest)
             options_then = manifest["options"]
@@ -1873,6 +1983,7 @@ class RunRecorder:
         self.skipped_unchanged: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
         self.failures: List[Dict[str, Any]] = []
         self.skipped: List[Dict[str, Any]] = []  # optional items the API refused (not failures)
+        self.warnings: List[str] = []  # what the log said at WARNING, for summary.json and monitors
         self.queued = 0  # pages and tables handed to the pool, for the progress line
         self.settled = 0  # ... and those that ended, one way or another
         self.listed = Listed()  # what the listings returned (main thread only), for finding what vanished
@@ -1906,6 +2017,12 @@ class RunRecorder:
         with self._lock:
             self.failures.append({"kind": kind, "doc_id": doc_id, "id": object_id,
                                   "name": None if name is None else str(name), "error": text})
+
+    def warn(self, text: str) -> None:
+        """A warning for the log and for summary.json `warnings`: a monitor reads the summary, not stderr."""
+        LOG.warning("%s", text)
+        with self._lock:
+            self.warnings.append(printable(text))
 
     def skip(self, kind: str, doc_id: str, reason: str, **details: Any) -> None:
         LOG.info("%s of doc %s skipped: %s", kind, doc_id, printable(reason))
@@ -1975,6 +2092,23 @@ class Job:
         entry.update(status="unchanged", updatedAt=before.entry.get("updatedAt"),
                      fetchedAt=iso(before.fetched_at) if before.fetched_at else None,
                      reusedFrom=before.snapshot.name, reason=decision.reason)
+
+
+def disk_trouble(exc: BaseException) -> Optional[str]:
+    """One line saying why, when `exc` is the disk refusing writes (full, over quota, read-only)."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+        return None
+    name = errno.errorcode.get(exc.errno or 0, "")
+    return f"cannot write the snapshot: {exc.strerror or os.strerror(exc.errno or 0)} ({name})"
+
+
+def stop_on_disk_trouble(job: Job, exc: BaseException) -> None:
+    """A full, over-quota or read-only disk fails every later write too: stop the whole run at
+    the first such error (raising Cancelled) instead of failing object after object."""
+    reason = disk_trouble(exc)
+    if reason is not None:
+        job.api.http.halt("disk", reason)
+        raise Cancelled(reason) from exc
 
 
 def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -> bytes:
@@ -2086,7 +2220,8 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
         job.recorder.count("pages")
     except Cancelled:
         raise
-    except Exception as exc:  # one bad page must never stop the run
+    except Exception as exc:  # one bad page must never stop the run (a full disk does)
+        stop_on_disk_trouble(job, exc)
         LOG.debug("page %s failed", page["id"], exc_info=True)
         entry["status"] = "failed"
         entry["error"] = str(exc)
@@ -2153,7 +2288,8 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         job.recorder.count("rows", entry.get("rowCount") or 0)
     except Cancelled:
         raise
-    except Exception as exc:  # one bad table must never stop the run
+    except Exception as exc:  # one bad table must never stop the run (a full disk does)
+        stop_on_disk_trouble(job, exc)
         LOG.debug("table %s failed", ref["id"], exc_info=True)
         entry["status"] = "failed"
         entry["error"] = str(exc)
@@ -2368,7 +2504,8 @@ def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> DocExtras
             else:
                 extras.errors.append(f"{role}: {exc}")
                 job.recorder.fail(role, doc_id, doc_id, role, exc)
-        except Exception as exc:  # listing cut short, the disk, a bug: recorded, the run goes on
+        except Exception as exc:  # listing cut short, a bug: recorded, the run goes on (a full disk stops it)
+            stop_on_disk_trouble(job, exc)
             extras.errors.append(f"{role}: {exc}")
             job.recorder.fail(role, doc_id, doc_id, role, exc)
     return extras
@@ -2729,7 +2866,11 @@ class AssetStore:
             return AssetOutcome("gone", f"gone at the source ({exc})")
         except AssetTooLarge as exc:
             return AssetOutcome("too_large", f"larger than --max-asset-mb ({exc})")
-        except Exception as exc:  # the network after retries, a refused redirect, the disk: recorded
+        except Exception as exc:  # the network after retries, a refused redirect: recorded (a full disk stops the run)
+            reason = disk_trouble(exc)
+            if reason is not None:
+                self._http.halt("disk", reason)
+                raise Cancelled(reason) from exc
             LOG.debug("asset %s failed", _redact_url(url), exc_info=True)
             return AssetOutcome("failed", (exc.message if isinstance(exc, ApiError) else str(exc))
                                 or exc.__class__.__name__)
@@ -2816,7 +2957,8 @@ def finish_assets(job: Job, doc_id: str, entry: Dict[str, Any],
                                   name=entry.get("name"), url=url)
         if rewrite and saved:
             rewrite_page_files(job, entry, saved)
-    except Exception as exc:  # the disk while rewriting, or a bug: recorded, the run goes on
+    except Exception as exc:  # a bug: recorded, the run goes on (a full disk stops it)
+        stop_on_disk_trouble(job, exc)
         LOG.debug("assets of %s failed", entry["id"], exc_info=True)
         errors.extend(saved)
         job.recorder.fail("asset", doc_id, entry["id"], entry.get("name"), f"{kind} assets: {exc}")
@@ -3161,13 +3303,13 @@ def prune_snapshots(output: Path, policy: RetentionPolicy, keep_vanished: int,
     return removed
 
 
-def mark_abandoned(output: Path) -> None:
+def mark_abandoned(output: Path, warn: Callable[[str], None] = LOG.warning) -> None:
     """Relabel snapshots left `running` by a run that died (kill -9, Task Scheduler's End,
     a power cut) as `abandoned`: only the lock holder may call this, so none of them runs."""
     for folder in snapshot_folders(output):
         summary = read_summary(folder)
         if summary.get("status") == "running":
-            LOG.warning("snapshot %s was left unfinished by a run that is gone; marking it abandoned", folder.name)
+            warn(f"snapshot {folder.name} was left unfinished by a run that is gone; marking it abandoned")
             summary["status"] = "abandoned"
             with contextlib.suppress(OSError):
                 write_json_atomic(folder / SUMMARY_NAME, summary)
@@ -4221,12 +4363,12 @@ def client_settings(options: Options) -> ClientSettings:
                           strict_latest=options.strict_latest, max_in_flight=options.concurrency)
 
 
-def check_access(api: CodaApi) -> Dict[str, Any]:
+def check_access(api: CodaApi, token_source: str = "") -> Dict[str, Any]:
     """Call /whoami first: a bad token or an unreachable API ends the run before any work."""
     try:
         user = api.whoami()
     except ApiError as exc:
-        raise FatalError(_fatal_message("checking the token (/whoami)", exc)) from exc
+        raise FatalError(_fatal_message("checking the token (/whoami)", exc, token_source)) from exc
     LOG.info("authenticated as %s (token %s)", user.get("loginId") or user.get("name"), user.get("tokenName"))
     return user
 
@@ -4250,18 +4392,19 @@ def select_docs(docs: List[Dict[str, Any]], options: Options, recorder: RunRecor
 
     chosen = [doc for doc in docs if not any(matches(doc, value) for value in options.exclude_docs)]
     if options.docs:
-        for value in options.docs:
-            if not any(matches(doc, value) for doc in docs):
-                LOG.warning("--doc %s matched no doc this token lists", value)
+        unmatched = [value for value in options.docs if not any(matches(doc, value) for doc in docs)]
+        for value in unmatched:  # a typo must not pass as a good night, even when other values matched
+            recorder.fail("filter", None, None, "--doc", f"no doc this token lists matches {value!r}")
         chosen = [doc for doc in chosen if any(matches(doc, value) for value in options.docs)]
-        if not chosen:
-            recorder.fail("filter", None, None, "--doc", "no doc matched --doc " + ", ".join(options.docs))
+        if not chosen and not unmatched:
+            recorder.fail("filter", None, None, "--doc", "every doc --doc matched is left out by --exclude-doc")
     return chosen
 
 
-def _fatal_message(action: str, exc: ApiError) -> str:
+def _fatal_message(action: str, exc: ApiError, token_source: str = "") -> str:
     if exc.status in (401, 403):
-        return (f"{action} failed: the API token was refused (HTTP {exc.status}: {exc.message}); "
+        token = f"the API token from {token_source}" if token_source else "the API token"
+        return (f"{action} failed: {token} was refused (HTTP {exc.status}: {exc.message}); "
                 "check CODA_API_TOKEN or --token-file")
     return f"{action} failed: {exc}"
 
@@ -4278,7 +4421,8 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                     works.append(backup_doc(job, doc, pool))
                 except Cancelled:
                     raise
-                except Exception as exc:  # one bad doc must never stop the run
+                except Exception as exc:  # one bad doc must never stop the run (a full disk does)
+                    stop_on_disk_trouble(job, exc)
                     LOG.debug("doc %s failed", doc["id"], exc_info=True)
                     job.recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), exc)
         except Cancelled:
@@ -4286,7 +4430,7 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         return [work.finish() for work in works]
 
 
-def dry_run(options: Options, token: str) -> int:
+def dry_run(options: Options, credentials: Credentials) -> int:
     """--dry-run: say what a run would back up and what --incremental would link, and why.
 
     Lists docs, pages and tables and reads each table's metadata for its row
@@ -4294,15 +4438,17 @@ def dry_run(options: Options, token: str) -> int:
     Reuse is decided by the run's own policy, saved files are checked the same way.
     """
     cancel = threading.Event()
-    http = HttpClient(client_settings(options), token, cancel)
+    http = HttpClient(client_settings(options), credentials.token, cancel)
     api = CodaApi(http)
     recorder = RunRecorder()
-    index = SnapshotIndex.load(options.output, options) if options.reuses_previous else None
+    for text in credentials.warnings:
+        recorder.warn(text)
+    index = SnapshotIndex.load(options.output, options, warn=recorder.warn) if options.reuses_previous else None
     policy = ReusePolicy.for_run(options, utc_now())
     totals = {"docs": 0, "pages": 0, "tables": 0, "views": 0, "rows": 0, "unchanged": 0}
     with cancel_on_signals(cancel, http.abort) as received:
         try:
-            check_access(api)
+            check_access(api, credentials.describe())
             for doc in list_docs(api, options, recorder):
                 totals["docs"] += 1
                 label = f"doc {printable(doc.get('name'))} ({printable(doc['id'])})"
@@ -4322,7 +4468,9 @@ def dry_run(options: Options, token: str) -> int:
             print(f"coda-backup: {exc}", file=sys.stderr)
             return EXIT_FATAL
         except Cancelled:
-            return exit_code("cancelled", received)
+            if http.halted is not None:
+                print(f"coda-backup: {http.halted.reason}", file=sys.stderr)
+            return decide_outcome(RunFacts(halt=http.halted, signal=received[0] if received else None)).exit_code
     print(f"would back up {totals['docs']} docs, {totals['pages']} pages, {totals['tables']} tables, "
           f"{totals['views']} views, {totals['rows']} rows; {totals['unchanged']} unchanged "
           f"(linked, not downloaded); {len(recorder.failures)} problems")
@@ -4419,12 +4567,15 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
 
 
 def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
-                  snapshot: Path) -> Dict[str, Any]:
+                  snapshot: Path, outcome: Optional[Outcome] = None) -> Dict[str, Any]:
+    """summary.json: `running` while the run goes on (exit_code and error null), then its outcome."""
     finished = utc_now()
     return {
         "tool": f"coda-backup {__version__}",
         "snapshot": snapshot.name,
         "status": status,
+        "exit_code": outcome.exit_code if outcome is not None else None,
+        "error": outcome.error if outcome is not None else None,
         "started_at": iso(started),
         "finished_at": None if status == "running" else iso(finished),
         "duration_s": round((finished - started).total_seconds(), 3),
@@ -4432,6 +4583,7 @@ def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stat
         "failures": list(recorder.failures),
         "skipped": list(recorder.skipped),
         "vanished": list(recorder.vanished),
+        "warnings": list(recorder.warnings),
         "requests": stats.as_dict(),
         "changes": recorder.changes,
     }
@@ -4458,15 +4610,15 @@ def manifest_options(options: Options) -> Dict[str, Any]:
             "max_age_days": options.max_age_days}
 
 
-def run_backup(options: Options, token: str, status_line: Optional[StatusLine] = None) -> int:
-    """One whole run: lock, snapshot, back up, write summary and manifest, move latest."""
+def run_backup(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None) -> int:
+    """One whole run: lock, snapshot, back up; then end_run, the one outcome path, whatever happened."""
     try:
         make_private_dir(options.output)
     except OSError as exc:
         raise ConfigError(f"cannot create --output {options.output}: {exc.strerror or exc}") from None
     cancel = threading.Event()
     recorder, stats = RunRecorder(), RequestStats()
-    http = HttpClient(client_settings(options), token, cancel, stats)
+    http = HttpClient(client_settings(options), credentials.token, cancel, stats)
     asset_http = HttpClient(asset_client_settings(options), "", cancel)  # never holds the token
 
     def abort() -> None:
@@ -4474,70 +4626,50 @@ def run_backup(options: Options, token: str, status_line: Optional[StatusLine] =
         asset_http.abort()
 
     with RunLock(options.output), cancel_on_signals(cancel, abort) as received:
-        mark_abandoned(options.output)
-        before = read_latest(options.output)
-        before_manifest = load_manifest(before) if before is not None else None
-        started = utc_now()
-        snapshot = create_snapshot(options.output, started)
-        index = SnapshotIndex.load(options.output, options, snapshot) if options.reuses_previous else None
-        assets = AssetStore(options, asset_http, snapshot, recorder, index) if options.assets else None
-        journal = Journal.start(snapshot, manifest_options(options), started)
-        job = Job(options, CodaApi(http), snapshot, PathAllocator(), recorder, index,
-                  ReusePolicy.for_run(options, started), assets, journal)
-        LOG.info("writing snapshot %s", snapshot)
-        docs: List[Dict[str, Any]] = []
-        fatal = False
-
-        def write_running_summary() -> None:
-            write_json_atomic(snapshot / SUMMARY_NAME, build_summary("running", started, recorder, stats, snapshot))
-
-        with Monitor(write_running_summary, recorder, stats, status_line):
-            try:
-                check_access(job.api)
-                docs = back_up_docs(job, list_docs(job.api, options, recorder))
-            except FatalError as exc:
-                LOG.error("%s", exc)
-                fatal = True
-            except Cancelled:
-                pass
-            except Exception as exc:  # a bug or the disk: still leave an honest summary behind
-                LOG.debug("run failed", exc_info=True)
-                recorder.fail("run", None, None, None, exc)
-                fatal = True
-            finally:
-                if assets is not None:
-                    assets.close(cancel.is_set())
-                http.close()
-        held_back = not (fatal or cancel.is_set()) and check_vanished(options, recorder, started)
-        status = run_status(fatal or nothing_selected(options, docs, recorder), cancel.is_set(), recorder)
-        manifest = build_manifest(options, started, status, snapshot, docs)
-        write_json_atomic(snapshot / MANIFEST_NAME, manifest)
-        journal.close(remove=True)
-        if status in ("completed", "completed_with_errors"):
-            recorder.changes = run_changes(before, before_manifest, manifest, snapshot, recorder.vanished)
-        summary = build_summary(status, started, recorder, stats, snapshot)
-        write_json_atomic(snapshot / SUMMARY_NAME, summary)
-        if status in ("completed", "completed_with_errors"):
-            if options.zip:
-                summary = archive(snapshot, started, recorder, stats)
-                status = summary["status"]
-            try:
-                if not held_back:  # the deletion guard tripped: latest stays, the failure says why
-                    point_latest(options.output, snapshot)
-            except OSError as exc:
-                recorder.fail("latest", None, None, "latest", f"the backup is complete, but latest did not move: {exc}")
-                status = "completed_with_errors"
-                summary = build_summary(status, started, recorder, stats, snapshot)
-                write_json_atomic(snapshot / SUMMARY_NAME, summary)
-            if options.retention and status == "completed":
+        run = RunState(options, recorder, stats, utc_now(), credentials.token)
+        for text in credentials.warnings:
+            recorder.warn(text)
+        try:
+            mark_abandoned(options.output, recorder.warn)
+            run.before = read_latest(options.output)
+            run.before_manifest = load_manifest(run.before) if run.before is not None else None
+            run.snapshot = create_snapshot(options.output, run.started)
+            index = None
+            if options.reuses_previous:
+                index = SnapshotIndex.load(options.output, options, run.snapshot, recorder.warn)
+            assets = AssetStore(options, asset_http, run.snapshot, recorder, index) if options.assets else None
+            run.journal = Journal.start(run.snapshot, manifest_options(options), run.started)
+            job = Job(options, CodaApi(http), run.snapshot, PathAllocator(), recorder, index,
+                      ReusePolicy.for_run(options, run.started), assets, run.journal)
+            LOG.info("writing snapshot %s", run.snapshot)
+            with Monitor(run.write_running_summary, recorder, stats, status_line):
                 try:
-                    prune_snapshots(options.output, options.retention, options.keep_vanished, snapshot)
-                except OSError as exc:
-                    LOG.warning("retention: could not remove an old snapshot: %s", exc)
-        if recorder.changes is not None:
-            LOG.info("%s", describe_changes(recorder.changes))
-        log_outcome(summary, snapshot)
-        return exit_code(status, received, recorder)
+                    check_access(job.api, credentials.describe())
+                    run.docs = back_up_docs(job, list_docs(job.api, options, recorder))
+                finally:
+                    if assets is not None:
+                        assets.close(cancel.is_set())
+                    http.close()
+        except FatalError as exc:
+            LOG.error("%s", exc)
+            run.fatal = str(exc)
+        except Cancelled:
+            pass
+        except Exception as exc:  # the disk, or a bug: still leave an honest outcome behind
+            LOG.debug("run failed", exc_info=True)
+            reason = disk_trouble(exc)
+            if reason is not None:
+                http.halt("disk", reason)
+            else:
+                recorder.fail("run", None, None, None, exc)
+                run.fatal = f"the run stopped: {exc}"
+        halt = http.halted or asset_http.halted
+        if halt is None and run.fatal is None and not received and http.breaker.unanswered():
+            halt = Halt("api_lost", f"lost the API: its last {http.breaker.unanswered()} request(s) got no answer "
+                                    "and it did not answer again before the run ran out of work")
+        if halt is None and run.fatal is None and not cancel.is_set() and run.snapshot is not None:
+            check_vanished(options, recorder, run.started)  # a tripped guard is a `vanished` failure
+        return end_run(run, halt, received)
 
 
 def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
@@ -4558,16 +4690,204 @@ def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str
     return changes
 
 
-def archive(snapshot: Path, started: dt.datetime, recorder: RunRecorder, stats: RequestStats) -> Dict[str, Any]:
-    """--zip after the summary is final; a zip that cannot be written is a recorded failure."""
+@dataclass
+class RunState:
+    """What the end of a run needs to know, filled in as the run goes."""
+
+    options: Options
+    recorder: RunRecorder
+    stats: RequestStats
+    started: dt.datetime
+    secret: str  # cut out of every error text
+    snapshot: Optional[Path] = None  # None until the folder exists
+    docs: List[Dict[str, Any]] = field(default_factory=list)
+    fatal: Optional[str] = None  # FatalError or a bug: the run cannot go on
+    before: Optional[Path] = None  # the snapshot `latest` named at the start, for `changes`
+    before_manifest: Any = None
+    journal: Optional[Journal] = None  # manifest.partial.jsonl, removed once manifest.json is written
+
+    def facts(self, halt: Optional[Halt], signals: List[int]) -> RunFacts:
+        return RunFacts(
+            failure_kinds=tuple(failure["kind"] for failure in self.recorder.failures),
+            fatal=None if self.fatal is None else one_line(self.fatal, self.secret),
+            halt=None if halt is None else Halt(halt.kind, one_line(halt.reason, self.secret)),
+            signal=signals[0] if signals else None,
+            nothing_selected=nothing_selected(self.options, self.docs, self.recorder),
+        )
+
+    def summary(self, outcome: Optional[Outcome] = None) -> Dict[str, Any]:
+        assert self.snapshot is not None
+        status = "running" if outcome is None else outcome.status
+        return build_summary(status, self.started, self.recorder, self.stats, self.snapshot, outcome)
+
+    def write_running_summary(self) -> None:
+        assert self.snapshot is not None
+        write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary())
+
+    def write_records(self, outcome: Outcome) -> None:
+        """manifest.json, then summary.json (what says the run ended), both with the outcome."""
+        assert self.snapshot is not None
+        manifest = build_manifest(self.options, self.started, outcome.status, self.snapshot, self.docs)
+        write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
+        if self.journal is not None:
+            self.journal.close(remove=True)
+        if self.recorder.changes is None and outcome.status in ("completed", "completed_with_errors"):
+            self.recorder.changes = run_changes(self.before, self.before_manifest, manifest, self.snapshot,
+                                                self.recorder.vanished)
+        write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary(outcome))
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What decide_outcome decides from."""
+
+    failure_kinds: Tuple[str, ...] = ()
+    fatal: Optional[str] = None  # the token refused, the API unreachable, a bug
+    halt: Optional[Halt] = None  # the API lost, the disk full
+    signal: Optional[int] = None  # the first SIGINT/SIGTERM received
+    nothing_selected: bool = False  # --doc matched no doc
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended. Status, exit code and error go into summary.json, manifest.json, the
+    zip and last-run.json alike; the flags say what the end of the run may do."""
+
+    status: str
+    cause: str  # a key of EXIT_CODES
+    error: Optional[str] = None  # one line, for failed and cancelled runs
+    move_latest: bool = False  # `latest` may name this snapshot
+    may_prune: bool = False  # --keep may delete old snapshots after this run
+    discard_snapshot: bool = False  # remove what this run wrote (the disk refused it)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.cause]
+
+
+# Failure kinds after which `latest` stays where it was (the deletion guard's `vanished`).
+HOLD_LATEST_KINDS = frozenset({"vanished"})
+
+
+def decide_outcome(facts: RunFacts) -> Outcome:
+    """The one place that decides how a run ended: status, exit code (via EXIT_CODES), error,
+    whether `latest` may move and whether old snapshots may be pruned.
+
+    A halt (API lost, disk full) came before any signal (halt() keeps a cause only then); only a
+    run without any failure may prune, so a bad night never pushes good backups out.
+    """
+    if facts.halt is not None:
+        return Outcome("failed", facts.halt.kind, facts.halt.reason, discard_snapshot=facts.halt.kind == "disk")
+    if facts.signal is not None:
+        name = "SIGTERM" if facts.signal == signal.SIGTERM else "SIGINT"
+        return Outcome("cancelled", name.lower(), f"cancelled by {name}")
+    if facts.fatal is not None:
+        return Outcome("failed", "fatal", facts.fatal)
+    if facts.nothing_selected:
+        return Outcome("failed", "nothing_selected", "nothing to back up: no doc matched --doc")
+    if facts.failure_kinds:
+        held = HOLD_LATEST_KINDS.intersection(facts.failure_kinds)
+        return Outcome("completed_with_errors", "completed_with_errors", move_latest=not held)
+    return Outcome("completed", "completed", move_latest=True, may_prune=True)
+
+
+def end_run(run: RunState, halt: Optional[Halt], signals: List[int]) -> int:
+    """The one outcome path at the end of every run that took the lock, whatever happened:
+    decide the outcome once, write it into the snapshot, move `latest`, zip, write
+    DIR/last-run.json, prune; return the exit code.
+
+    A step that fails here (latest, zip) is a recorded failure: the outcome is decided again
+    from the same facts and rewritten before anything else reads it, so summary.json,
+    manifest.json, the zip's copy and last-run.json always agree.
+    """
+    outcome = decide_outcome(run.facts(halt, signals))
+    if run.snapshot is not None:
+        outcome = settle_snapshot(run, run.snapshot, outcome, halt, signals)
+    write_last_run(run, outcome)
+    if outcome.may_prune and run.options.retention and run.snapshot is not None:
+        try:
+            prune_snapshots(run.options.output, run.options.retention, run.options.keep_vanished, run.snapshot)
+        except OSError as exc:
+            LOG.warning("retention: could not remove an old snapshot: %s", exc)
+    if run.recorder.changes is not None:
+        LOG.info("%s", describe_changes(run.recorder.changes))
+    log_outcome(outcome, run)
+    return outcome.exit_code
+
+
+def settle_snapshot(run: RunState, snapshot: Path, outcome: Outcome, halt: Optional[Halt],
+                    signals: List[int]) -> Outcome:
+    """Write the outcome into the snapshot, move `latest`, zip; return the final outcome."""
+    if not outcome.discard_snapshot:
+        try:
+            run.write_records(outcome)
+        except OSError as exc:
+            reason = disk_trouble(exc)
+            halt = halt or (Halt("disk", reason) if reason else None)
+            run.fatal = run.fatal or f"cannot write {SUMMARY_NAME}: {exc}"
+            outcome = decide_outcome(run.facts(halt, signals))
+    if outcome.discard_snapshot:
+        if run.journal is not None:
+            run.journal.close(remove=True)
+        discard_snapshot(snapshot)
+        return outcome
+
+    def failed_step(kind: str, name: str, error: str) -> Outcome:
+        run.recorder.fail(kind, None, None, name, error)
+        again = decide_outcome(run.facts(halt, signals))
+        try:
+            run.write_records(again)
+        except OSError as exc:
+            LOG.error("cannot rewrite %s: %s", SUMMARY_NAME, exc)
+        return again
+
+    if outcome.move_latest:
+        try:
+            point_latest(run.options.output, snapshot)
+        except OSError as exc:
+            outcome = failed_step("latest", "latest", f"the backup is complete, but latest did not move: {exc}")
+    if run.options.zip and outcome.status in ("completed", "completed_with_errors"):
+        try:
+            LOG.info("wrote %s", zip_snapshot(snapshot))
+        except OSError as exc:
+            outcome = failed_step("zip", f"{snapshot.name}.zip", str(exc))
+    return outcome
+
+
+def discard_snapshot(snapshot: Path) -> None:
+    """Remove this run's own snapshot folder, and only it (hard links leave other snapshots'
+    files alone). Renamed away first, as prune does, so a removal cut short never leaves a half
+    snapshot behind; a read-only disk may refuse even that."""
+    doomed = snapshot.parent / f".deleting-{snapshot.name}"
     try:
-        LOG.info("wrote %s", zip_snapshot(snapshot))
-        return read_summary(snapshot)
+        os.replace(snapshot, doomed)
+        shutil.rmtree(doomed)
+        LOG.error("removed the unfinished snapshot %s", snapshot.name)
     except OSError as exc:
-        recorder.fail("zip", None, snapshot.name, f"{snapshot.name}.zip", exc)
-        summary = build_summary("completed_with_errors", started, recorder, stats, snapshot)
-        write_json_atomic(snapshot / SUMMARY_NAME, summary)
-        return summary
+        LOG.error("could not remove the unfinished snapshot %s: %s", snapshot.name, exc)
+
+
+def last_run_record(run: RunState, outcome: Outcome) -> Dict[str, Any]:
+    """DIR/last-run.json: the one small file a monitor reads (see the README's "Bad nights")."""
+    kept = run.snapshot is not None and not outcome.discard_snapshot
+    return {
+        "snapshot": run.snapshot.name if kept and run.snapshot is not None else None,
+        "status": outcome.status,
+        "exit_code": outcome.exit_code,
+        "error": outcome.error,
+        "started_at": iso(run.started),
+        "finished_at": iso(utc_now()),
+        "counts": run.recorder.as_counts(),
+        "vanished": len(run.recorder.vanished),
+    }
+
+
+def write_last_run(run: RunState, outcome: Outcome) -> None:
+    """Rewrite DIR/last-run.json atomically; a disk that refuses even this is only logged."""
+    try:
+        write_json_atomic(run.options.output / LAST_RUN_NAME, last_run_record(run, outcome))
+    except OSError as exc:
+        LOG.error("cannot write %s: %s", run.options.output / LAST_RUN_NAME, exc)
 
 
 def nothing_selected(options: Options, docs: List[Dict[str, Any]], recorder: RunRecorder) -> bool:
@@ -4575,29 +4895,24 @@ def nothing_selected(options: Options, docs: List[Dict[str, Any]], recorder: Run
     return bool(options.docs) and not docs and any(f["kind"] == "filter" for f in recorder.failures)
 
 
-def run_status(fatal: bool, cancelled: bool, recorder: RunRecorder) -> str:
-    if cancelled:
-        return "cancelled"
-    if fatal:
-        return "failed"
-    return "completed_with_errors" if recorder.failures else "completed"
+def one_line(text: str, secret: str = "") -> str:
+    """An error for summary.json and last-run.json: one printable line, never the token."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return printable(" ".join(text.split()))[:500]
 
 
-def exit_code(status: str, signals: List[int], recorder: Optional[RunRecorder] = None) -> int:
-    if status == "cancelled":
-        return EXIT_SIGTERM if signals and signals[0] == signal.SIGTERM else EXIT_SIGINT
-    if status == "failed" and recorder is not None and any(f["kind"] == "filter" for f in recorder.failures):
-        return EXIT_FAILURES  # nothing matched --doc: the run failed, but not the API
-    return {"completed": EXIT_OK, "completed_with_errors": EXIT_FAILURES}.get(status, EXIT_FATAL)
-
-
-def log_outcome(summary: Dict[str, Any], snapshot: Path) -> None:
-    counts = summary["counts"]
+def log_outcome(outcome: Outcome, run: RunState) -> None:
+    counts = run.recorder.as_counts()
     unchanged = sum(counts["skipped_unchanged"].values())
-    line = (f"backup {summary['status']}: {counts['docs']} docs, {counts['pages']} pages, {counts['tables']} tables, "
-            f"{counts['views']} views, {counts['rows']} rows, {unchanged} unchanged, {counts['failures']} failures, "
-            f"{summary['requests']['total']} requests in {summary['duration_s']:.1f}s -> {snapshot}")
-    (LOG.warning if counts["failures"] or summary["status"] != "completed" else LOG.info)("%s", line)
+    requests = run.stats.as_dict()
+    duration = (utc_now() - run.started).total_seconds()
+    where = "(removed)" if outcome.discard_snapshot else str(run.snapshot)
+    reason = f" ({outcome.error})" if outcome.error else ""
+    line = (f"backup {outcome.status}{reason}: {counts['docs']} docs, {counts['pages']} pages, "
+            f"{counts['tables']} tables, {counts['views']} views, {counts['rows']} rows, {unchanged} unchanged, "
+            f"{counts['failures']} failures, {requests['total']} requests in {duration:.1f}s -> {where}")
+    (LOG.warning if counts["failures"] or outcome.status != "completed" else LOG.info)("%s", line)
 
 
 # --- CLI ----------------------------------------------------------------------
@@ -4624,8 +4939,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Back up a whole Coda workspace (pages as Markdown/HTML, tables and views as CSV) "
                     "into timestamped snapshot folders.",
         epilog="The token comes from CODA_API_TOKEN, else the first line of --token-file. "
-               "Exit codes: 0 ok, 1 finished with failures, 2 usage error, 3 fatal API error, "
-               "4 output folder locked, 130/143 interrupted.",
+               "Exit codes: 0 ok, 1 finished with failures, 2 usage error, 3 fatal (token refused, "
+               "API lost, disk full or read-only), 4 output folder locked, 130/143 interrupted. "
+               "Every run rewrites DIR/last-run.json with its status, exit code and error.",
     )
     parser.add_argument("--version", action="version", version=f"coda-backup {__version__}")
     what = parser.add_argument_group("what to back up")
@@ -4643,7 +4959,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--no-extras", action="store_true",
                       help="skip formulas.json, controls.json and permissions.json (fewer requests)")
     what.add_argument("--doc", action="append", default=[], metavar="ID_OR_NAME",
-                      help="back up only this doc (repeatable)")
+                      help="back up only this doc (repeatable); a value that matches no doc is a failure (exit 1)")
     what.add_argument("--exclude-doc", action="append", default=[], metavar="ID_OR_NAME",
                       help="leave this doc out (repeatable)")
     what.add_argument("--exclude-table", action="append", default=[], metavar="GLOB",
@@ -4698,7 +5014,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TOML file with defaults for any flag (keys like page-format); flags override it")
     runs = parser.add_argument_group("run management")
     runs.add_argument("--verify", nargs="?", const=LATEST_LINK, metavar="SNAPSHOT",
-                      help="re-hash a snapshot (default: latest) against its manifest and exit")
+                      help="re-hash a snapshot (default: latest) against its manifest and exit; "
+                           "exit 1 if a file differs or the snapshot never finished")
     runs.add_argument("--list-runs", action="store_true",
                       help="list the snapshots in --output, newest first, and exit")
     runs.add_argument("--prune", action="store_true",
@@ -4737,31 +5054,61 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_token(token_file: Optional[str]) -> str:
-    """CODA_API_TOKEN, else the first line of --token-file; never logged."""
+@dataclass(frozen=True)
+class Credentials:
+    """The API token, where it came from (for messages) and what a run should warn about it."""
+
+    token: str = field(repr=False)
+    source: str  # "CODA_API_TOKEN" or "--token-file PATH"
+    warnings: Tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        ignored = " (--token-file was ignored)" if self.warnings and self.source == "CODA_API_TOKEN" else ""
+        return self.source + ignored
+
+
+def read_token(token_file: Optional[str]) -> Credentials:
+    """CODA_API_TOKEN, else the first line of --token-file; never logged.
+
+    Both given: the variable wins, with a warning, so a stale variable cannot hide behind a
+    token file that looks right.
+    """
     token = os.environ.get("CODA_API_TOKEN", "").strip()
-    if not token and token_file:
-        path = Path(token_file)
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
-            raise ConfigError(f"cannot read the token file {path}: {reason}") from None
-        warn_if_readable_by_others(path)
-        token = (text.splitlines() or [""])[0].strip()
-    if not token:
+    if token:
+        if token_file:
+            return _checked(Credentials(token, "CODA_API_TOKEN", (
+                f"both CODA_API_TOKEN and --token-file {token_file} are set; using CODA_API_TOKEN",)))
+        return _checked(Credentials(token, "CODA_API_TOKEN"))
+    if not token_file:
         raise ConfigError("no API token: set CODA_API_TOKEN or pass --token-file PATH "
                           "(create a token in Coda under Account settings > API settings)")
-    if not re.fullmatch(r"[\x21-\x7e]+", token):
-        raise ConfigError("the API token holds spaces or non-ASCII characters; check it")
-    return token
+    path = Path(token_file)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"cannot read the token file {path}: {reason}") from None
+    token = (text.splitlines() or [""])[0].strip()
+    if not token:
+        raise ConfigError(f"the token file {path} is empty" if not text.strip()
+                          else f"the first line of the token file {path} is empty; the token goes there")
+    warning = readable_by_others(path)
+    return _checked(Credentials(token, f"--token-file {path}", (warning,) if warning else ()))
 
 
-def warn_if_readable_by_others(path: Path) -> None:
+def _checked(credentials: Credentials) -> Credentials:
+    if not re.fullmatch(r"[\x21-\x7e]+", credentials.token):
+        raise ConfigError(f"the API token from {credentials.source} holds spaces or non-ASCII characters; check it")
+    return credentials
+
+
+def readable_by_others(path: Path) -> Optional[str]:
+    """The warning for a token file that other users may read, if it is one."""
     if os.name == "posix":
         with contextlib.suppress(OSError):
             if path.stat().st_mode & 0o077:
-                LOG.warning("token file %s is readable by other users; run: chmod 600 %s", path, path)
+                return f"token file {path} is readable by other users; run: chmod 600 {path}"
+    return None
 
 
 def parse_rate_limits(spec: Optional[str]) -> Optional[Dict[str, Tuple[int, float]]]:
@@ -4856,12 +5203,14 @@ def snapshot_output(output: Optional[str], flag: str) -> Path:
 
 def run_verify(output: Optional[str], which: str) -> int:
     """--verify: exit 0 when every file matches the manifest, 1 listing what does not."""
-    if not output:
-        raise ConfigError("--verify needs --output DIR")
-    base = Path(output).expanduser()
+    base = snapshot_output(output, "--verify")
     snapshot = read_latest(base) if which == LATEST_LINK else base / which
     if snapshot is None or not SNAPSHOT_NAME_RE.match(snapshot.name) or not snapshot.is_dir():
         raise ConfigError(f"no snapshot {which!r} in {base}")
+    status = read_summary(snapshot).get("status")
+    if status in INCOMPLETE_STATUSES:  # its manifest lists what it saved, not what the workspace holds
+        print(f"{snapshot.name}: incomplete: the run that wrote it never finished (status {status})")
+        return EXIT_FAILURES
     problems = verify_snapshot(snapshot)
     for problem in problems:
         print(problem)
@@ -4873,9 +5222,7 @@ def run_list(output: Optional[str], as_json: bool, keep_vanished: int = DEFAULT_
              policy: Optional[RetentionPolicy] = None) -> int:
     """--list-runs: the snapshots in --output, newest first, and which ones retention keeps for
     what vanished; with --keep-* rules, what the plan does with each."""
-    if not output:
-        raise ConfigError("--list-runs needs --output DIR")
-    base = Path(output).expanduser()
+    base = snapshot_output(output, "--list-runs")
     runs = describe_runs(base, vanished_protection(base, utc_now(), keep_vanished))
     if policy is not None:
         plan = {decision.name: decision for decision in retention_plan(base, policy, keep_vanished)}
@@ -5051,6 +5398,20 @@ def log_file_handler(path: str, level: str, secret: str) -> logging.Handler:
     return handler
 
 
+def flushed(code: int) -> int:
+    """Flush what a command printed while main can still handle a closed pipe (else at exit)."""
+    sys.stdout.flush()
+    return code
+
+
+def quiet_stdout() -> None:
+    """Point stdout at devnull after a broken pipe, so the flush at exit cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse flags, run, and turn every expected failure into one line and an exit code."""
     parser = build_parser()
@@ -5070,22 +5431,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.log_file:
             handlers.append(log_file_handler(args.log_file, args.log_level, secret))
         if args.verify is not None:
-            return run_verify(args.output, args.verify)
+            return flushed(run_verify(args.output, args.verify))
         if args.list_runs:
-            return run_list(args.output, args.json, args.keep_vanished, retention_from_args(args))
+            return flushed(run_list(args.output, args.json, args.keep_vanished, retention_from_args(args)))
         if args.diff is not None:
-            return run_diff(args.output, args.diff, args.json)
+            return flushed(run_diff(args.output, args.diff, args.json))
         if args.find is not None:
-            return run_find(args.output, args.find, args.json)
+            return flushed(run_find(args.output, args.find, args.json))
         if args.prune:
-            return run_prune(args.output, retention_from_args(args), args.keep_vanished, args.dry_run)
+            return flushed(run_prune(args.output, retention_from_args(args), args.keep_vanished, args.dry_run))
         options = options_from_args(args)
-        token = read_token(args.token_file)
+        credentials = read_token(args.token_file)
         for handler in handlers:
-            handler.setFormatter(RedactingFormatter(token, LOG_FORMAT))
+            handler.setFormatter(RedactingFormatter(credentials.token, LOG_FORMAT))
         if args.dry_run:
-            return dry_run(options, token)
-        return run_backup(options, token, status_line)
+            return flushed(dry_run(options, credentials))
+        return run_backup(options, credentials, status_line)
     except ConfigError as exc:
         print(f"coda-backup: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -5098,6 +5459,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("coda-backup: interrupted", file=sys.stderr)
         return EXIT_SIGINT
+    except BrokenPipeError:  # `--list-runs | head -1`: the reader has all it wants
+        quiet_stdout()
+        return EXIT_OK
     except OSError as exc:  # the disk, not the API: full, read-only, permissions
         print(f"coda-backup: cannot write the backup: {exc}", file=sys.stderr)
         return EXIT_FATAL

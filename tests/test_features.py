@@ -319,23 +319,29 @@ class FilterTest(FeatureTestCase):
     def doc_requests(self, doc: Any) -> List[str]:
         return [record.path for record in self.fake.requests(None, rf"^/docs/{doc.id}(/|$)")]
 
-    def run_filtered(self, label: str, *flags: str) -> Tuple[Path, List[str]]:
+    def run_filtered(self, label: str, *flags: str, code: int = 0) -> Tuple[Path, List[str]]:
         """One run into its own --output; returns the snapshot and the ids of the docs it holds."""
         self.fake.clear_log()
         output = self.out.parent / label
-        self.assertEqual(self.run_backup(*flags, "--no-extras", output=output), 0, self.stderr)
+        self.assertEqual(self.run_backup(*flags, "--no-extras", output=output), code, self.stderr)
         snapshot = coda_backup.read_latest(output)
         assert snapshot is not None
         ids = sorted(doc["id"] for doc in read_json(snapshot / "manifest.json")["docs"])
         self.assertEqual(sorted(p.name.rsplit("__", 1)[1] for p in (snapshot / "docs").iterdir()), ids)
         return snapshot, ids
 
-    def test_doc_by_exact_name_warns_about_unknown_values(self) -> None:
-        _, ids = self.run_filtered("by-name", "--doc", "Beta: Wiki", "--doc", "no-such-doc-42")
+    def test_doc_by_exact_name_and_an_unknown_value_is_a_filter_failure(self) -> None:
+        _, ids = self.run_filtered("by-name", "--doc", "Beta: Wiki", "--doc", "no-such-doc-42", code=1)
         self.assertEqual(ids, [self.ws.beta.id])
         self.assertEqual(self.doc_requests(self.ws.alpha), [], "Alpha Doc was not to be touched")
-        warnings = [line for line in self.stderr.splitlines() if "no-such-doc-42" in line]
-        self.assertTrue(warnings and all("WARNING" in line for line in warnings), self.stderr)
+        errors = [line for line in self.stderr.splitlines() if "no-such-doc-42" in line]
+        self.assertTrue(errors and all("ERROR" in line for line in errors), self.stderr)
+        summary = read_json(self.out.parent / "by-name" / "last-run.json")
+        self.assertEqual((summary["status"], summary["exit_code"]), ("completed_with_errors", 1))
+        snapshot = coda_backup.read_latest(self.out.parent / "by-name")
+        assert snapshot is not None
+        failures = read_json(snapshot / "summary.json")["failures"]
+        self.assertEqual([(f["kind"], "no-such-doc-42" in f["error"]) for f in failures], [("filter", True)])
 
     def test_doc_by_id_repeated_and_exclude_doc_by_id(self) -> None:
         ws = self.ws
@@ -806,12 +812,16 @@ class ConfigTest(FeatureTestCase):
 class LoggingTest(FeatureTestCase):
     def test_log_file_and_quiet(self) -> None:
         log = self.out.parent / "backup.log"
-        # an ERROR (a page export fails), a WARNING (--doc that matches nothing) and INFO/DEBUG lines
-        noisy = ("--no-extras", "--doc", "Alpha Doc", "--doc", "no-such-doc-42", "--log-file", str(log))
+        spare = self.out.parent / "spare-token.txt"
+        spare.write_text("not-used\n", encoding="utf-8")
+        # ERRORs (a page export fails, a --doc that matches nothing), a WARNING (a token file beside
+        # CODA_API_TOKEN) and INFO/DEBUG lines
+        noisy = ("--no-extras", "--doc", "Alpha Doc", "--doc", "no-such-doc-42", "--log-file", str(log),
+                 "--token-file", str(spare))
         self.ws.notes.export_fail_times = 1
         self.assertEqual(self.run_backup(*noisy, "--log-level", "DEBUG"), 1)
         text = log.read_text(encoding="utf-8")
-        for level, needle in (("ERROR", self.ws.notes.id), ("WARNING", "no-such-doc-42")):
+        for level, needle in (("ERROR", self.ws.notes.id), ("ERROR", "no-such-doc-42"), ("WARNING", spare.name)):
             with self.subTest(level=level):
                 self.assertTrue(any(level in line and needle in line for line in text.splitlines()), text[-3000:])
                 self.assertTrue(any(level in line and needle in line for line in self.stderr.splitlines()),
