@@ -98,7 +98,7 @@ import zipfile
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, Optional, Tuple
+from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, Optional, Set, Tuple
 
 __version__ = "0.1.0"
 
@@ -373,9 +373,11 @@ class RequestStats:
 class ConnectionBreaker:
     """Tells an API that is gone from a bad night's odd reset.
 
-    Only failures without any HTTP answer count (refused, reset, DNS, TLS, timeouts), from every
+    Only failures without an HTTP answer count (refused, reset, DNS, TLS, timeouts), from every
     worker together; any answer, even a 503, shows the API is there and ends the streak. The API
-    counts as lost after `max_failures` in a row, or when the streak has lasted `max_seconds`.
+    counts as lost after `max_failures` in a row, or when the streak has lasted `max_seconds`,
+    and only when they came from at least two different requests: one endpoint that keeps
+    resetting is that object's failure, not a lost API.
     """
 
     def __init__(self, max_failures: int = API_LOST_FAILURES, max_seconds: float = API_LOST_SECONDS,
@@ -385,27 +387,33 @@ class ConnectionBreaker:
         self._clock = clock
         self._failures = 0
         self._since = 0.0
+        self._requests: Set[str] = set()  # which requests failed in this streak (two are enough)
         self._lock = threading.Lock()
 
     def answered(self) -> None:
         with self._lock:
             self._failures = 0
+            self._requests.clear()
 
     def unanswered(self) -> int:
-        """Connection failures since the API last answered: above 0 at the end of a run, the API
-        went away and the run ran out of work before the bounds were reached."""
+        """Connection failures since the API last answered, if they came from two requests or
+        more: above 0 at the end of a run, the API went away and the run ran out of work before
+        the bounds were reached."""
         with self._lock:
-            return self._failures
+            return self._failures if len(self._requests) > 1 else 0
 
-    def failed(self) -> Optional[str]:
-        """Count one connection failure; return why the API is lost, or None while it may come back."""
+    def failed(self, request: str) -> Optional[str]:
+        """Count one connection failure of `request` (method and path); return why the API is
+        lost, or None while it may come back."""
         with self._lock:
             now = self._clock()
             if self._failures == 0:
                 self._since = now
             self._failures += 1
+            if len(self._requests) < 2:
+                self._requests.add(request)
             lasted = now - self._since
-            if self._failures >= self.max_failures or (self._failures > 1 and lasted >= self.max_seconds):
+            if len(self._requests) > 1 and (self._failures >= self.max_failures or lasted >= self.max_seconds):
                 return f"{self._failures} connection failures in a row over {lasted:.0f}s and no answer"
             return None
 
@@ -707,7 +715,7 @@ class HttpClient:
         except (OSError, http.client.HTTPException) as exc:
             self._drop_connection(parts.scheme, parts.netloc)
             if to_api:
-                self._connection_failed(exc)
+                self._connection_failed(exc, f"{method} {parts.path}")
             raise
         except BaseException:
             self._drop_connection(parts.scheme, parts.netloc)
@@ -749,11 +757,11 @@ class HttpClient:
         if raw.will_close or not raw.isclosed():
             self._drop_connection(parts.scheme, parts.netloc)
 
-    def _connection_failed(self, exc: BaseException) -> None:
+    def _connection_failed(self, exc: BaseException, request: str) -> None:
         """Feed the breaker; a failure caused by our own cancel (connections cut) does not count."""
         if self._cancel.is_set():
             return
-        lost = self.breaker.failed()
+        lost = self.breaker.failed(request)
         if lost is not None:
             self.halt("api_lost", f"lost the API: {lost} (last: {exc.__class__.__name__}: {exc})")
 
