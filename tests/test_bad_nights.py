@@ -282,7 +282,7 @@ class OutcomeTest(BadNightCase):
         warnings = self.summary()["warnings"]
         self.assertEqual(len(warnings), 2, warnings)
         self.assertIn("readable by other users", warnings[0])
-        self.assertIn("cannot use the previous manifest", warnings[1])
+        self.assertIn("cannot use the manifest of", warnings[1])
         for line in warnings:
             self.assertIn(line, self.stderr, "a warning goes to the log too")
 
