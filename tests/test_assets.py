@@ -9,7 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import unittest
 from pathlib import Path, PurePosixPath
 from typing import Any, Dict, List
@@ -27,7 +32,7 @@ from coda_backup import (
     rewrite_links,
 )
 from fake_coda import build_asset_workspace
-from support import TOKEN, BackupTestCase, read_csv
+from support import FAST_FLAGS, TOKEN, BackupTestCase, read_csv
 
 CODA = coda_backup.DEFAULT_ASSET_HOSTS
 BLOB = "https://codahosted.io/docs/d1/blobs/bl-abc/" + "ab12" * 50
@@ -302,6 +307,41 @@ class AssetBackupTest(BackupTestCase):
         read = {r.path.split("/")[4] for r in self.fake.requests("GET", r"/rows$")}
         self.assertEqual(read, {data["files"].id}, "a table without file columns is linked")
         self.assertEqual(len(self.records(self.latest())), 5)
+
+
+# A real full disk: a 1 MiB tmpfs in a private mount namespace (as in test_bad_nights), where the
+# page fits and its 2 MB attachment does not.
+FULL_DISK_NIGHT = r"""
+import contextlib, io, json, os, subprocess, sys
+sys.path.insert(0, os.environ["TOOL_DIR"])
+import coda_backup
+mnt = os.environ["MNT"]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", mnt], check=True)
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = coda_backup.main(["--output", os.path.join(mnt, "b"), "--api-url", os.environ["URL"], "--no-extras",
+                             "--asset-host", os.environ["ASSETS"], *os.environ["FAST"].split()])
+last = json.loads(open(os.path.join(mnt, "b", "last-run.json")).read())
+print(json.dumps({"code": code, "last": last, "stderr": err.getvalue()}))
+"""
+
+
+class AssetDiskTest(BackupTestCase):
+    def test_a_full_disk_while_saving_an_asset_stops_the_run(self) -> None:
+        doc = self.fake.add_doc("Doc")
+        url = self.fake.add_asset(doc, b"\0" * 2_000_000, "application/zip")
+        doc.add_page("Home", content=f"# Home\n\n[big.zip]({url})\n")
+        mnt = Path(tempfile.mkdtemp(prefix="coda-asset-disk-"))
+        self.addCleanup(shutil.rmtree, mnt, True)
+        env = dict(os.environ, MNT=str(mnt), TOOL_DIR=str(Path(coda_backup.__file__).parent), URL=self.fake.api_url,
+                   ASSETS=self.fake.assets_url, FAST=" ".join(FAST_FLAGS), CODA_API_TOKEN=TOKEN)
+        done = subprocess.run(["unshare", "-rm", sys.executable, "-c", FULL_DISK_NIGHT], env=env,
+                              capture_output=True, text=True, timeout=60)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        night = json.loads(done.stdout)
+        self.assertEqual((night["code"], night["last"]["status"]), (3, "failed"), night["stderr"])
+        self.assertIn("ENOSPC", night["last"]["error"])
+        self.assertEqual(night["last"]["counts"]["failures"], 0, "not an asset failure: the run stopped")
 
 
 if __name__ == "__main__":
