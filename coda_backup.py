@@ -2875,7 +2875,8 @@ class AssetStore:
         except AssetTooLarge as exc:
             return AssetOutcome("too_large", f"larger than --max-asset-mb ({exc})")
         except Exception as exc:  # the network after retries, a refused redirect: recorded (a full disk stops the run)
-            reason = disk_trouble(exc.__cause__ if isinstance(exc, AssetDiskError) else exc)
+            cause = exc.__cause__ if isinstance(exc, AssetDiskError) else exc  # the OSError it wraps
+            reason = disk_trouble(cause) if cause is not None else None
             if reason is not None:
                 self._http.halt("disk", reason)
                 raise Cancelled(reason) from exc
