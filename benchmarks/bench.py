@@ -226,12 +226,15 @@ def resume(fake: FakeCoda, full_wall: float, full_requests: int, env: Dict[str, 
     proc.send_signal(signal.SIGINT)
     proc.wait()
     cut_wall, cut_requests = time.monotonic() - started, len(fake.requests())
+    # The next run comes later (the next night); started at once, it would meet the cut run's
+    # requests still in Coda's rate window and be slowed by the 429s, which is not what this measures.
+    time.sleep(max(window for _, window in coda_backup.DEFAULT_RATE_LIMITS.values()) * 1.2)
     fake.clear_log()
     code, wall, _ = run_cli([*args, "--incremental"], env)
     total = len(fake.requests())
     print(f"\n[resume] a run cancelled after {cut_wall:.1f}s and {cut_requests} requests (exit {proc.returncode}); "
           f"the --incremental run after it: exit {code}, wall {wall:.1f}s, requests {total}, "
-          f"exports {len(fake.requests('POST', r'/export$'))} of {pages} pages")
+          f"exports {len(fake.requests('POST', r'/export$'))} of {pages} pages, 429s {fake.rate_limited}")
     print(f"    resumed run / full run: wall {100.0 * wall / max(full_wall, 0.001):.0f}%, "
           f"requests {100.0 * total / max(full_requests, 1):.0f}%")
 
