@@ -9,7 +9,6 @@ manifest's `fetchedAt`, `reusedFrom` and `reason`.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import signal
 import stat
@@ -21,7 +20,7 @@ from typing import Any, Callable, Dict
 
 from test_incremental import IncrementalTestCase, build_small_workspace, flip_one_byte, manifest_entries
 
-from support import FAST_FLAGS, TOKEN, coda_backup, read_csv, read_json
+from support import FAST_FLAGS, TOKEN, coda_backup, read_csv
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
 FRESH = NOW - dt.timedelta(days=1)
@@ -224,28 +223,33 @@ class ResumeTest(ReuseCase):
 
     def test_after_a_failed_run_and_past_a_damaged_manifest(self) -> None:
         ws = build_small_workspace(self.fake)
-        ws.details.export_fail_times = 10
-        failed = self.backup(expect=1)
-        # A run that ended `failed` (the API lost for good, a full disk) never moves latest;
-        # its manifest says so. Reuse does not look at the status, only at each object.
-        for name in ("summary.json", "manifest.json"):
-            record = read_json(failed / name)
-            record["status"] = "failed"
-            (failed / name).write_text(json.dumps(record), encoding="utf-8")
-        for name in (coda_backup.LATEST_TXT, coda_backup.LATEST_LINK):
-            (self.out / name).unlink()
-        ws.details.export_fail_times = 0
+        # One worker takes the queue in order: Alpha's tables, Overview, Details, then Scratch,
+        # whose export the API never answers: it is lost for good, and the run ends `failed`.
+        def lose_after_details(request: Any, reply: Any) -> None:
+            if request.method == "POST" and request.path == self.export_path(ws.scratch):
+                self.fake.lose_api()
+        self.fake.after_api.append(lose_after_details)
+        self.run_backup("--no-extras", "--concurrency", "1", "--max-retries", "1")
+        self.fake.after_api.remove(lose_after_details)
+        self.fake.api_lost = False  # the API is back the next night
+        [failed] = self.snapshots()
+        self.assertEqual(self.summary(failed)["status"], "failed", self.stderr)
+        self.assertIsNone(coda_backup.read_latest(self.out), "a failed run never becomes latest")
+        saved_before = {key for key, entry in self.entries(failed).items() if entry.get("status") == "ok"}
+        self.assertTrue({ws.items.id, ws.open_items.id, ws.plain.id, ws.overview.id, ws.details.id} <= saved_before)
         later = coda_backup.create_snapshot(self.out, coda_backup.utc_now())  # newer, manifest cut short
         (later / "manifest.json").write_text('{"version": 1, "docs": [', encoding="utf-8")
 
         self.fake.clear_log()
         resumed = self.backup("--incremental")
-        self.assertEqual(self.export_posts(), [self.export_path(ws.details)])
-        self.assertEqual(self.rows_gets(), [])
+        not_saved = [page for page in ws.pages if page.id not in saved_before]
+        self.assertEqual(sorted(self.export_posts()), sorted(self.export_path(page) for page in not_saved))
+        self.assertEqual(sorted(self.rows_gets()), sorted(self.rows_path(table) for table in (ws.glossary,)
+                                                          if table.id not in saved_before))
         self.assertIn(f"cannot use the manifest of {later.name}", self.stderr)
         entries = self.entries(resumed)
         self.assertEqual(entries[ws.overview.id]["reusedFrom"], failed.name)
-        self.assertEqual(entries[ws.details.id]["status"], "ok")
+        self.assertEqual(entries[ws.scratch.id]["status"], "ok")
         self.assertEqual(self.summary(resumed)["status"], "completed")
 
 
