@@ -4672,13 +4672,22 @@ def run_backup(options: Options, credentials: Credentials, status_line: Optional
             else:
                 recorder.fail("run", None, None, None, exc)
                 run.fatal = f"the run stopped: {exc}"
-        halt = http.halted or asset_http.halted
-        if halt is None and run.fatal is None and not received and http.breaker.unanswered():
-            halt = Halt("api_lost", f"lost the API: its last {http.breaker.unanswered()} request(s) got no answer "
-                                    "and it did not answer again before the run ran out of work")
+        halt = run_halt(run, http, asset_http, received)
         if halt is None and run.fatal is None and not cancel.is_set() and run.snapshot is not None:
             check_vanished(options, recorder, run.started)  # a tripped guard is a `vanished` failure
         return end_run(run, halt, received)
+
+
+def run_halt(run: RunState, http: HttpClient, asset_http: HttpClient, signals: List[int]) -> Optional[Halt]:
+    """Why the run stopped at once, if it did (the API lost, the disk full); or an API that had
+    stopped answering when the work ran out, before the breaker's bounds were reached (a small
+    run, or one that lost the API before it listed everything)."""
+    halt = http.halted or asset_http.halted
+    unanswered = http.breaker.unanswered()
+    if halt is None and run.fatal is None and not signals and unanswered:
+        halt = Halt("api_lost", f"lost the API: its last {unanswered} request(s) got no answer "
+                                "and it did not answer again before the run ran out of work")
+    return halt
 
 
 def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
@@ -5070,10 +5079,10 @@ class Credentials:
     token: str = field(repr=False)
     source: str  # "CODA_API_TOKEN" or "--token-file PATH"
     warnings: Tuple[str, ...] = ()
+    file_ignored: bool = False  # --token-file was given too, and CODA_API_TOKEN won
 
     def describe(self) -> str:
-        ignored = " (--token-file was ignored)" if self.warnings and self.source == "CODA_API_TOKEN" else ""
-        return self.source + ignored
+        return self.source + (" (--token-file was ignored)" if self.file_ignored else "")
 
 
 def read_token(token_file: Optional[str]) -> Credentials:
@@ -5086,7 +5095,7 @@ def read_token(token_file: Optional[str]) -> Credentials:
     if token:
         if token_file:
             return _checked(Credentials(token, "CODA_API_TOKEN", (
-                f"both CODA_API_TOKEN and --token-file {token_file} are set; using CODA_API_TOKEN",)))
+                f"both CODA_API_TOKEN and --token-file {token_file} are set; using CODA_API_TOKEN",), True))
         return _checked(Credentials(token, "CODA_API_TOKEN"))
     if not token_file:
         raise ConfigError("no API token: set CODA_API_TOKEN or pass --token-file PATH "
