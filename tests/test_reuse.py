@@ -299,8 +299,11 @@ class MaxAgeTest(ReuseCase):
         self.assertEqual(entries[ws.overview.id]["reason"], "unchanged")
         self.assertEqual(entries[ws.home.id]["reason"], "doc unchanged")
 
+        # The second run completed with the same docs: nothing older is read (a damaged one is not noticed).
+        (first / "manifest.json").write_text("{", encoding="utf-8")
         self.fake.clear_log()
         third = self.backup("--incremental", "--max-age", "0")
+        self.assertNotIn("cannot use the manifest", self.stderr)
         self.assertEqual(len(self.export_posts()), 4)
         self.assertEqual(len(set(self.rows_gets())), 4)
         entries = self.entries(third)
