@@ -17,7 +17,8 @@ summary.json (status, counts, failures, request figures) and manifest.json
 latest.txt) names the newest snapshot that finished; a failed or cancelled run
 never moves it. DIR/last-run.json says how the last run ended, whatever
 happened. Names are made safe on Windows, macOS and Linux and always end in
-the object's id.
+the object's id. index.html at each snapshot root browses it offline
+(--no-index skips it).
 
 Run a backup (standard library only, Python 3.9+)::
 
@@ -39,7 +40,8 @@ copy of an object; --verify re-hashes a snapshot; --list-runs, --retry-failed,
 --dry-run, --zip and --config manage runs. One run at a time holds DIR/.lock. Every file is
 written to a temporary name and renamed; Ctrl+C or SIGTERM ends the run as
 `cancelled`. Requests are paced to Coda's published limits per category, with
-up to --concurrency requests in flight.
+up to --concurrency requests in flight. --ping-url tells a monitoring service
+(healthchecks.io style) when a run starts and how it ended.
 
 Exit codes: 0 everything saved; 1 the run finished but some objects failed
 (see summary.json); 2 usage or configuration error; 3 fatal (the token was
@@ -98,7 +100,7 @@ import zipfile
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, Optional, Set, Tuple
+from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
 
 __version__ = "0.1.0"
 
@@ -139,6 +141,12 @@ SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
 
 # Enough workers to keep the write limit busy while exports render (about 3 s each).
 DEFAULT_CONCURRENCY = 8
+
+# --ping-url: a monitoring ping may cost a run a few seconds at most, and never fail it.
+PING_TIMEOUT = 5.0
+PING_ATTEMPTS = 2  # a refused or 5xx ping is tried once more; a ping that timed out is not
+PING_RETRY_PAUSE = 1.0
+PING_MAX_FAILURES = 20  # failures listed in a ping's body
 
 MAX_EXPORT_STARTS = 4  # an export whose request expires (404) is started again this often
 MAX_LINK_REFRESHES = 4  # an expired download link is fetched again this often
@@ -346,6 +354,24 @@ class RequestStats:
         self.retries = 0
         self.rate_limited = 0
         self.by_category: Dict[str, int] = {}
+        self._pacing: Dict[str, int] = {}  # workers sleeping for a rate limit now, per category
+
+    @contextlib.contextmanager
+    def pacing(self, category: str) -> Iterator[None]:
+        """Mark a worker as sleeping for its category's rate limit, for the progress line."""
+        with self._lock:
+            self._pacing[category] = self._pacing.get(category, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pacing[category] -= 1
+
+    def waiting(self) -> List[str]:
+        """Categories some worker is sleeping for right now, the most waited-for first."""
+        with self._lock:
+            busy = [(count, name) for name, count in self._pacing.items() if count > 0]
+        return [name for _, name in sorted(busy, key=lambda item: (-item[0], item[1]))]
 
     def count_request(self, category: str) -> None:
         with self._lock:
@@ -668,7 +694,10 @@ class HttpClient:
     def _pace(self, category: str) -> None:
         limiter = self._limiters.get(category)
         if limiter:
-            self.sleep(limiter.reserve())
+            delay = limiter.reserve()
+            if delay > 0:
+                with self.stats.pacing(category):
+                    self.sleep(delay)
 
     def sleep(self, seconds: float) -> None:
         """Sleep that ends early, with Cancelled, when the run is cancelled."""
@@ -1408,7 +1437,8 @@ def csv_record(row: Dict[str, Any], column_ids: List[str]) -> List[str]:
 
 def write_rows_csv(path: Path, columns: List[Dict[str, Any]], rows: Iterator[Dict[str, Any]],
                    ndjson_path: Optional[Path] = None, like: Optional[SavedCopy] = None,
-                   written: Optional[List[HashingWriter]] = None) -> Tuple[int, Optional[BackupError]]:
+                   written: Optional[List[HashingWriter]] = None, bom: bool = False
+                   ) -> Tuple[int, Optional[BackupError]]:
     """Stream rows into a CSV file (and, if asked, NDJSON), one page of results at a time.
 
     Memory stays flat whatever the table size. A listing that ends early
@@ -1416,6 +1446,8 @@ def write_rows_csv(path: Path, columns: List[Dict[str, Any]], rows: Iterator[Dic
     failure discards the temp files and raises. A file identical to `like`'s
     becomes a hard link of it; `written` receives the files' hashing writers
     (size and sha256).
+    `bom` starts the CSV with a UTF-8 byte order mark, which Excel on Windows
+    needs to read UTF-8.
     """
     column_ids = [str(column.get("id")) for column in columns]
     count = 0
@@ -1426,7 +1458,7 @@ def write_rows_csv(path: Path, columns: List[Dict[str, Any]], rows: Iterator[Dic
         files.callback(text.detach)  # flushes; the raw file stays open for atomic_file to fsync
         ndjson = files.enter_context(content_file(ndjson_path, twin_of(like, "rows"))) \
             if ndjson_path is not None else None
-        text.write(csv_line(csv_header(columns)))
+        text.write(("\ufeff" if bom else "") + csv_line(csv_header(columns)))
         try:
             for row in rows:
                 text.write(csv_line(csv_record(row, column_ids)))
@@ -1472,6 +1504,38 @@ def link_or_copy(source: Path, target: Path) -> None:
     if not hard_link(source, target):
         with content_file(target) as handle, open(source, "rb") as original:
             shutil.copyfileobj(original, handle)
+        original_times = os.stat(source)
+        os.utime(target, ns=(original_times.st_atime_ns, original_times.st_mtime_ns))
+
+
+def coda_mtime(updated_at: Any) -> Optional[float]:
+    """Coda's `updatedAt` (ISO 8601, e.g. 2026-03-07T10:15:30.123Z) as a POSIX time, or None.
+
+    None for text that is not such a time, and for times a ZIP archive cannot hold
+    (before 1980 or from 2108 on), so that a strange value never breaks --zip.
+    """
+    if not isinstance(updated_at, str):
+        return None
+    text = updated_at.strip()
+    text = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    if not 1980 <= moment.astimezone(dt.timezone.utc).year <= 2107:
+        return None
+    return moment.timestamp()
+
+
+def stamp_with_coda_time(path: Path, updated_at: Any) -> None:
+    """Give a saved page or table file its object's updatedAt as mtime, so `ls -lt` and file
+    managers show what was edited recently in Coda. A time that cannot be read leaves the file's
+    own time."""
+    when = coda_mtime(updated_at)
+    if when is not None:
+        os.utime(path, (when, when))
 
 
 def make_writable(path: Any) -> None:
@@ -1525,7 +1589,7 @@ class SavedCopy:
     base_updated: Any = None  # a view's base table's updatedAt in that snapshot
     hosted: Dict[str, Optional[str]] = field(default_factory=dict)  # a page's tables: id -> CSV sha256
     whole: bool = False  # a doc: its run finished and every page and table of it was saved
-    layout: Any = None  # a doc: the file choices of that run (Options.layout_key)
+    layout: Any = None  # a doc or table: the file choices of that run (Options.layout_key)
 
     def path_of(self, record: Dict[str, Any]) -> Path:
         return inside(self.snapshot, PurePosixPath(record["path"]))
@@ -1571,11 +1635,13 @@ class ReusePolicy:
     page_formats: Tuple[str, ...] = ("markdown",)
     rows_json: bool = False
     layout: Dict[str, Any] = field(default_factory=dict)
+    csv_bom: bool = False
 
     @classmethod
     def for_run(cls, options: Options, now: dt.datetime) -> ReusePolicy:
         return cls(now=now, max_age_days=options.max_age_days, retry_failed=options.retry_failed,
-                   page_formats=options.page_formats, rows_json=options.rows_json, layout=options.layout_key())
+                   page_formats=options.page_formats, rows_json=options.rows_json, layout=options.layout_key(),
+                   csv_bom=options.csv_bom)
 
     def doc(self, doc: Dict[str, Any], saved: Optional[SavedCopy]) -> Decision:
         """Link a whole doc (no request at all) or list it again and decide object by object."""
@@ -1621,6 +1687,8 @@ class ReusePolicy:
         wanted = {"table", "columns", "csv"} | ({"rows"} if self.rows_json else set())
         if saved.roles() != wanted:
             return Decision(False, REASON_FILES, saved)
+        if (isinstance(saved.layout, dict) and saved.layout.get("csv_bom") is True) != self.csv_bom:
+            return Decision(False, REASON_FLAGS, saved)  # the CSV's first bytes differ
         if self.retry_failed:
             return Decision(True, REASON_RETRY_FAILED, saved)
         if not table.get("updatedAt") or table.get("updatedAt") != saved.entry.get("updatedAt"):
@@ -1816,7 +1884,7 @@ class SnapshotIndex:
                 if (doc_id, table["id"]) not in self.tables and self._saved(folder, table):
                     self.tables[(doc_id, table["id"])] = SavedCopy(
                         folder, table, fetched_time(table, started), doc_updated,
-                        base_updated=updated.get(table.get("parentTableId") or ""))
+                        base_updated=updated.get(table.get("parentTableId") or ""), layout=layout)
             known = self.docs.get(doc_id)
             if known is None or not known.whole:
                 copy = self._doc_copy(folder, doc, started, finished, layout)
@@ -1963,10 +2031,15 @@ class Options:
     asset_hosts: Tuple[str, ...] = DEFAULT_ASSET_HOSTS  # the allowed URL prefixes, default included
     max_asset_mb: int = DEFAULT_MAX_ASSET_MB
     max_age_days: float = DEFAULT_MAX_AGE_DAYS
+    csv_bom: bool = False
+    index: bool = True
+    ping_url: Optional[str] = None
 
     def layout_key(self) -> Dict[str, Any]:
-        """The choices that change which files a doc has; a doc is reused only when they match."""
-        return {
+        """The choices that change which files a doc has, or their bytes; a doc is reused only
+        when they match. A choice added later enters only when set, so manifests written before
+        it existed still match a run that does not use it."""
+        key: Dict[str, Any] = {
             "page_formats": list(self.page_formats),
             "skip_hidden_pages": self.skip_hidden_pages,
             "no_views": self.no_views,
@@ -1975,6 +2048,9 @@ class Options:
             "exclude_tables": list(self.exclude_tables),
             "assets": list(self.asset_hosts) if self.assets else None,
         }
+        if self.csv_bom:
+            key["csv_bom"] = True
+        return key
 
     @property
     def reuses_previous(self) -> bool:
@@ -1997,6 +2073,11 @@ class RunRecorder:
         self.listed = Listed()  # what the listings returned (main thread only), for finding what vanished
         self.vanished: List[Dict[str, Any]] = []
         self.changes: Optional[Dict[str, Any]] = None  # against the previous snapshot, once the run ends
+        self.docs_total: Optional[int] = None  # docs selected, once they are listed
+
+    def expect_docs(self, total: int) -> None:
+        with self._lock:
+            self.docs_total = total
 
     def queue(self) -> None:
         with self._lock:
@@ -2221,8 +2302,9 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
         else:
             for output_format in formats:
                 data = fetch_page_export(job, doc_id, page["id"], output_format)
-                entry["files"].append(job.write_bytes(with_suffix(stem, ROLE_SUFFIXES[output_format]),
-                                                      data, output_format, decision.source))
+                relative = with_suffix(stem, ROLE_SUFFIXES[output_format])
+                entry["files"].append(job.write_bytes(relative, data, output_format, decision.source))
+                stamp_with_coda_time(inside(job.root, relative), page.get("updatedAt"))
             job.fetched(entry, decision)
             save_page_assets(job, doc_id, entry)
         job.recorder.count("pages")
@@ -2323,6 +2405,8 @@ def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath
     if found is not None:
         found.save(entry)
     entry["files"].extend(records)
+    for record in records:  # the table's own time in Coda, not the time of this run
+        stamp_with_coda_time(inside(job.root, PurePosixPath(record["path"])), table.get("updatedAt"))
     entry["rowCount"] = count
     job.fetched(entry, decision)
     if problem is not None:
@@ -2342,7 +2426,8 @@ def read_rows(job: Job, doc_id: str, table: Dict[str, Any], columns: List[Dict[s
         written: List[HashingWriter] = []
         rows = job.api.iter_rows(doc_id, table_id, limit, table.get("rowCount"))
         count, problem = write_rows_csv(inside(job.root, csv_path), columns, found.scan(rows) if found else rows,
-                                        inside(job.root, ndjson_path) if ndjson_path else None, like, written)
+                                        inside(job.root, ndjson_path) if ndjson_path else None, like, written,
+                                        job.options.csv_bom)
         records = [written[0].record(csv_path, "csv")]
         if ndjson_path is not None:
             records.append(written[1].record(ndjson_path, "rows"))
@@ -2987,6 +3072,7 @@ def rewrite_page_files(job: Job, entry: Dict[str, Any], saved: Dict[str, Dict[st
         if rewritten != text:
             entry["files"][index] = job.write_bytes(relative, rewritten.encode("utf-8", "surrogateescape"),
                                                     record["role"])
+            stamp_with_coda_time(inside(job.root, relative), entry.get("updatedAt"))
 
 
 def save_page_assets(job: Job, doc_id: str, entry: Dict[str, Any]) -> None:
@@ -3335,6 +3421,7 @@ def zip_snapshot(snapshot: Path) -> Path:
 
 
 def manifest_files(manifest: Dict[str, Any]) -> Iterator[Any]:
+    yield from manifest.get("index", [])
     for doc in manifest.get("docs", []):
         yield from doc.get("files", [])
         for child in doc.get("pages", []) + doc.get("tables", []):
@@ -4238,6 +4325,221 @@ def find_objects(output: Path, pattern: str) -> List[Dict[str, Any]]:
     return found
 
 
+# --- Snapshot index (index.html) ----------------------------------------------
+
+INDEX_NAME = "index.html"
+BROWSE_DIR = "browse"  # per-doc pages and table previews, mirroring docs/
+PREVIEW_ROWS = 100
+PREVIEW_CELL_CHARS = 1000
+
+INDEX_CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:72em;padding:0 1em;
+color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.2em .5em;text-align:left;
+vertical-align:top}th{background:#f4f4f4}.num{text-align:right}
+.status{display:inline-block;padding:.1em .6em;border-radius:.3em;background:#eee;font-weight:bold}
+.completed,.ok{background:#d9f2d9}.completed_with_errors,.unchanged{background:#fff1c2}
+.failed,.cancelled,.abandoned,.running{background:#f8d0d0}.muted{color:#777}
+ul.tree{list-style:none;padding-left:1.2em}code{background:#f4f4f4;padding:0 .2em}
+.preview td{max-width:30em;overflow-wrap:anywhere;white-space:pre-wrap}
+""".strip()
+
+
+def link(from_page: PurePosixPath, target: PurePosixPath, text: Any) -> str:
+    """An <a> from one snapshot file to another: relative, URL-quoted, the text HTML-escaped."""
+    relative = posixpath.relpath(str(target), str(from_page.parent))
+    return f'<a href="{html.escape(urllib.parse.quote(relative))}">{html.escape(str(text))}</a>'
+
+
+def html_page(title: str, body: List[str]) -> str:
+    """A self-contained page: inline CSS, no script, nothing fetched from anywhere."""
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{html.escape(title)}</title><style>{INDEX_CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def status_badge(status: Any) -> str:
+    text = str(status or "unknown")
+    return f'<span class="status {html.escape(re.sub(r"[^a-z_]", "", text))}">{html.escape(text)}</span>'
+
+
+def html_table(header: List[str], rows: List[List[str]], css: str = "") -> str:
+    """A table from cells that are already HTML."""
+    head = "".join(f"<th>{cell}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+    return f'<table{f" class={chr(34)}{css}{chr(34)}" if css else ""}><tr>{head}</tr>{body}</table>'
+
+
+def doc_page_path(doc: Dict[str, Any]) -> PurePosixPath:
+    return PurePosixPath(BROWSE_DIR, doc["path"] + ".html")
+
+
+def preview_path(csv_path: PurePosixPath) -> PurePosixPath:
+    return PurePosixPath(BROWSE_DIR, *csv_path.with_name(csv_path.name[:-len(".csv")] + ".html").parts)
+
+
+def files_of(entry: Dict[str, Any], *roles: str) -> List[PurePosixPath]:
+    return [PurePosixPath(record["path"]) for record in entry.get("files", []) if record.get("role") in roles]
+
+
+def render_index(summary: Dict[str, Any], docs: List[Dict[str, Any]]) -> str:
+    """index.html: the run first (status, times, counts, failures, vanished), then the docs."""
+    here = PurePosixPath(INDEX_NAME)
+    counts: Dict[str, Any] = summary["counts"] if isinstance(summary.get("counts"), dict) else {}
+    title = f"Coda backup {summary.get('snapshot', '')}"
+    body = [f"<h1>{html.escape(title)}</h1>",
+            f"<p>{status_badge(summary.get('status'))} started {html.escape(str(summary.get('started_at')))}, "
+            f"finished {html.escape(str(summary.get('finished_at')))}, "
+            f"{html.escape(str(summary.get('duration_s')))} s. "
+            f"{link(here, PurePosixPath(SUMMARY_NAME), SUMMARY_NAME)} · "
+            f"{link(here, PurePosixPath(MANIFEST_NAME), MANIFEST_NAME)}</p>"]
+    shown = [(key, value) for key, value in counts.items() if isinstance(value, int)]
+    body.append(html_table([html.escape(key) for key, _ in shown], [[str(value) for _, value in shown]]))
+    failures = [f for f in summary.get("failures") or [] if isinstance(f, dict)]
+    body.append(f"<h2>Failures ({len(failures)})</h2>")
+    body.append(html_table(["kind", "doc", "id", "name", "error"],
+                           [[html.escape(str(f.get(key) or "")) for key in ("kind", "doc_id", "id", "name", "error")]
+                            for f in failures]) if failures else '<p class="muted">None.</p>')
+    vanished = [v for v in summary.get("vanished") or [] if isinstance(v, dict)]
+    if vanished:
+        body.append(f"<h2>Vanished since the last backup ({len(vanished)})</h2>")
+        body.append(html_table(["kind", "doc", "id", "name", "last seen in"],
+                               [[html.escape(str(v.get(key) or ""))
+                                 for key in ("kind", "doc_id", "id", "name", "last_snapshot")] for v in vanished]))
+    body.append(f"<h2>Docs ({len(docs)})</h2>")
+    rows = []
+    for doc in docs:
+        tables = [t for t in doc.get("tables", []) if t.get("tableType") != "view"]
+        views = [t for t in doc.get("tables", []) if t.get("tableType") == "view"]
+        rows.append([link(here, doc_page_path(doc), doc.get("name") or doc["id"]), status_badge(doc.get("status")),
+                     str(len(doc.get("pages", []))), str(len(tables)), str(len(views)),
+                     str(sum(t.get("rowCount") or 0 for t in doc.get("tables", []))),
+                     html.escape(str(doc.get("updatedAt") or ""))])
+    body.append(html_table(["doc", "status", "pages", "tables", "views", "rows", "updated in Coda"], rows)
+                if rows else '<p class="muted">No docs in this snapshot.</p>')
+    return html_page(title, body)
+
+
+def render_doc_page(doc: Dict[str, Any]) -> str:
+    """One doc: its files, its page tree (links to the page files) and its tables and views."""
+    here = doc_page_path(doc)
+    name = str(doc.get("name") or doc["id"])
+    body = [f"<p>{link(here, PurePosixPath(INDEX_NAME), '← all docs')}</p>",
+            f"<h1>{html.escape(name)}</h1>",
+            f"<p>{status_badge(doc.get('status'))} id <code>{html.escape(doc['id'])}</code>, updated in Coda "
+            f"{html.escape(str(doc.get('updatedAt') or '?'))}"
+            + (f", error: {html.escape(str(doc['error']))}" if doc.get("error") else "") + "</p>",
+            "<p>Files: " + " · ".join(link(here, path, path.name) for path in files_of(doc, *DOC_FILES)) + "</p>",
+            "<h2>Pages</h2>", page_tree(here, doc.get("pages", [])),
+            "<h2>Tables and views</h2>"]
+    rows = []
+    for table in doc.get("tables", []):
+        csv_files = files_of(table, "csv")
+        rows.append([html.escape(str(table.get("tableType") or "table")), html.escape(str(table.get("name") or "")),
+                     html.escape(str(table.get("parentPageName") or "")),
+                     str(table.get("rowCount") if table.get("rowCount") is not None else ""),
+                     status_badge(table.get("status")),
+                     " ".join([link(here, path, "CSV") for path in csv_files]
+                              + [link(here, preview_path(path), "preview") for path in csv_files])])
+    body.append(html_table(["kind", "name", "on page", "rows", "status", "files"], rows)
+                if rows else '<p class="muted">None.</p>')
+    return html_page(name, body)
+
+
+def page_tree(here: PurePosixPath, pages: List[Dict[str, Any]]) -> str:
+    """Nested lists in page order, each page linking to its files; a page whose parent is
+    missing goes to the top, and so does a page caught in a cycle of parents."""
+    ids = {page["id"] for page in pages}
+    children: Dict[Optional[str], List[Dict[str, Any]]] = {}
+    for page in pages:
+        parent = page.get("parentId")
+        children.setdefault(parent if parent in ids and parent != page["id"] else None, []).append(page)
+    placed: set[str] = set()
+
+    def item(page: Dict[str, Any]) -> str:
+        placed.add(page["id"])
+        files = files_of(page, *PAGE_ROLES)
+        name = page.get("name") or page["id"]
+        label = html.escape(str(name))
+        if files:
+            label = link(here, files[0], name) + "".join(
+                " (" + link(here, path, path.suffix.lstrip(".")) + ")" for path in files[1:])
+        note = "" if page.get("status") in ("ok", "unchanged") else " " + status_badge(page.get("status"))
+        below = [item(child) for child in children.get(page["id"], []) if child["id"] not in placed]
+        return f"<li>{label}{note}" + (f'<ul class="tree">{"".join(below)}</ul>' if below else "") + "</li>"
+
+    items = [item(page) for page in children.get(None, []) if page["id"] not in placed]
+    items += [item(page) for page in pages if page["id"] not in placed]
+    return f'<ul class="tree">{"".join(items)}</ul>' if items else '<p class="muted">None.</p>'
+
+
+def read_csv_preview(path: Path, limit: int = PREVIEW_ROWS) -> Tuple[List[str], List[List[str]], Optional[str]]:
+    """Header and the first `limit` rows of a CSV, read as a stream; a row the reader cannot
+    parse ends the preview with a note (the file itself is whole)."""
+    header: List[str] = []
+    rows: List[List[str]] = []
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+            # csv cannot read NUL before Python 3.11; a browser would show U+FFFD for it anyway
+            for number, row in enumerate(csv.reader(line.replace("\x00", "\ufffd") for line in handle)):
+                if number == 0:
+                    header = row
+                elif number > limit:
+                    break
+                else:
+                    rows.append(row)
+    except (OSError, csv.Error) as exc:
+        return header, rows, f"preview stops here: {exc}"
+    return header, rows, None
+
+
+def render_preview(doc: Dict[str, Any], table: Dict[str, Any], csv_path: PurePosixPath, header: List[str],
+                   rows: List[List[str]], problem: Optional[str]) -> str:
+    here = preview_path(csv_path)
+    name = str(table.get("name") or table["id"])
+
+    def cell(text: str) -> str:
+        return html.escape(text[:PREVIEW_CELL_CHARS] + ("…" if len(text) > PREVIEW_CELL_CHARS else ""))
+
+    total = table.get("rowCount")
+    body = [f"<p>{link(here, PurePosixPath(INDEX_NAME), '← all docs')} · "
+            f"{link(here, doc_page_path(doc), doc.get('name') or doc['id'])}</p>",
+            f"<h1>{html.escape(name)}</h1>",
+            f"<p>{html.escape(str(table.get('tableType') or 'table'))}, the first {len(rows)} of "
+            f"{html.escape(str(total if total is not None else '?'))} rows; all of them: "
+            f"{link(here, csv_path, csv_path.name)}</p>"]
+    if problem:
+        body.append(f"<p>{html.escape(problem)}</p>")
+    body.append(html_table([cell(text) for text in header], [[cell(text) for text in row] for row in rows],
+                           "preview"))
+    return html_page(f"{name} (preview)", body)
+
+
+def write_snapshot_index(snapshot: Path, summary: Dict[str, Any], docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Write index.html, a page per doc and a preview per table; return their manifest records.
+
+    Built only from the summary, the manifest entries and the CSVs on disk, so an incremental
+    run rebuilds it without a request. Index files are never reused from another snapshot.
+    """
+    records: List[Dict[str, Any]] = []
+
+    def put(relative: PurePosixPath, text: str) -> None:
+        with content_file(inside(snapshot, relative)) as handle:  # read-only, like all content
+            handle.write(text.encode("utf-8"))
+        records.append(handle.record(relative, "index"))
+
+    for doc in docs:
+        put(doc_page_path(doc), render_doc_page(doc))
+        for table in doc.get("tables", []):
+            for csv_path in files_of(table, "csv"):
+                header, rows, problem = read_csv_preview(inside(snapshot, csv_path))
+                put(preview_path(csv_path), render_preview(doc, table, csv_path, header, rows, problem))
+    put(PurePosixPath(INDEX_NAME), render_index(summary, docs))
+    return records
+
+
 # --- Run ----------------------------------------------------------------------
 
 
@@ -4308,6 +4610,13 @@ class StatusLine:
             self._stream.write("\r\x1b[K" + text)
             self._stream.flush()
 
+    def width(self) -> int:
+        """Columns of the terminal, asked each time (windows get resized); 80 if unknown."""
+        columns = 0
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            columns = os.get_terminal_size(self._stream.fileno()).columns
+        return columns if columns > 0 else shutil.get_terminal_size().columns
+
 
 class Monitor:
     """Background heartbeat of a run: the progress line and a `running` summary.json.
@@ -4344,26 +4653,233 @@ class Monitor:
         last_summary = time.monotonic()
         while not self._stop.wait(self.DRAW_EVERY):
             if self._line is not None:
-                self._line.show(self.progress_text())
+                # One column spare: some terminals wrap when the last column is written.
+                self._line.show(self.progress_text(self._line.width() - 1))
             if time.monotonic() - last_summary >= self.SUMMARY_EVERY:
                 last_summary = time.monotonic()
                 with contextlib.suppress(OSError):
                     self._write_summary()
 
-    def progress_text(self) -> str:
+    def progress_text(self, width: int = 1000) -> str:
         counts = self._recorder.as_counts()
         requests = self._stats.as_dict()
         elapsed = max(0.001, time.monotonic() - self._started)
         queued, settled = self._recorder.queued, self._recorder.settled
-        eta = "?"
+        eta: Optional[float] = None
         if settled and queued > settled:
-            eta = f"{elapsed * (queued - settled) / settled:.0f}s"
+            eta = elapsed * (queued - settled) / settled
         elif queued and queued == settled:
-            eta = "0s"
-        return (f"docs {counts['docs']} | objects {settled}/{queued} | pages {counts['pages']} "
-                f"| tables {counts['tables'] + counts['views']} | rows {counts['rows']:,} "
-                f"| {requests['total'] / elapsed:.1f} req/s | 429s {requests['rate_limited']} "
-                f"| failures {counts['failures']} | ETA {eta}")
+            eta = 0.0
+        return progress_line(Progress(
+            elapsed=elapsed, eta=eta, docs=counts["docs"], docs_total=self._recorder.docs_total,
+            objects_done=settled, objects_queued=queued, rows=counts["rows"],
+            waiting=tuple(self._stats.waiting()), requests_per_s=requests["total"] / elapsed,
+            rate_limited=requests["rate_limited"], failures=counts["failures"]), width)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What the progress line shows, taken at one moment."""
+
+    elapsed: float
+    eta: Optional[float]
+    docs: int
+    docs_total: Optional[int]
+    objects_done: int
+    objects_queued: int
+    rows: int
+    waiting: Tuple[str, ...] = ()
+    requests_per_s: float = 0.0
+    rate_limited: int = 0
+    failures: int = 0
+
+
+RATE_LIMIT_NAMES = {"read": "read limit", "write": "write limit", "list_docs": "doc-listing limit"}
+
+
+def progress_line(progress: Progress, width: int) -> str:
+    """The progress line, at most `width` characters, the most important parts first.
+
+    Parts that do not fit are left out whole (a line that wraps leaves stale copies behind
+    on the terminal); only a first part wider than the terminal is cut.
+    """
+    parts = [
+        format_duration(progress.elapsed),
+        "ETA " + ("?" if progress.eta is None else format_duration(progress.eta)),
+        f"docs {progress.docs}/{'?' if progress.docs_total is None else progress.docs_total}",
+        f"objects {progress.objects_done}/{progress.objects_queued}",
+        f"rows {progress.rows:,}",
+    ]
+    if progress.waiting:
+        parts.append("waiting: " + ", ".join(RATE_LIMIT_NAMES.get(name, name) for name in progress.waiting))
+    parts += [f"failures {progress.failures}", f"{progress.requests_per_s:.1f} req/s",
+              f"429s {progress.rate_limited}"]
+    line = ""
+    for part in parts:
+        candidate = f"{line} | {part}" if line else part
+        if len(candidate) > width:
+            break
+        line = candidate
+    return line or parts[0][:max(0, width)]
+
+
+def format_duration(seconds: float) -> str:
+    """45s, 12m03s, 2h05m: short enough for a status line."""
+    whole = int(max(0.0, seconds))
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+class Pinger:
+    """--ping-url, the healthchecks.io convention: `URL/start` when a run starts, `URL` when it
+    ends with exit 0, `URL/<exit code>` otherwise, each a POST with a short plain-text body.
+
+    A ping must never hurt the backup: a short timeout, one more try only for answers a retry
+    may cure, and a failure is a logged warning. The URL is a secret (it holds the check's key),
+    so logs show only scheme and host; the Coda token is never in it, nor in a body.
+    """
+
+    def __init__(self, url: str, secret: str, timeout: float = PING_TIMEOUT,
+                 retry_pause: float = PING_RETRY_PAUSE) -> None:
+        if secret and secret in url:
+            raise ConfigError("--ping-url must not contain the Coda API token")
+        self.url = url
+        self.timeout = min(PING_TIMEOUT, timeout)
+        self.attempts = PING_ATTEMPTS
+        self.retry_pause = min(PING_RETRY_PAUSE, retry_pause)
+        self.finished = False
+        self._secret = secret
+
+    @classmethod
+    def for_options(cls, options: Options, secret: str) -> Optional[Pinger]:
+        """A pinger for --ping-url, or None; it waits no longer than an API request would."""
+        if options.ping_url is None:
+            return None
+        return cls(options.ping_url, secret, options.timeout, options.retry_delay)
+
+    def start(self) -> Optional[str]:
+        """The start ping; returns the warning when it failed, for the run's summary."""
+        return self._send(ping_target(self.url, "start"),
+                          f"coda-backup {__version__} started on {socket.gethostname()}\n")
+
+    def finish(self, code: int, summary: Dict[str, Any]) -> None:
+        """The end ping, once per run, whatever path the run took to its exit code. The run's
+        records are written by then, so a failure is only logged."""
+        if self.finished:
+            return
+        self.finished = True
+        problem = self._send(ping_target(self.url, None if code == EXIT_OK else str(code)), ping_body(code, summary))
+        if problem is not None:
+            LOG.warning("%s", problem)
+
+    def _send(self, url: str, body: str) -> Optional[str]:
+        data = (body.replace(self._secret, "[redacted]") if self._secret else body).encode("utf-8")
+        problem = "no attempt"
+        for attempt in range(self.attempts):
+            if attempt:
+                time.sleep(self.retry_pause)
+            try:
+                status = post_text(url, data, self.timeout)
+            except socket.timeout:
+                problem = f"no answer within {self.timeout:g}s"
+                break  # a server that hangs once will hang again: do not wait twice
+            except (OSError, http.client.HTTPException) as exc:
+                problem = f"{exc.__class__.__name__}: {exc}".replace(url, redact_ping_url(url))
+                continue
+            if status < 300:
+                return None
+            problem = f"HTTP {status}"
+            if status < 500:
+                break
+        return f"monitoring ping to {redact_ping_url(url)} failed ({problem}); the backup goes on"
+
+
+def post_text(url: str, data: bytes, timeout: float) -> int:
+    """POST a plain-text body; return the HTTP status. No credentials, no redirects followed."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            parts.netloc, timeout=timeout, context=ssl.create_default_context())
+    else:
+        conn = http.client.HTTPConnection(parts.netloc, timeout=timeout)
+    try:
+        conn.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), body=data,
+                     headers={"Content-Type": "text/plain; charset=utf-8", "User-Agent": USER_AGENT})
+        response = conn.getresponse()
+        response.read(65536)
+        return response.status
+    finally:
+        conn.close()
+
+
+def ping_target(url: str, suffix: Optional[str]) -> str:
+    """`URL/<suffix>` (before any query string), or URL itself for None."""
+    if suffix is None:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + suffix))
+
+
+def redact_ping_url(url: str) -> str:
+    """What a log may say about a ping URL: scheme and host, never the path that holds the key."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}/…"
+
+
+def ping_body(code: int, summary: Dict[str, Any]) -> str:
+    """A run's outcome in a few lines for the monitoring service: status, counts, duration,
+    vanished objects, the error and the first failures."""
+    counts: Dict[str, Any] = summary["counts"] if isinstance(summary.get("counts"), dict) else {}
+    lines = [f"status: {summary.get('status', 'unknown')} (exit {code})"]
+    if summary.get("snapshot"):
+        lines.append(f"snapshot: {printable(summary['snapshot'])}")
+    if isinstance(summary.get("duration_s"), (int, float)):
+        lines.append(f"started: {summary.get('started_at')}, duration: {summary['duration_s']:.1f}s")
+    shown = [f"{key} {counts[key]}" for key in ("docs", "pages", "tables", "views", "rows", "failures")
+             if isinstance(counts.get(key), int)]
+    vanished = counts.get("vanished")
+    if isinstance(vanished, dict):
+        vanished = sum(n for n in vanished.values() if isinstance(n, int))
+    elif isinstance(summary.get("vanished"), list):
+        vanished = len(summary["vanished"])
+    if isinstance(vanished, int) and vanished:
+        shown.append(f"vanished {vanished}")
+    if shown:
+        lines.append("counts: " + ", ".join(shown))
+    if summary.get("error"):
+        lines.append(f"error: {printable(summary['error'])[:500]}")
+    failures = [f for f in summary.get("failures") or [] if isinstance(f, dict)]
+    if failures:
+        lines.append(f"failures (first {min(len(failures), PING_MAX_FAILURES)} of {len(failures)}):")
+        for failure in failures[:PING_MAX_FAILURES]:
+            where = " ".join(printable(failure.get(key)) for key in ("kind", "id") if failure.get(key))
+            name = f' "{printable(failure["name"])}"' if failure.get("name") else ""
+            lines.append(f"- {where}{name}: {printable(failure.get('error'))}"[:300])
+    return "\n".join(lines) + "\n"
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code main() gives an error that ends a run early (for the end ping)."""
+    for kind, code in ((ConfigError, EXIT_USAGE), (LockedError, EXIT_LOCKED), (KeyboardInterrupt, EXIT_SIGINT)):
+        if isinstance(exc, kind):
+            return code
+    return EXIT_FATAL
+
+
+def run_with_pings(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None) -> int:
+    """run_backup with --ping-url: run_backup sends the start ping and end_run the end ping; the
+    end ping also goes out here for a run that ended before taking the lock (the output folder
+    locked by another run, or not writable)."""
+    pinger = Pinger.for_options(options, credentials.token)
+    try:
+        return run_backup(options, credentials, status_line, pinger)
+    except BaseException as exc:
+        if pinger is not None:
+            pinger.finish(exit_code_for(exc), {"status": "failed", "error": one_line(str(exc), credentials.token)})
+        raise
 
 
 def client_settings(options: Options) -> ClientSettings:
@@ -4390,6 +4906,7 @@ def list_docs(api: CodaApi, options: Options, recorder: RunRecorder) -> List[Dic
     if problem is not None:
         recorder.fail("listing", None, None, "docs", problem)
     docs = select_docs(docs, options, recorder)
+    recorder.expect_docs(len(docs))
     LOG.info("%d doc(s) to back up", len(docs))
     return docs
 
@@ -4609,6 +5126,7 @@ def build_manifest(options: Options, started: dt.datetime, status: str, snapshot
         "finished_at": iso(utc_now()),
         "options": manifest_options(options),
         "docs": docs,
+        "index": [],  # index.html and browse/, once written (RunState.write_records)
     }
 
 
@@ -4619,7 +5137,8 @@ def manifest_options(options: Options) -> Dict[str, Any]:
             "max_age_days": options.max_age_days}
 
 
-def run_backup(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None) -> int:
+def run_backup(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None,
+               pinger: Optional[Pinger] = None) -> int:
     """One whole run: lock, snapshot, back up; then end_run, the one outcome path, whatever happened."""
     try:
         make_private_dir(options.output)
@@ -4627,6 +5146,10 @@ def run_backup(options: Options, credentials: Credentials, status_line: Optional
         raise ConfigError(f"cannot create --output {options.output}: {exc.strerror or exc}") from None
     cancel = threading.Event()
     recorder, stats = RunRecorder(), RequestStats()
+    if pinger is not None:
+        started_ping = pinger.start()
+        if started_ping is not None:
+            recorder.warn(started_ping)
     http = HttpClient(client_settings(options), credentials.token, cancel, stats)
     asset_http = HttpClient(asset_client_settings(options), "", cancel)  # never holds the token
 
@@ -4635,7 +5158,7 @@ def run_backup(options: Options, credentials: Credentials, status_line: Optional
         asset_http.abort()
 
     with RunLock(options.output), cancel_on_signals(cancel, abort) as received:
-        run = RunState(options, recorder, stats, utc_now(), credentials.token)
+        run = RunState(options, recorder, stats, utc_now(), credentials.token, pinger=pinger)
         for text in credentials.warnings:
             recorder.warn(text)
         try:
@@ -4690,6 +5213,17 @@ def run_halt(run: RunState, http: HttpClient, asset_http: HttpClient, signals: L
     return halt
 
 
+def write_index_or_warn(snapshot: Path, summary: Dict[str, Any], docs: List[Dict[str, Any]],
+                        warn: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """write_snapshot_index; the index is a convenience, so trouble writing it is a warning."""
+    try:
+        return write_snapshot_index(snapshot, summary, docs)
+    except Exception as exc:  # the disk, a strange manifest entry: the backup itself is whole
+        LOG.debug("index failed", exc_info=True)
+        warn(f"could not write {INDEX_NAME}: {exc}")
+        return []
+
+
 def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
                 vanished: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The change report, computed in a scratch folder inside --output (we hold its lock);
@@ -4723,6 +5257,7 @@ class RunState:
     before: Optional[Path] = None  # the snapshot `latest` named at the start, for `changes`
     before_manifest: Any = None
     journal: Optional[Journal] = None  # manifest.partial.jsonl, removed once manifest.json is written
+    pinger: Optional[Pinger] = None  # --ping-url: end_run sends the end ping
 
     def facts(self, halt: Optional[Halt], signals: List[int]) -> RunFacts:
         return RunFacts(
@@ -4752,6 +5287,10 @@ class RunState:
         if self.recorder.changes is None and outcome.status in ("completed", "completed_with_errors"):
             self.recorder.changes = run_changes(self.before, self.before_manifest, manifest, self.snapshot,
                                                 self.recorder.vanished)
+        if self.options.index:  # once the outcome is known; the manifest lists its files, for --verify
+            manifest["index"] = write_index_or_warn(self.snapshot, self.summary(outcome), self.docs,
+                                                    self.recorder.warn)
+            write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
         write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary(outcome))
 
 
@@ -4830,6 +5369,9 @@ def end_run(run: RunState, halt: Optional[Halt], signals: List[int]) -> int:
     if run.recorder.changes is not None:
         LOG.info("%s", describe_changes(run.recorder.changes))
     log_outcome(outcome, run)
+    if run.pinger is not None:
+        run.pinger.finish(outcome.exit_code,
+                          run.summary(outcome) if run.snapshot is not None else last_run_record(run, outcome))
     return outcome.exit_code
 
 
@@ -4952,18 +5494,43 @@ class RedactingFormatter(logging.Formatter):
 SWITCH: Dict[str, Any] = {"action": argparse.BooleanOptionalAction, "default": False}
 
 
+HELP_EXAMPLES = """\
+The token comes from CODA_API_TOKEN, else the first line of --token-file.
+
+examples:
+  first run:      export CODA_API_TOKEN=...; coda-backup -o ~/coda-backups
+  nightly (cron): 30 2 * * * coda-backup -o ~/coda-backups --token-file ~/.coda-token \\
+                    --incremental --quiet --log-file ~/coda-backups/backup.log
+  check a backup: coda-backup -o ~/coda-backups --verify
+  list the runs:  coda-backup -o ~/coda-backups --list-runs
+
+exit codes: 0 ok, 1 finished with failures, 2 usage error, 3 fatal (token refused, API lost,
+disk full or read-only), 4 output folder locked, 130/143 interrupted. Every run rewrites
+DIR/last-run.json with its status, exit code and error.
+"""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag like every other usage error: one line, exit 2
+    (its own habit is a usage dump that buries the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Back up a whole Coda workspace (pages as Markdown/HTML, tables and views as CSV) "
+    parser = OneLineParser(
+        description="Back up a whole Coda workspace (pages as Markdown/HTML, tables and views as CSV)\n"
                     "into timestamped snapshot folders.",
-        epilog="The token comes from CODA_API_TOKEN, else the first line of --token-file. "
-               "Exit codes: 0 ok, 1 finished with failures, 2 usage error, 3 fatal (token refused, "
-               "API lost, disk full or read-only), 4 output folder locked, 130/143 interrupted. "
-               "Every run rewrites DIR/last-run.json with its status, exit code and error.",
+        usage="%(prog)s -o DIR [options]",
+        epilog=HELP_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,  # added below, so that --output is the first flag --help shows
     )
+    parser.add_argument("-o", "--output", metavar="DIR", help="REQUIRED: folder that holds the snapshots")
+    parser.add_argument("-h", "--help", action="help", help="show this help and exit")
     parser.add_argument("--version", action="version", version=f"coda-backup {__version__}")
     what = parser.add_argument_group("what to back up")
-    what.add_argument("--output", metavar="DIR", help="folder that holds the snapshots (required)")
     what.add_argument("--token-file", metavar="PATH", help="read the API token from the first line of this file")
     what.add_argument("--include-shared", **SWITCH, help="also back up docs shared with you")
     what.add_argument("--workspace-id", metavar="ID", help="only docs in this workspace (ws-...)")
@@ -4974,6 +5541,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--html-pages", action="store_true", help="same as --page-format both")
     what.add_argument("--rows-json", **SWITCH,
                       help="also write each table's rows as NDJSON (<table>.rows.ndjson), values keyed by column id")
+    what.add_argument("--csv-bom", **SWITCH,
+                      help="start each CSV with a UTF-8 BOM, so Excel on Windows opens non-ASCII text right")
+    what.add_argument("--index", action=argparse.BooleanOptionalAction, default=True,
+                      help="write index.html, a browsable overview, at each snapshot root (default; "
+                           "--no-index skips it)")
     what.add_argument("--no-extras", action="store_true",
                       help="skip formulas.json, controls.json and permissions.json (fewer requests)")
     what.add_argument("--doc", action="append", default=[], metavar="ID_OR_NAME",
@@ -5028,6 +5600,9 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--keep-vanished", type=int, default=DEFAULT_KEEP_VANISHED, metavar="DAYS",
                      help="retention keeps the newest snapshot holding an object that vanished less than DAYS "
                           f"ago (default {DEFAULT_KEEP_VANISHED}; 0 = no such rule); see DIR/{VANISHED_NAME}")
+    how.add_argument("--ping-url", metavar="URL",
+                     help="monitoring ping (healthchecks.io style): URL/start at the start, URL on success, "
+                          "URL/<exit code> otherwise; never fails the backup")
     how.add_argument("--config", metavar="FILE",
                      help="TOML file with defaults for any flag (keys like page-format); flags override it")
     runs = parser.add_argument_group("run management")
@@ -5067,7 +5642,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs = parser.add_argument_group("logging")
     logs.add_argument("--log-level", default="INFO", type=str.upper,
                       choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log detail on stderr (default INFO)")
-    logs.add_argument("--quiet", **SWITCH, help="only errors on stderr (for cron)")
+    logs.add_argument("-v", "--verbose", **SWITCH, help="same as --log-level DEBUG")
+    logs.add_argument("-q", "--quiet", **SWITCH, help="only errors on stderr (for cron); no progress line")
     logs.add_argument("--log-file", metavar="PATH", help="also write the log to this file")
     return parser
 
@@ -5155,6 +5731,17 @@ def api_url_from(value: Optional[str]) -> str:
     return url
 
 
+def ping_url_from(value: Optional[str]) -> Optional[str]:
+    """--ping-url: an http(s) URL; it is a secret (it often holds a key), so the message never repeats it."""
+    if value is None:
+        return None
+    url = value.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
+        raise ConfigError("--ping-url must be an http(s) URL, like https://hc-ping.com/<uuid>")
+    return url
+
+
 def options_from_args(args: argparse.Namespace) -> Options:
     """Check the flags a parser cannot check; raise ConfigError with one clear line."""
     if not args.output:
@@ -5194,6 +5781,7 @@ def options_from_args(args: argparse.Namespace) -> Options:
         asset_hosts=tuple(dict.fromkeys(DEFAULT_ASSET_HOSTS + tuple(map(asset_host_prefix, args.asset_host)))),
         max_asset_mb=args.max_asset_mb,
         max_age_days=args.max_age,
+        csv_bom=args.csv_bom, index=args.index, ping_url=ping_url_from(args.ping_url),
     )
 
 
@@ -5437,17 +6025,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.config:
             args = reparse_with_config(parser, args, argv)
-    except SystemExit as exc:  # --help, --version, bad flags: argparse already printed
+    except SystemExit as exc:  # --help, --version: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except ConfigError as exc:
         print(f"coda-backup: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     status_line = StatusLine(sys.stderr) if sys.stderr.isatty() and not args.quiet else None
     secret = os.environ.get("CODA_API_TOKEN", "").strip()
-    handlers = [configure_logging(args.log_level, status_line or sys.stderr, args.quiet, secret)]
+    level = "DEBUG" if args.verbose else args.log_level
+    handlers = [configure_logging(level, status_line or sys.stderr, args.quiet, secret)]
     try:
         if args.log_file:
-            handlers.append(log_file_handler(args.log_file, args.log_level, secret))
+            handlers.append(log_file_handler(args.log_file, level, secret))
         if args.verify is not None:
             return flushed(run_verify(args.output, args.verify))
         if args.list_runs:
@@ -5464,7 +6053,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             handler.setFormatter(RedactingFormatter(credentials.token, LOG_FORMAT))
         if args.dry_run:
             return flushed(dry_run(options, credentials))
-        return run_backup(options, credentials, status_line)
+        return run_with_pings(options, credentials, status_line)
     except ConfigError as exc:
         print(f"coda-backup: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

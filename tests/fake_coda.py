@@ -38,6 +38,9 @@ Switches are plain attributes, settable at any time (see :class:`FakeCoda`): ``l
 (a formula result that changes while only the doc's ``updatedAt`` moves).  ``hold()`` keeps one
 request waiting.  ``lose_api()`` plays an API that is gone for good (connections reset, or refused).
 
+:class:`PingReceiver` is a separate small listener playing a monitoring service (healthchecks.io)
+for ``--ping-url``: it records each ping's path, headers and text body, and can hang.
+
 Every request lands in ``fake.log`` as a :class:`RequestRecord`; ``fake.requests(...)`` filters
 it.  Handler bugs never pass silently: they answer 500 and are appended to ``fake.errors``.
 """
@@ -2423,3 +2426,78 @@ def _bench_attachments_table(fake: FakeCoda, doc: Doc, page: Optional[Page], url
                                        "application/zip"))
             files.append(urls[-1])
         table.add_row({"Name": f"Row {index}", "Photo": photo, "Files": files})
+
+
+# --- a monitoring service ----------------------------------------------------------------
+
+@dataclass
+class Ping:
+    """One ping as the monitoring service saw it."""
+
+    method: str
+    path: str
+    headers: Dict[str, str]
+    body: str
+
+
+class PingReceiver:
+    """A healthchecks.io-like listener on 127.0.0.1 for ``--ping-url`` tests.
+
+    ``url`` is the check's ping URL; every request lands in ``pings``.  Switches: ``status``
+    (the answer), ``hang`` (read the request, never answer until ``stop()``: a server that
+    times the client out).  Use as a context manager.
+    """
+
+    def __init__(self) -> None:
+        self.pings: List[Ping] = []
+        self.status = 200
+        self.hang = False
+        self._released = threading.Event()
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Silence: tests read ``pings``."""
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length).decode("utf-8", "replace") if length > 0 else ""
+                with receiver._lock:
+                    receiver.pings.append(Ping(self.command, urllib.parse.urlsplit(self.path).path,
+                                               {k.lower(): v for k, v in self.headers.items()}, body))
+                if receiver.hang:
+                    receiver._released.wait(30)
+                    self.close_connection = True
+                    return
+                self.send_response(receiver.status)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"OK")
+
+            do_GET = do_HEAD = do_POST
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
+                                        name="fake-ping", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/ping/check-key-5f3a"
+
+    def paths(self) -> List[str]:
+        with self._lock:
+            return [ping.path for ping in self.pings]
+
+    def __enter__(self) -> PingReceiver:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._released.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

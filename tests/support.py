@@ -123,10 +123,15 @@ def read_csv(path: Path) -> List[List[str]]:
         return list(csv.reader(handle))
 
 
-def tree_bytes(root: Path, skip: tuple = ("summary.json", "manifest.json")) -> Dict[str, bytes]:
+# What a snapshot says about itself rather than about Coda: the run's records and the browsable
+# index built from them (index.html and browse/), which name the snapshot and its status.
+SNAPSHOT_META = ("summary.json", "manifest.json", "index.html", "browse")
+
+
+def tree_bytes(root: Path, skip: tuple = SNAPSHOT_META) -> Dict[str, bytes]:
     """Every file under root by relative path, for comparing two snapshots byte for byte."""
     return {
         str(path.relative_to(root)): path.read_bytes()
         for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name not in skip
+        if path.is_file() and path.name not in skip and path.relative_to(root).parts[0] not in skip
     }

@@ -304,6 +304,7 @@ class SampleWorkspaceTest(LayoutTestCase):
         with self.subTest("manifest: files carry the sha256 of the file on disk, and list every file"):
             records = [record for doc in manifest["docs"]
                        for entry in [doc] + doc["pages"] + doc["tables"] for record in entry["files"]]
+            records += manifest["index"]
             for record in records:
                 self.assertEqual(sha256_of(snapshot / record["path"]), record["sha256"], record["path"])
             self.assertEqual({r["path"] for r in records},

@@ -100,6 +100,8 @@ def manifest_owners(manifest: Dict[str, Any]) -> Dict[str, List[Tuple[str, Dict[
             for entry in doc[kind]:
                 for record in entry["files"]:
                     owners[record["path"]].append((kind[:-1], entry, record))
+    for record in manifest.get("index", []):
+        owners[record["path"]].append(("index", {}, record))
     return owners
 
 
@@ -754,7 +756,7 @@ class ConfigTest(FeatureTestCase):
             return
         self.assertEqual(code, 0, self.stderr)
         snapshot = self.latest()
-        self.assertEqual(list(snapshot.rglob("*.html")), [])
+        self.assertEqual(list((snapshot / "docs").rglob("*.html")), [])
         self.assertTrue(self.object_file(self.ws.overview, ".md", snapshot).is_file())
         self.assertEqual([doc["id"] for doc in self.manifest(snapshot)["docs"]], [self.ws.alpha.id],
                          "--doc on the command line replaces the file's doc list")

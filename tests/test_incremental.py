@@ -524,7 +524,7 @@ class FallbackTest(IncrementalTestCase):
         self.assertEqual(sorted(r.path for r in posts), sorted(self.export_path(p) for p in ws.pages))
         self.assertEqual({(r.body or {}).get("outputFormat") for r in posts}, {"html"})
         self.assertEqual(list(second.rglob("*.md")), [])
-        self.assertEqual(len(list(second.rglob("*.html"))), 4)
+        self.assertEqual(len(list((second / "docs").rglob("*.html"))), 4)
         self.assertEqual(self.page_file(second, ws.overview, ".html").read_text(encoding="utf-8"),
                          ws.overview.render("html"))
         pages = [e for e in manifest_entries(self.manifest(second)).values() if "formats" in e]

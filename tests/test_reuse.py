@@ -91,6 +91,13 @@ class PolicyTest(unittest.TestCase):
                                 (False, "base table changed")),
             "--retry-failed": ((retry, {"updatedAt": "t9"}, saved(table), "d9", never),
                                (True, "saved before (--retry-failed)")),
+            "BOM now, none then": ((self.policy(csv_bom=True), plain, saved(table), "d1", never),
+                                   (False, "other flags")),
+            "no BOM now, one then": ((policy, plain, saved(table, layout={"csv_bom": True}), "d1", never),
+                                     (False, "other flags")),
+            "BOM now and then": ((self.policy(csv_bom=True), plain,
+                                  saved(dict(table, calculatedColumns=0), layout={"csv_bom": True}), "d1", never),
+                                 (True, "unchanged")),
         }
         self.check(cases, lambda policy, *facts: policy.table(*facts))
 
