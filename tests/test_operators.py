@@ -218,11 +218,12 @@ class IndexTest(BackupTestCase):
 
     def test_index_pages_link_only_inside_the_snapshot_and_escape_names(self) -> None:
         operator_workspace(self.fake)
+        gone = self.fake.add_doc("Gone <soon>")
         self.assertEqual(self.run_backup("--page-format", "both"), 0, self.stderr)
         snapshot = self.latest()
         pages = self.parse_pages(snapshot)
         self.assertIn("index.html", pages)
-        self.assertEqual(len(pages), 4, sorted(pages))  # the index, one doc page, two previews
+        self.assertEqual(len(pages), 5, sorted(pages))  # the index, two doc pages, two previews
         for name, page in pages.items():
             for href in page.links:
                 with self.subTest(page=name, href=href):
@@ -237,7 +238,8 @@ class IndexTest(BackupTestCase):
         index_text = "".join(pages["index.html"].text)
         self.assertIn(HOSTILE_DOC, index_text, "the hostile name shows as text")
         self.assertIn("completed", index_text)
-        doc_page = next(page for name, page in pages.items() if name.startswith("browse/") and name.count("/") == 2)
+        doc_page = next(page for name, page in pages.items()
+                        if name.count("/") == 2 and HOSTILE_DOC in "".join(page.text))
         doc_text = "".join(doc_page.text)
         for text in (HOSTILE_PAGE, HOSTILE_TABLE, "Intro", "150", "Evens"):
             self.assertIn(text, doc_text)
@@ -259,9 +261,12 @@ class IndexTest(BackupTestCase):
         self.assertEqual(self.run_main(["--output", str(self.out), "--verify"]), 1)
         self.assertIn("altered: index.html", self.stdout)
 
-        # An incremental run accepts that manifest, links every doc file, and builds a new index.
+        # An incremental run accepts that manifest, links every doc file, and builds a new index,
+        # which lists what vanished near the top.
+        self.fake.remove_doc(gone)
         self.fake.clear_log()
-        self.assertEqual(self.run_backup("--page-format", "both", "--incremental"), 0, self.stderr)
+        self.assertEqual(self.run_backup("--page-format", "both", "--incremental", "--allow-vanished"), 0,
+                         self.stderr)
         second = self.latest()
         self.assertNotEqual(second, snapshot)
         self.assertEqual(self.summary()["counts"]["skipped_unchanged"]["docs"], 1)
@@ -270,6 +275,10 @@ class IndexTest(BackupTestCase):
             with self.subTest(rebuilt=record["path"]):
                 self.assertEqual((second / record["path"]).stat().st_nlink, 1, "rebuilt, not linked")
         self.assertNotIn("altered", (second / "index.html").read_text(encoding="utf-8"))
+        index_text = "".join(self.parse_pages(second)["index.html"].text)
+        self.assertIn("Vanished since the last backup (1)", index_text)
+        self.assertIn("Gone <soon>", index_text)
+        self.assertLess(index_text.index("Vanished"), index_text.index("Docs ("), "the run first, then the docs")
 
         self.assertEqual(self.run_backup("--no-index"), 0, self.stderr)
         self.assertFalse((self.latest() / "index.html").exists())
