@@ -1532,9 +1532,10 @@ def coda_mtime(updated_at: Any) -> Optional[float]:
 def stamp_with_coda_time(path: Path, updated_at: Any) -> None:
     """Give a saved page or table file its object's updatedAt as mtime, so `ls -lt` and file
     managers show what was edited recently in Coda. A time that cannot be read leaves the file's
-    own time."""
+    own time, and so does a file that turned out identical to an earlier snapshot's and became a
+    hard link of it: it keeps that copy's time, as earlier snapshots are never touched."""
     when = coda_mtime(updated_at)
-    if when is not None:
+    if when is not None and os.stat(path).st_nlink == 1:
         os.utime(path, (when, when))
 
 
