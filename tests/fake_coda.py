@@ -2444,7 +2444,7 @@ class PingReceiver:
     """A healthchecks.io-like listener on 127.0.0.1 for ``--ping-url`` tests.
 
     ``url`` is the check's ping URL; every request lands in ``pings``.  Switches: ``status``
-    (the answer), ``hang`` (read the request, never answer until ``stop()``: a server that
+    (the answer), ``hang`` (read the request, never answer until the receiver is closed: a server that
     times the client out).  Use as a context manager.
     """
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import html.parser
 import posixpath
 import re
+import sys
 import threading
 import time
 import unittest
@@ -135,6 +136,18 @@ class PingTest(BackupTestCase):
                 self.assertLessEqual(pinger.timeout, min(5.0, timeout))
                 self.assertLessEqual(pinger.attempts, 2)
                 self.assertLessEqual(pinger.retry_pause, 1.0)
+
+    def test_ping_url_from_a_config_file(self) -> None:
+        config = self.out.parent / "coda-backup.toml"
+        config.write_text(f'ping-url = "{self.receiver.url}"\nindex = false\ncsv-bom = true\n', encoding="utf-8")
+        code = self.run_backup("--config", str(config))
+        if sys.version_info < (3, 11):  # no tomllib: --config is refused with one line
+            self.assertEqual(code, 2)
+            self.assertIn("--config needs Python 3.11", self.stderr)
+            return
+        self.assertEqual(code, 0, self.stderr)
+        self.assertEqual(self.receiver.paths(), ["/ping/check-key-5f3a/start", "/ping/check-key-5f3a"])
+        self.assertFalse((self.latest() / "index.html").exists())
 
     def test_bad_ping_urls_are_usage_errors(self) -> None:
         for url in ("ftp://hc.example/x", "hc-ping.com/uuid", f"https://hc.example/{TOKEN}"):
