@@ -224,6 +224,11 @@ DEFAULT_KEEP_VANISHED = 90  # days retention keeps the last snapshot holding a v
 FINISHED_STATUSES = ("completed", "completed_with_errors")  # every doc such a run listed was seen to the end
 READ_ONLY_MODE = 0o400  # saved content; summary.json, manifest.json and DIR's own files stay 0600
 DEFAULT_MAX_AGE_DAYS = 7.0
+# Objects first saved on the same night would all pass --max-age on the same later night, and
+# that night would be a full download. Each copy is therefore refreshed at a point drawn
+# from its id and download time between (1 - spread) and 1 times --max-age: never later than
+# --max-age, and spread over nights from the first cycle on.
+MAX_AGE_SPREAD = 0.5
 
 LOG = logging.getLogger("coda_backup")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
@@ -1708,7 +1713,17 @@ class ReusePolicy:
     def _too_old(self, saved: SavedCopy) -> bool:
         if saved.fetched_at is None or self.max_age_days <= 0:
             return True
-        return self.now - saved.fetched_at > dt.timedelta(days=self.max_age_days)
+        return self.now - saved.fetched_at > refresh_age(self.max_age_days, saved.entry.get("id"), saved.fetched_at)
+
+
+def refresh_age(max_age_days: float, object_id: Any, fetched_at: dt.datetime) -> dt.timedelta:
+    """How old this copy may grow before it is downloaded again: a stable point between
+    (1 - MAX_AGE_SPREAD) and 1 times --max-age, drawn from the object's id and download time,
+    so the objects of one full run do not all fall due on the same night (and a new draw
+    follows every download)."""
+    seed = hashlib.sha256(f"{object_id}|{iso(fetched_at)}".encode()).digest()
+    fraction = int.from_bytes(seed[:8], "big") / 2 ** 64
+    return dt.timedelta(days=max_age_days * (1 - MAX_AGE_SPREAD * fraction))
 
 
 def intact(files: List[Tuple[Path, Dict[str, Any]]]) -> bool:
@@ -5570,7 +5585,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(resumes a cancelled or failed run)")
     how.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_DAYS, metavar="DAYS",
                      help=f"with --incremental: download again what was last downloaded more than DAYS ago, "
-                          f"changed or not (default {DEFAULT_MAX_AGE_DAYS:g}; 0 = never reuse); identical "
+                          f"changed or not (default {DEFAULT_MAX_AGE_DAYS:g}; 0 = never reuse; each object falls "
+                          f"due between half of DAYS and DAYS, so refreshes spread over nights); identical "
                           f"files are still hard-linked")
     how.add_argument("--strict-latest", **SWITCH,
                      help="ask Coda for the newest doc version (X-Coda-Doc-Version: latest); may need retries")

@@ -77,7 +77,7 @@ class PolicyTest(unittest.TestCase):
                                         (False, "calculated columns, doc changed")),
             "8 days old": ((policy, plain, saved(table, fetched_at=NOW - dt.timedelta(days=8)), None, never),
                            (False, "older than --max-age")),
-            "6 days old": ((policy, plain, saved(table, fetched_at=NOW - dt.timedelta(days=6)), None, never),
+            "3 days old": ((policy, plain, saved(table, fetched_at=NOW - dt.timedelta(days=3)), None, never),
                            (True, "unchanged")),
             "download time unknown": ((policy, plain, saved(table, fetched_at=None), None, never),
                                       (False, "older than --max-age")),
@@ -100,6 +100,25 @@ class PolicyTest(unittest.TestCase):
                                  (True, "unchanged")),
         }
         self.check(cases, lambda policy, *facts: policy.table(*facts))
+
+    def test_refresh_age_is_spread_below_max_age(self) -> None:
+        """Objects saved the same night fall due on different nights, never later than --max-age."""
+        cases = {  # (max age, number of objects) -> nights on which some of them fall due
+            "7 days": (7.0, 400, {4, 5, 6, 7}),
+            "1 day": (1.0, 50, {1}),
+            "28 days": (28.0, 400, set(range(15, 29))),
+        }
+        for name, (max_age, count, nights) in cases.items():
+            with self.subTest(case=name):
+                ages = [coda_backup.refresh_age(max_age, f"grid-{number}", FRESH) for number in range(count)]
+                self.assertTrue(all(dt.timedelta(days=max_age / 2) <= age <= dt.timedelta(days=max_age)
+                                    for age in ages))
+                due = {int(age.total_seconds() // 86400) + 1 for age in ages}  # the first nightly run past it
+                self.assertEqual(due, nights)
+        once = coda_backup.refresh_age(7.0, "grid-1", FRESH)
+        self.assertEqual(once, coda_backup.refresh_age(7.0, "grid-1", FRESH), "stable for one download")
+        later = [coda_backup.refresh_age(7.0, "grid-1", FRESH + dt.timedelta(days=day)) for day in range(1, 6)]
+        self.assertGreater(len(set(later + [once])), 1, "a new draw after every download")
 
     def test_pages(self) -> None:
         page = files("markdown")
