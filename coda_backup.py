@@ -74,9 +74,11 @@ import fnmatch
 import functools
 import gzip
 import hashlib
+import heapq
 import html
 import http.client
 import io
+import itertools
 import json
 import logging
 import operator
@@ -139,8 +141,15 @@ MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
 SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
 
-# Enough workers to keep the write limit busy while exports render (about 3 s each).
+# The most requests in flight at once, whichever thread sends them.
 DEFAULT_CONCURRENCY = 8
+# Page exports run as single steps (start, poll, download) on threads of their own, and a rendering
+# export holds none of them (see ExportScheduler); docs are listed a few at once, so that listing one
+# doc never holds up the exports of the docs listed before it.
+EXPORT_WORKERS = 4
+DOC_LISTERS = 4
+RENDER_SAMPLES = 15  # recent render times that time an export's first status poll
+IDLE_WAKE = 0.25  # an idle export worker looks at the cancel flag at least this often
 
 # --ping-url: a monitoring ping may cost a run a few seconds at most, and never fail it.
 PING_TIMEOUT = 5.0
@@ -325,14 +334,23 @@ class RateLimiter:
         """Claim the next start slot; return how long to wait before using it."""
         with self._lock:
             now = self._clock()
-            self._recover(now)
-            while self._starts and self._starts[0] <= now - self.window:
-                self._starts.popleft()
-            allowed = max(1, int(self.allowed))
-            at = now if len(self._starts) < allowed else self._starts[-allowed] + self.window
-            at = max(at, self._paused_until, self._starts[-1] if self._starts else now)
+            at = self._next_slot(now)
             self._starts.append(at)
             return max(0.0, at - now)
+
+    def delay(self) -> float:
+        """How long a reserve() now would wait, claiming nothing: 0 while the budget has room."""
+        with self._lock:
+            now = self._clock()
+            return max(0.0, self._next_slot(now) - now)
+
+    def _next_slot(self, now: float) -> float:
+        self._recover(now)
+        while self._starts and self._starts[0] <= now - self.window:
+            self._starts.popleft()
+        allowed = max(1, int(self.allowed))
+        at = now if len(self._starts) < allowed else self._starts[-allowed] + self.window
+        return max(at, self._paused_until, self._starts[-1] if self._starts else now)
 
     def on_rate_limited(self, retry_after: Optional[float]) -> None:
         """Slow down after a 429; pause the whole category for Retry-After."""
@@ -529,8 +547,20 @@ class HttpClient:
         return self._call_api("GET", path, params, None, category, doc_scoped, final, deadline)
 
     def post_json(self, path: str, body: Dict[str, Any], doc_scoped: bool = False,
-                  deadline: Optional[float] = None) -> Any:
-        return self._call_api("POST", path, None, body, "write", doc_scoped, (), deadline)
+                  deadline: Optional[float] = None, claimed: bool = False) -> Any:
+        """POST to an API path (a write); `claimed`: the caller already holds the first attempt's
+        write slot (see claim_slot), so it is not paced again."""
+        return self._call_api("POST", path, None, body, "write", doc_scoped, (), deadline, claimed)
+
+    def budget_delay(self, category: str) -> float:
+        """How long a request of this category would wait for its rate budget now (0: it has room)."""
+        limiter = self._limiters.get(category)
+        return limiter.delay() if limiter else 0.0
+
+    def claim_slot(self, category: str) -> float:
+        """Take the next start slot of a category for a request sent soon; return its wait."""
+        limiter = self._limiters.get(category)
+        return limiter.reserve() if limiter else 0.0
 
     def download(self, url: str, deadline: Optional[float] = None) -> bytes:
         """GET a presigned storage URL without credentials, following redirects.
@@ -586,6 +616,10 @@ class HttpClient:
         if self._cancel.is_set():
             raise Cancelled("cancelled")
 
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
     def abort(self) -> None:
         """Cut every open connection after a cancel: blocked reads end at once and the workers,
         seeing the cancel flag, stop.
@@ -624,7 +658,8 @@ class HttpClient:
     # Retry loop ---------------------------------------------------------------
 
     def _call_api(self, method: str, path: str, params: Optional[Dict[str, str]], body: Optional[Dict[str, Any]],
-                  category: str, doc_scoped: bool, final: Tuple[int, ...], deadline: Optional[float]) -> Any:
+                  category: str, doc_scoped: bool, final: Tuple[int, ...], deadline: Optional[float],
+                  claimed: bool = False) -> Any:
         url = self.settings.api_url + path
         if params:
             url += "?" + urllib.parse.urlencode(params)
@@ -643,10 +678,10 @@ class HttpClient:
                 raise ApiError(response.status, _error_message(response.body, self._token), url)
             return _interpret_api_response(response, url, strict, self._token)
 
-        return self._with_retries(attempt, category, url, deadline)
+        return self._with_retries(attempt, category, url, deadline, claimed)
 
     def _with_retries(self, attempt: Callable[[float], Any], category: str, url: str,
-                      deadline: Optional[float] = None) -> Any:
+                      deadline: Optional[float] = None, claimed: bool = False) -> Any:
         """Run `attempt(socket timeout)` until it succeeds or a retry cannot help.
 
         With a deadline (time.monotonic()), no attempt waits on the network past it and no
@@ -656,7 +691,8 @@ class HttpClient:
         attempts = 0
         for number in range(self.settings.max_retries + 1):
             self.check_cancelled()
-            self._pace(category)
+            if not (claimed and number == 0):
+                self._pace(category)
             timeout = self.settings.timeout
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -987,10 +1023,11 @@ class CodaApi:
             "metadata": self.http.get_json(f"{base}/metadata"),
         }
 
-    def start_export(self, doc_id: str, page_id: str, output_format: str, deadline: Optional[float] = None) -> str:
+    def start_export(self, doc_id: str, page_id: str, output_format: str, deadline: Optional[float] = None,
+                     claimed: bool = False) -> str:
         path = f"/docs/{_quote(doc_id)}/pages/{_quote(page_id)}/export"
         answer = _expect_dict(self.http.post_json(path, {"outputFormat": output_format}, doc_scoped=True,
-                                                  deadline=deadline), path)
+                                                  deadline=deadline, claimed=claimed), path)
         request_id = answer.get("id")
         if not isinstance(request_id, str) or not request_id:
             raise ApiError(0, "export answer has no request id", path)
@@ -2086,7 +2123,7 @@ class RunRecorder:
         self.warnings: List[str] = []  # what the log said at WARNING, for summary.json and monitors
         self.queued = 0  # pages and tables handed to the pool, for the progress line
         self.settled = 0  # ... and those that ended, one way or another
-        self.listed = Listed()  # what the listings returned (main thread only), for finding what vanished
+        self.listed = Listed()  # what the listings returned (a key per doc, set by its lister): what vanished
         self.vanished: List[Dict[str, Any]] = []
         self.changes: Optional[Dict[str, Any]] = None  # against the previous snapshot, once the run ends
         self.docs_total: Optional[int] = None  # docs selected, once they are listed
@@ -2216,58 +2253,239 @@ def stop_on_disk_trouble(job: Job, exc: BaseException) -> None:
         raise Cancelled(reason) from exc
 
 
-def fetch_page_export(job: Job, doc_id: str, page_id: str, output_format: str) -> bytes:
-    """Run one page export to the end: start, poll, download, all within --export-timeout.
+def next_export_step(now: float, starts_waiting: bool, write_delay: float,
+                     next_poll: Optional[float]) -> Tuple[str, float]:
+    """What a free export worker does next: ("start", 0), ("poll", 0), or ("wait", seconds; inf:
+    until new work comes).
 
-    404 on a poll means the export request expired (or has not replicated
-    yet): start again. A refused download link means it expired: poll again
-    for a fresh one. Both are bounded, and every request, the download
-    included, ends at the page's deadline: a host that never answers holds a
-    page no longer than --export-timeout, whatever --timeout and --max-retries say.
+    The write budget is the long pole of most workspaces and a write slot left unused is lost for
+    good, so an export waiting to start goes first whenever the write budget has room
+    (`write_delay` 0); then a status poll that is due (a read: it takes its turn in the read budget
+    like any read). Otherwise the worker sleeps until the write budget has room or a poll is due.
     """
-    timeout = job.options.export_timeout
-    deadline = time.monotonic() + timeout  # for the page, however often it restarts
-    try:
-        return _export_until(job, doc_id, page_id, output_format, deadline)
-    except ApiError as exc:
-        if time.monotonic() < deadline:
-            raise
-        raise ExportError(f"export did not finish within {timeout:g}s: {exc}") from exc
+    if starts_waiting and write_delay <= 0:
+        return "start", 0.0
+    if next_poll is not None and next_poll <= now:
+        return "poll", 0.0
+    wait = float("inf")
+    if starts_waiting:
+        wait = write_delay
+    if next_poll is not None:
+        wait = min(wait, next_poll - now)
+    return "wait", wait
 
 
-def _export_until(job: Job, doc_id: str, page_id: str, output_format: str, deadline: float) -> bytes:
-    api, options = job.api, job.options
-    for _ in range(MAX_EXPORT_STARTS):
-        request_id = api.start_export(doc_id, page_id, output_format, deadline)
-        refreshes = 0
+class RenderTimes:
+    """How long exports take to render in this run, so that an export's first status poll comes
+    when it is likely done: an early poll is a read spent for nothing, a late one holds the page.
+
+    A sample is the midpoint between the last poll that found an export rendering and the poll that
+    found it done; an export done at its first poll gives 0.9 x that time, so that the estimate
+    creeps down towards the truth instead of sticking at its first guess. The estimate is the
+    median of the recent samples (one slow render does not move it much).
+    """
+
+    def __init__(self, first_guess: float) -> None:
+        self._first_guess = first_guess
+        self._samples: Deque[float] = deque(maxlen=RENDER_SAMPLES)
+        self._lock = threading.Lock()
+
+    def expected(self) -> float:
+        with self._lock:
+            if not self._samples:
+                return self._first_guess
+            ordered = sorted(self._samples)
+            return ordered[len(ordered) // 2]
+
+    def done(self, after: float, rendering_after: Optional[float]) -> None:
+        """An export was found done `after` seconds from its start (and found rendering at
+        `rendering_after`, if a poll did)."""
+        sample = (rendering_after + after) / 2 if rendering_after is not None else 0.9 * after
+        with self._lock:
+            self._samples.append(max(0.0, sample))
+
+
+@dataclass
+class PageExport:
+    """A page on its way through the ExportScheduler: the formats still to export and where the
+    current one is. `done` gets the page's entry when it ends, saved or failed."""
+
+    job: Job
+    doc_id: str
+    page: Dict[str, Any]
+    stem: PurePosixPath
+    entry: Dict[str, Any]
+    decision: Decision
+    done: concurrent.futures.Future[Dict[str, Any]]
+    formats: List[str]
+    request_id: str = ""
+    deadline: float = 0.0  # of the current format: --export-timeout from its first start, download included
+    answered: float = 0.0  # when its start was answered: the render is timed from here
+    rendering_after: Optional[float] = None  # the last poll that found it rendering (seconds after `answered`)
+    starts: int = 0
+    refreshes: int = 0
+
+
+class ExportScheduler:
+    """Runs page exports one request at a time on EXPORT_WORKERS threads of its own, so that an
+    export that is rendering holds no thread at all.
+
+    A start (a write) goes out as soon as the write budget has room, across docs, in the order
+    pages were listed; the status polls (reads) are timers that come due, the first near the
+    render time learnt so far (RenderTimes), then every --poll-interval. The thread whose poll
+    finds the download link downloads and saves the file. next_export_step decides which step
+    goes first. A 404 on a poll (the export request expired) starts it again, a refused download
+    link is polled again for a fresh one; both are bounded, and every request of a format, the
+    download included, ends by its deadline (--export-timeout).
+    """
+
+    def __init__(self, http: HttpClient, options: Options, workers: int = EXPORT_WORKERS) -> None:
+        self._http = http
+        self._options = options
+        self._cond = threading.Condition()
+        self._starts: Deque[PageExport] = deque()
+        self._polls: List[Tuple[float, int, PageExport]] = []  # a heap by due time
+        self._order = itertools.count()  # ties in the heap go by arrival
+        self._closing = False
+        self.render = RenderTimes(options.poll_interval)
+        self._threads = [threading.Thread(target=self._work, name=f"coda-export-{number}", daemon=True)
+                         for number in range(workers)]
+
+    def __enter__(self) -> ExportScheduler:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
+
+    def add(self, exports: List[PageExport]) -> None:
+        """Queue pages to export, after those queued before (after a cancel: end them at once)."""
+        with self._cond:
+            self._starts.extend(exports)
+            if self._http.cancelled:
+                self._drop()
+            self._cond.notify_all()
+
+    def _take(self) -> Optional[Tuple[str, PageExport]]:
+        with self._cond:
+            while True:
+                if self._http.cancelled:
+                    self._drop()
+                    return None
+                if self._closing and not self._starts and not self._polls:
+                    return None
+                step, wait = next_export_step(time.monotonic(), bool(self._starts),
+                                              self._http.budget_delay("write") if self._starts else 0.0,
+                                              self._polls[0][0] if self._polls else None)
+                if step == "start":
+                    self._http.claim_slot("write")  # under the lock: no two workers take one slot
+                    return step, self._starts.popleft()
+                if step == "poll":
+                    return step, heapq.heappop(self._polls)[2]
+                self._cond.wait(min(wait, IDLE_WAKE))
+
+    def _drop(self) -> None:
+        """After a cancel: every waiting export ends as cancelled (left out of the manifest)."""
+        waiting = list(self._starts) + [item[2] for item in self._polls]
+        self._starts.clear()
+        self._polls.clear()
+        for export in waiting:
+            export.job.recorder.settle()
+            export.done.set_exception(Cancelled("cancelled"))
+
+    def _poll_at(self, export: PageExport, when: float) -> None:
+        with self._cond:
+            heapq.heappush(self._polls, (min(when, export.deadline), next(self._order), export))
+            self._cond.notify_all()
+
+    def _start_next(self, export: PageExport) -> None:
+        """Its next format, or the same again after an expiry: ahead of pages not started yet."""
+        with self._cond:
+            self._starts.appendleft(export)
+            self._cond.notify_all()
+
+    def _work(self) -> None:
         while True:
-            api.http.sleep(min(options.poll_interval, max(0.0, deadline - time.monotonic())))
+            taken = self._take()
+            if taken is None:
+                return
+            step, export = taken
             try:
-                status = api.export_status(doc_id, page_id, request_id, deadline)
-            except ApiError as exc:
-                if exc.status != 404:
-                    raise
-                if time.monotonic() > deadline:
-                    raise ExportError(f"export did not finish within {options.export_timeout:g}s") from exc
-                LOG.info("export of page %s expired (404); starting it again", page_id)
-                break
-            if status.get("error") or str(status.get("status", "")).lower() == "failed":
-                raise ExportError(f"export failed: {status.get('error') or 'no reason given'}")
-            link = status.get("downloadLink")
-            if link is not None and not isinstance(link, str):
-                raise ExportError(f"export answer has a downloadLink that is not a URL: {link!r:.100}")
-            if link:
-                try:
-                    return api.download(link, deadline)
-                except ExpiredLink as exc:
-                    refreshes += 1
-                    if refreshes > MAX_LINK_REFRESHES:
-                        raise ExportError(f"download link kept expiring: {exc}") from exc
-                    LOG.info("download link of page %s expired; asking for a fresh one", page_id)
-                    continue
-            if time.monotonic() > deadline:
-                raise ExportError(f"export did not finish within {options.export_timeout:g}s")
-    raise ExportError(f"export request expired {MAX_EXPORT_STARTS} times")
+                if step == "start":
+                    self._start(export)
+                elif self._poll(export):
+                    end_page(export.job, export.doc_id, export.page, export.entry, export.done)
+            except Exception as exc:  # one bad page must never stop the run (a cancel or a full disk does)
+                if isinstance(exc, ApiError) and time.monotonic() >= export.deadline:
+                    exc = ExportError(f"export did not finish within {self._options.export_timeout:g}s: {exc}")
+                end_page(export.job, export.doc_id, export.page, export.entry, export.done, exc)
+
+    def _start(self, export: PageExport) -> None:
+        if export.starts == 0:
+            export.deadline = time.monotonic() + self._options.export_timeout
+            export.refreshes = 0
+        export.starts += 1
+        export.request_id = export.job.api.start_export(export.doc_id, export.page["id"], export.formats[0],
+                                                        export.deadline, claimed=True)
+        export.answered = time.monotonic()
+        export.rendering_after = None
+        self._poll_at(export, export.answered + self.render.expected())
+
+    def _poll(self, export: PageExport) -> bool:
+        """One status poll, and the download once there is a link; True when the page is saved."""
+        api, page_id, timeout = export.job.api, export.page["id"], self._options.export_timeout
+        try:
+            status = api.export_status(export.doc_id, page_id, export.request_id, export.deadline)
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            if time.monotonic() > export.deadline:
+                raise ExportError(f"export did not finish within {timeout:g}s") from exc
+            if export.starts >= MAX_EXPORT_STARTS:
+                raise ExportError(f"export request expired {MAX_EXPORT_STARTS} times") from exc
+            LOG.info("export of page %s expired (404); starting it again", page_id)
+            self._start_next(export)
+            return False
+        polled = time.monotonic()
+        if status.get("error") or str(status.get("status", "")).lower() == "failed":
+            raise ExportError(f"export failed: {status.get('error') or 'no reason given'}")
+        link = status.get("downloadLink")
+        if link is not None and not isinstance(link, str):
+            raise ExportError(f"export answer has a downloadLink that is not a URL: {link!r:.100}")
+        if not link:
+            if polled > export.deadline:
+                raise ExportError(f"export did not finish within {timeout:g}s")
+            export.rendering_after = polled - export.answered
+            self._poll_at(export, polled + self._options.poll_interval)
+            return False
+        try:
+            data = api.download(link, export.deadline)
+        except ExpiredLink as exc:
+            export.refreshes += 1
+            if export.refreshes > MAX_LINK_REFRESHES:
+                raise ExportError(f"download link kept expiring: {exc}") from exc
+            LOG.info("download link of page %s expired; asking for a fresh one", page_id)
+            self._poll_at(export, time.monotonic() + self._options.poll_interval)
+            return False
+        if export.refreshes == 0:
+            self.render.done(polled - export.answered, export.rendering_after)
+        output_format = export.formats.pop(0)
+        relative = with_suffix(export.stem, ROLE_SUFFIXES[output_format])
+        export.entry["files"].append(export.job.write_bytes(relative, data, output_format, export.decision.source))
+        stamp_with_coda_time(inside(export.job.root, relative), export.page.get("updatedAt"))
+        if export.formats:
+            export.starts = 0
+            self._start_next(export)
+            return False
+        export.job.fetched(export.entry, export.decision)
+        save_page_assets(export.job, export.doc_id, export.entry)
+        export.job.recorder.count("pages")
+        return True
 
 
 def page_entry(page: Dict[str, Any], stem: PurePosixPath, formats: Tuple[str, ...]) -> Dict[str, Any]:
@@ -2287,8 +2505,11 @@ def page_entry(page: Dict[str, Any], stem: PurePosixPath, formats: Tuple[str, ..
 
 
 def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath,
-                shown_tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> Dict[str, Any]:
-    """Save one page in every requested format; record, never raise, a failure.
+                shown_tables: List[concurrent.futures.Future[Dict[str, Any]]],
+                done: concurrent.futures.Future[Dict[str, Any]]) -> Optional[PageExport]:
+    """Decide one page: link it from an earlier snapshot, skip it (not exportable), or return it
+    as a PageExport for the ExportScheduler, which saves it in every requested format. A page that
+    ends here ends through end_page (a failure recorded, never raised; `done` gets the entry).
 
     A page's updatedAt covers its own text, not the tables shown on it, so the
     policy also compares those tables with what the saved page showed.
@@ -2310,32 +2531,51 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
             job.reused(entry, decision)
             carry_assets(job, doc_id, entry, decision.source.entry)
             job.recorder.unchanged("pages")
+            job.recorder.count("pages")
         elif (page.get("contentType") or "canvas") != "canvas":
             entry["status"] = "skipped"
             entry["reason"] = f"the API cannot export {page.get('contentType')} pages"
             job.recorder.count("pages_not_exportable")
-            return entry
         else:
-            for output_format in formats:
-                data = fetch_page_export(job, doc_id, page["id"], output_format)
-                relative = with_suffix(stem, ROLE_SUFFIXES[output_format])
-                entry["files"].append(job.write_bytes(relative, data, output_format, decision.source))
-                stamp_with_coda_time(inside(job.root, relative), page.get("updatedAt"))
-            job.fetched(entry, decision)
-            save_page_assets(job, doc_id, entry)
-        job.recorder.count("pages")
-    except Cancelled:
-        raise
-    except Exception as exc:  # one bad page must never stop the run (a full disk does)
-        stop_on_disk_trouble(job, exc)
-        LOG.debug("page %s failed", page["id"], exc_info=True)
+            return PageExport(job, doc_id, page, stem, entry, decision, done, list(formats))
+    except Exception as exc:  # one bad page must never stop the run (a cancel or a full disk does)
+        end_page(job, doc_id, page, entry, done, exc)
+        return None
+    end_page(job, doc_id, page, entry, done)
+    return None
+
+
+def end_page(job: Job, doc_id: str, page: Dict[str, Any], entry: Dict[str, Any],
+             done: concurrent.futures.Future[Dict[str, Any]], exc: Optional[Exception] = None) -> None:
+    """The one way a page ends: a failure recorded in its entry and the summary (a cancel, or a
+    full disk, which stops the run, ends it as cancelled instead), counted as settled for the
+    progress line, journalled, and handed to `done`."""
+    stop = exc if isinstance(exc, Cancelled) else None
+    if exc is not None and stop is None:
+        try:
+            stop_on_disk_trouble(job, exc)
+        except Cancelled as halted:
+            stop = halted
+    job.recorder.settle()
+    if stop is not None:
+        done.set_exception(stop)
+        return
+    if exc is not None:
+        LOG.debug("page %s failed", page["id"], exc_info=exc)
         entry["status"] = "failed"
         entry["error"] = str(exc)
         job.recorder.fail("page", doc_id, page["id"], page.get("name"), exc)
-    finally:
-        job.recorder.settle()
     job.journal.saved(doc_id, "page", entry)
-    return entry
+    done.set_result(entry)
+
+
+def decide_page_later(job: Job, exports: ExportScheduler, doc_id: str, page: Dict[str, Any], stem: PurePosixPath,
+                      shown_tables: List[concurrent.futures.Future[Dict[str, Any]]],
+                      done: concurrent.futures.Future[Dict[str, Any]]) -> None:
+    """export_page on a pool worker, for a page whose decision may wait for its tables."""
+    export = export_page(job, doc_id, page, stem, shown_tables, done)
+    if export is not None:
+        exports.add([export])
 
 
 def hosted_tables(tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> Dict[str, Optional[str]]:
@@ -2486,6 +2726,12 @@ class DocWork:
         return self.entry
 
 
+def _cancel_with(done: concurrent.futures.Future[Any], task: concurrent.futures.Future[Any]) -> None:
+    """A pool task dropped by a cancel before it ran never ends its page: end the page too."""
+    if task.cancelled():
+        done.cancel()
+
+
 def _finished(futures: List[concurrent.futures.Future[Any]]) -> List[Any]:
     results = []
     for future in futures:
@@ -2510,11 +2756,14 @@ def doc_entry(doc: Dict[str, Any], folder: PurePosixPath) -> Dict[str, Any]:
     }
 
 
-def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor) -> DocWork:
+def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor,
+               exports: ExportScheduler) -> DocWork:
     """List a doc's pages and tables, save the lists, and queue every object.
 
-    A doc an earlier snapshot holds whole and unchanged is linked whole,
-    without a single request.
+    Pages go to the export scheduler as soon as they are listed, before the tables are (exports
+    are the long pole); a page an earlier snapshot holds waits on the pool instead, as its reuse
+    decision may need the outcome of the tables it shows. A doc an earlier snapshot holds whole
+    and unchanged is linked whole, without a single request.
     """
     doc_id = doc["id"]
     saved = job.index.docs.get(doc_id) if job.index is not None else None
@@ -2541,6 +2790,21 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
         job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
         return work
     entry["files"].append(job.write_json(folder / DOC_FILES["pages"], pages, "pages"))
+    stems = page_stems(pages)
+    fresh: List[PageExport] = []
+    later: List[Tuple[Dict[str, Any], PurePosixPath, concurrent.futures.Future[Dict[str, Any]]]] = []
+    for page in selected_pages(job.options, pages):
+        stem = job.paths.claim(folder / stems[page["id"]])
+        done: concurrent.futures.Future[Dict[str, Any]] = concurrent.futures.Future()
+        work.pages.append(done)
+        job.recorder.queue()
+        if job.index is not None and (doc_id, page["id"]) in job.index.pages:
+            later.append((page, stem, done))
+        else:
+            export = export_page(job, doc_id, page, stem, [], done)
+            if export is not None:
+                fresh.append(export)
+    exports.add(fresh)
     tables, table_problem = read_all(job.api.iter_tables(doc))
     job.recorder.listed.tables[doc_id] = listed_ids(tables, table_problem)
     entry["files"].append(job.write_json(folder / DOC_FILES["tables"], tables, "tables"))
@@ -2548,8 +2812,8 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
         if listing_problem is not None:
             entry.update(status="failed", error=str(listing_problem))
             job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), listing_problem)
-    # Tables go to the pool before pages: a page may wait for the tables it shows (see
-    # export_page), and the queue is first in, first out, so those are already running.
+    # Tables go to the pool before the pages that wait for them: a page may wait for the tables it
+    # shows (see export_page), and the queue is first in, first out, so those are already running.
     hosted: Dict[str, List[concurrent.futures.Future[Dict[str, Any]]]] = {}
     for table in selected_tables(job.options, doc, tables):
         stem = job.paths.claim(folder / table_stem(table))
@@ -2557,11 +2821,9 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor)
         future = pool.submit(export_table, job, doc_id, table, stem, doc.get("updatedAt"))
         work.tables.append(future)
         hosted.setdefault(_ref_id(table.get("parent")) or "", []).append(future)
-    stems = page_stems(pages)
-    for page in selected_pages(job.options, pages):
-        stem = job.paths.claim(folder / stems[page["id"]])
-        job.recorder.queue()
-        work.pages.append(pool.submit(export_page, job, doc_id, page, stem, hosted.get(page["id"], [])))
+    for page, stem, done in later:
+        task = pool.submit(decide_page_later, job, exports, doc_id, page, stem, hosted.get(page["id"], []), done)
+        task.add_done_callback(functools.partial(_cancel_with, done))
     if job.options.extras:
         work.extras.append(pool.submit(export_doc_extras, job, doc_id, folder))
     return work
@@ -4952,24 +5214,40 @@ def _fatal_message(action: str, exc: ApiError, token_source: str = "") -> str:
 
 
 def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """List docs one by one on this thread while a pool exports their pages and tables."""
+    """List docs a few at a time (DOC_LISTERS) while the export scheduler exports their pages and a
+    pool reads their tables; every thread's requests share the --concurrency bound."""
     works: List[DocWork] = []
-    with concurrent.futures.ThreadPoolExecutor(job.options.concurrency, thread_name_prefix="coda") as pool:
+    concurrency = job.options.concurrency
+    with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="coda") as pool, \
+            ExportScheduler(job.api.http, job.options) as exports, \
+            concurrent.futures.ThreadPoolExecutor(min(DOC_LISTERS, concurrency), thread_name_prefix="coda-list") \
+            as listers:
+        listed = [listers.submit(list_doc, job, doc, pool, exports) for doc in docs]
         try:
-            for doc in docs:
-                job.api.http.check_cancelled()
-                LOG.info("doc %s (%s)", printable(doc["id"]), printable(doc.get("name")))
-                try:
-                    works.append(backup_doc(job, doc, pool))
-                except Cancelled:
-                    raise
-                except Exception as exc:  # one bad doc must never stop the run (a full disk does)
-                    stop_on_disk_trouble(job, exc)
-                    LOG.debug("doc %s failed", doc["id"], exc_info=True)
-                    job.recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), exc)
-        except Cancelled:
+            for future in listed:
+                work = future.result()
+                if work is not None:
+                    works.append(work)
+        except (Cancelled, concurrent.futures.CancelledError):
+            listers.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
         return [work.finish() for work in works]
+
+
+def list_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor,
+             exports: ExportScheduler) -> Optional[DocWork]:
+    """backup_doc on a lister thread; None when the doc failed (recorded: the run goes on)."""
+    job.api.http.check_cancelled()
+    LOG.info("doc %s (%s)", printable(doc["id"]), printable(doc.get("name")))
+    try:
+        return backup_doc(job, doc, pool, exports)
+    except Cancelled:
+        raise
+    except Exception as exc:  # one bad doc must never stop the run (a full disk does)
+        stop_on_disk_trouble(job, exc)
+        LOG.debug("doc %s failed", doc["id"], exc_info=True)
+        job.recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), exc)
+        return None
 
 
 def dry_run(options: Options, credentials: Credentials) -> int:

@@ -1,13 +1,13 @@
 """--concurrency bounds the requests in flight, really runs them in parallel, and pacing avoids 429s.
 
-The bound, from coda_backup.py: `back_up_docs` lists each doc's pages and tables on the main thread
-while a pool of N workers exports the docs already listed, so N + 1 threads may want the network
-at once. They all share one `HttpClient`, which holds a `BoundedSemaphore(N)` (N = --concurrency)
-around every request on the wire, whichever thread sends it, downloads included. So the main
-thread does not add one: the fake (which counts API-host requests from the moment it has read one
+The bound, from coda_backup.py: `back_up_docs` lists docs on a few lister threads, page exports
+run on the export scheduler's threads and a pool of N workers reads the tables, so many more than N
+threads may want the network at once. They all share one `HttpClient`, which holds a
+`BoundedSemaphore(N)` (N = --concurrency) around every request on the wire, whichever thread sends
+it, downloads included: the fake (which counts API-host requests from the moment it has read one
 until its reply is ready) must never see more than N in flight. The workspaces below have two docs
-so that the main thread lists the second doc while workers are busy with the first: that is when
-an N + 1 would show.
+so that the second doc is listed while workers are busy with the first: that is when an N + 1
+would show.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 import unittest
 from pathlib import Path
 from typing import Any, Callable, Dict
@@ -225,19 +226,20 @@ class ResumeTest(ReuseCase):
                 self.assertEqual(self.summary(resumed)["status"], "completed")
                 self.assertFalse((resumed / coda_backup.JOURNAL_NAME).exists(), "the journal outlived the run")
 
-    def interrupt_at_the_last_export(self, page: Any, signum: int) -> Path:
-        """A full run as its own process with one worker, which works through the queue in order
-        (Beta's Home page is the last object); the fake holds that export until the signal."""
+    def interrupt_at_the_last_export(self, page: Any, signum: int, others: int = 7) -> Path:
+        """A full run as its own process; the fake holds the export of `page` until the signal,
+        which comes once the run's journal holds every `others` object (the rest of the workspace)."""
         hold = self.fake.hold(rf"/pages/{page.id}/export$", method="POST")
         self.addCleanup(hold.release)
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
         env.pop("CODA_API_URL", None)
         proc = subprocess.Popen(
             [sys.executable, str(Path(coda_backup.__file__).resolve()), "--output", str(self.out),
-             "--api-url", self.fake.api_url, *FAST_FLAGS, "--no-extras", "--concurrency", "1"],
+             "--api-url", self.fake.api_url, *FAST_FLAGS, "--no-extras", "--concurrency", "2"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
         self.assertTrue(hold.reached.wait(20), "the run never asked for the last export")
+        self.assertTrue(self.journal_holds(others), "the run never saved the rest of the workspace")
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=20)
         self.assertEqual(proc.returncode, 130 if signum == signal.SIGINT else -signal.SIGKILL,
@@ -246,6 +248,17 @@ class ResumeTest(ReuseCase):
         [interrupted] = self.snapshots()
         self.assertIsNone(coda_backup.read_latest(self.out), "an interrupted run never becomes latest")
         return interrupted
+
+    def journal_holds(self, objects: int, within: float = 20.0) -> bool:
+        """Wait until the one running snapshot's journal lists this many saved pages and tables."""
+        ends = time.monotonic() + within
+        while time.monotonic() < ends:
+            journals = list(self.out.glob(f"*/{coda_backup.JOURNAL_NAME}"))
+            lines = journals[0].read_bytes().count(b'"kind":') if journals else 0
+            if lines >= objects:
+                return True
+            time.sleep(0.02)
+        return False
 
     def test_after_a_failed_run_and_past_a_damaged_manifest(self) -> None:
         ws = build_small_workspace(self.fake)

@@ -59,8 +59,11 @@ class ConnectionTest(BackupTestCase):
         api = self.fake.requests()
         ports = {record.client_port for record in api}
         self.assertGreater(len(api), 20)
-        # two workers and the listing thread, each with one persistent connection
-        self.assertLessEqual(len(ports), 3, f"{len(api)} requests over {len(ports)} connections")
+        # every thread that sends requests keeps one persistent connection: two pool workers, the
+        # export workers and two doc listers (at most --concurrency of them)
+        threads = 2 + coda_backup.EXPORT_WORKERS + min(coda_backup.DOC_LISTERS, 2)
+        self.assertLessEqual(len(ports), threads, f"{len(api)} requests over {len(ports)} connections")
+        self.assertGreater(len(api), 2 * len(ports), "hardly any connection was used twice")
 
     def test_user_agent_names_the_tool_and_version(self) -> None:
         small_workspace(self.fake)

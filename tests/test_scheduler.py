@@ -1,0 +1,109 @@
+"""The scheduling rules of page exports (issue 15): which step goes next when both rate budgets have
+room, when one is empty and when a poll is due; how the first poll is timed; and, end to end, that
+an export that is rendering holds no worker."""
+
+from __future__ import annotations
+
+import math
+import unittest
+
+from support import BackupTestCase, coda_backup
+
+INF = math.inf
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class NextExportStepTest(unittest.TestCase):
+    def test_rules(self) -> None:
+        now = 50.0
+        # (case, starts waiting, write budget delay, next poll due) -> (step, wait)
+        cases = [
+            ("both budgets have room: the start goes first", True, 0.0, now - 1.0, ("start", 0.0)),
+            ("a start waits, no poll", True, 0.0, None, ("start", 0.0)),
+            ("write budget empty, a poll is due: the poll", True, 2.0, now, ("poll", 0.0)),
+            ("nothing to start, a poll is due", False, 0.0, now - 0.1, ("poll", 0.0)),
+            ("write budget empty, the poll later: wait for the write slot", True, 0.3, now + 0.5, ("wait", 0.3)),
+            ("write budget empty, the poll sooner: wait for the poll", True, 2.0, now + 0.5, ("wait", 0.5)),
+            ("nothing to start, the poll later", False, 0.0, now + 1.5, ("wait", 1.5)),
+            ("write budget empty, no poll", True, 4.0, None, ("wait", 4.0)),
+            ("no work at all: sleep until some comes", False, 0.0, None, ("wait", INF)),
+        ]
+        for case, starts, write_delay, poll, expected in cases:
+            with self.subTest(case):
+                step, wait = coda_backup.next_export_step(now, starts, write_delay, poll)
+                self.assertEqual(step, expected[0])
+                self.assertAlmostEqual(wait, expected[1])
+
+
+class RenderTimesTest(unittest.TestCase):
+    def test_first_poll_follows_the_render_times_seen(self) -> None:
+        # (samples as (found done after, found rendering after), expected first-poll delay)
+        cases = [
+            ("nothing seen yet: the first guess (--poll-interval)", [], 1.0),
+            ("rendering at 1.0, done at 2.0: the midpoint", [(2.0, 1.0)], 1.5),
+            ("done at the first poll: a little earlier next time", [(1.5, None)], 1.35),
+            ("the median of the recent samples", [(2.0, 1.0), (3.0, 2.0), (20.0, 19.0)], 2.5),
+        ]
+        for case, samples, expected in cases:
+            with self.subTest(case):
+                render = coda_backup.RenderTimes(1.0)
+                for after, rendering_after in samples:
+                    render.done(after, rendering_after)
+                self.assertAlmostEqual(render.expected(), expected)
+
+    def test_only_recent_samples_count(self) -> None:
+        render = coda_backup.RenderTimes(1.0)
+        for _ in range(coda_backup.RENDER_SAMPLES):
+            render.done(10.0, 9.0)
+        for _ in range(coda_backup.RENDER_SAMPLES):
+            render.done(2.0, 1.0)
+        self.assertAlmostEqual(render.expected(), 1.5)
+
+
+class BudgetDelayTest(unittest.TestCase):
+    def test_delay_says_when_the_budget_has_room_and_claims_nothing(self) -> None:
+        clock = Clock()
+        limiter = coda_backup.RateLimiter(2, 6.0, clock)
+        self.assertEqual(limiter.delay(), 0.0)
+        self.assertEqual(limiter.delay(), 0.0)  # asking twice claimed nothing
+        limiter.reserve()
+        limiter.reserve()
+        window = 6.0 * coda_backup.RATE_WINDOW_MARGIN
+        self.assertAlmostEqual(limiter.delay(), window)  # empty: room again one window after the first
+        clock.now += 1.0
+        self.assertAlmostEqual(limiter.delay(), window - 1.0)
+        self.assertAlmostEqual(limiter.reserve(), window - 1.0)  # and reserve agrees
+
+
+class RenderingHoldsNoWorkerTest(BackupTestCase):
+    def test_exports_render_while_the_one_worker_reads_tables(self) -> None:
+        # One request in flight at a time, four exports that each render for 0.5 s: a worker that
+        # waited for each render would start one export, download it, then start the next. Every
+        # export must start before the first one is downloaded, and the tables be read meanwhile.
+        doc = self.fake.add_doc("Renders")
+        pages = [doc.add_page(f"Page {number}", content=f"# Page {number}\n") for number in range(4)]
+        for number in range(2):
+            doc.add_table(f"Table {number}", columns=["Name"], parent_page=pages[number],
+                          rows=[{"Name": "row"}])
+        self.fake.export_delay = 0.5
+        code = self.run_backup("--concurrency", "1", "--no-extras", "--poll-interval", "0.1")
+        self.assertEqual(code, 0, self.stderr)
+        self.assertEqual(self.fake.max_in_flight, 1)
+        log = self.fake.requests(host=None)
+        posts = [index for index, record in enumerate(log) if record.method == "POST"]
+        downloads = [index for index, record in enumerate(log) if record.host == "download"]
+        rows = [index for index, record in enumerate(log) if record.path.endswith("/rows")]
+        self.assertEqual((len(posts), len(downloads), len(rows)), (4, 4, 2))
+        self.assertLess(max(posts), min(downloads), "an export waited for another to render")
+        self.assertLess(max(rows), min(downloads), "the worker sat out a render instead of reading tables")
+
+
+if __name__ == "__main__":
+    unittest.main()
