@@ -14,10 +14,11 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 import unittest
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List
 
 from test_incremental import IncrementalTestCase, build_small_workspace, flip_one_byte, manifest_entries
 
@@ -203,7 +204,7 @@ class ResumeTest(ReuseCase):
         for signum, status in ((signal.SIGINT, "cancelled"), (signal.SIGKILL, "abandoned")):
             with self.subTest(signal=signum.name):
                 self.out = self.out.parent / signum.name
-                interrupted = self.interrupt_at_the_last_export(ws.home, signum)
+                interrupted = self.interrupt_at_the_last_export(ws.home, signum, saved_objects)
                 if signum == signal.SIGKILL:  # no manifest.json: the journal says what was saved
                     self.assertFalse((interrupted / "manifest.json").exists())
                 self.fake.clear_log()
@@ -226,9 +227,9 @@ class ResumeTest(ReuseCase):
                 self.assertEqual(self.summary(resumed)["status"], "completed")
                 self.assertFalse((resumed / coda_backup.JOURNAL_NAME).exists(), "the journal outlived the run")
 
-    def interrupt_at_the_last_export(self, page: Any, signum: int, others: int = 7) -> Path:
+    def interrupt_at_the_last_export(self, page: Any, signum: int, others: List[Any]) -> Path:
         """A full run as its own process; the fake holds the export of `page` until the signal,
-        which comes once the run's journal holds every `others` object (the rest of the workspace)."""
+        which comes once the run's journal holds the `others` (the rest of the workspace)."""
         hold = self.fake.hold(rf"/pages/{page.id}/export$", method="POST")
         self.addCleanup(hold.release)
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
@@ -239,7 +240,7 @@ class ResumeTest(ReuseCase):
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
         self.assertTrue(hold.reached.wait(20), "the run never asked for the last export")
-        self.assertTrue(self.journal_holds(others), "the run never saved the rest of the workspace")
+        self.assertTrue(self.journal_holds_ids([obj.id for obj in others]), "the run never saved the rest")
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=20)
         self.assertEqual(proc.returncode, 130 if signum == signal.SIGINT else -signal.SIGKILL,
@@ -249,27 +250,37 @@ class ResumeTest(ReuseCase):
         self.assertIsNone(coda_backup.read_latest(self.out), "an interrupted run never becomes latest")
         return interrupted
 
-    def journal_holds(self, objects: int, within: float = 20.0) -> bool:
-        """Wait until the one running snapshot's journal lists this many saved pages and tables."""
+    def journal_holds_ids(self, ids: List[str], within: float = 20.0) -> bool:
+        """Wait until the one running snapshot's journal lists these objects as saved."""
         ends = time.monotonic() + within
         while time.monotonic() < ends:
             journals = list(self.out.glob(f"*/{coda_backup.JOURNAL_NAME}"))
-            lines = journals[0].read_bytes().count(b'"kind":') if journals else 0
-            if lines >= objects:
+            text = journals[0].read_text(encoding="utf-8") if journals else ""
+            if all(f'"id":"{object_id}"' in text for object_id in ids):
                 return True
             time.sleep(0.02)
         return False
 
     def test_after_a_failed_run_and_past_a_damaged_manifest(self) -> None:
         ws = build_small_workspace(self.fake)
-        # One worker takes the queue in order: Alpha's tables, Overview, Details, then Scratch,
-        # whose export the API never answers: it is lost for good, and the run ends `failed`.
-        def lose_after_details(request: Any, reply: Any) -> None:
-            if request.method == "POST" and request.path == self.export_path(ws.scratch):
-                self.fake.lose_api()
-        self.fake.after_api.append(lose_after_details)
-        self.run_backup("--no-extras", "--concurrency", "1", "--max-retries", "1")
-        self.fake.after_api.remove(lose_after_details)
+        # The fake holds the exports of Scratch and Home until Alpha's tables, Overview and Details
+        # are saved; then the API is lost for good (neither export ever finishes: two requests go
+        # unanswered), and the run ends `failed`.
+        holds = [self.fake.hold(self.export_path(page) + "$", method="POST") for page in (ws.scratch, ws.home)]
+        for hold in holds:
+            self.addCleanup(hold.release)
+
+        def lose_once_the_rest_is_saved() -> None:
+            if all(hold.reached.wait(20) for hold in holds):
+                self.journal_holds_ids([ws.items.id, ws.open_items.id, ws.plain.id, ws.overview.id, ws.details.id])
+            self.fake.lose_api()
+            for hold in holds:
+                hold.release()
+
+        loser = threading.Thread(target=lose_once_the_rest_is_saved)
+        loser.start()
+        self.run_backup("--no-extras", "--concurrency", "3", "--max-retries", "1")
+        loser.join()
         self.fake.api_lost = False  # the API is back the next night
         [failed] = self.snapshots()
         self.assertEqual(self.summary(failed)["status"], "failed", self.stderr)
