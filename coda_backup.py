@@ -4477,6 +4477,7 @@ class SnapshotRecord:
     name: str
     time: dt.datetime
     status: str
+    selection: str = ""  # the docs its run backed up (selection_key): rules count within one selection
 
 
 @dataclass(frozen=True)
@@ -4509,35 +4510,31 @@ def plan_retention(records: List[SnapshotRecord], policy: RetentionPolicy, lates
     --keep-daily/weekly/monthly N keep the newest of each of the last N days, ISO weeks or
     months that have one; --keep-within D keeps those less than D days older than the newest
     completed snapshot (not than now: a backup that stopped running is not pruned away). The
-    union is kept. `latest`, running snapshots and `protected` ones (name -> reason) are never
+    union is kept. Like restic's grouping by paths, the rules count within each `selection`
+    (the docs a run backed up): a one-off `--doc X` run never pushes out the last snapshot of
+    the other docs. `latest`, running snapshots and `protected` ones (name -> reason) are never
     deleted. An unfinished snapshot (errors, failed, cancelled) newer than the oldest one kept
-    stays too: nights with errors never cost the good snapshots around them, and when nothing
-    completed at all, nothing goes.
+    (of its selection) stays too: nights with errors never cost the good snapshots around
+    them, and when nothing completed at all, nothing goes.
     """
     protected = protected or {}
     ordered = sorted(records, key=lambda record: (record.time, snapshot_key(Path(record.name))), reverse=True)
-    completed = [record for record in ordered if record.status == "completed"]
     reasons: Dict[str, List[str]] = {record.name: [] for record in ordered}
-    for record in completed[:policy.last or 0]:
-        reasons[record.name].append("last")
-    for label, bucket_of in _BUCKETS:
-        wanted = getattr(policy, label) or 0
-        seen: set[Tuple[int, ...]] = set()
-        for record in completed:
-            bucket = bucket_of(record.time)
-            if bucket not in seen and len(seen) < wanted:
-                reasons[record.name].append(label)
-            seen.add(bucket)
-    if policy.within_days is not None and completed:
-        since = completed[0].time - dt.timedelta(days=policy.within_days)
-        for record in completed:
-            if record.time > since:
-                reasons[record.name].append("within")
-    kept_times = [record.time for record in completed if reasons[record.name]]
-    oldest_kept = min(kept_times) if kept_times else None
+    selections: Dict[str, List[SnapshotRecord]] = {}
+    for record in ordered:
+        if record.status == "completed":
+            selections.setdefault(record.selection, []).append(record)
+    for completed in selections.values():
+        _apply_rules(completed, policy, reasons)
+    oldest: Dict[str, dt.datetime] = {}
+    for selection, completed in selections.items():
+        kept_times = [record.time for record in completed if reasons[record.name]]
+        if kept_times:
+            oldest[selection] = min(kept_times)
     decisions = []
     for record in ordered:
         why = reasons[record.name]
+        oldest_kept = oldest.get(record.selection, min(oldest.values(), default=None))
         if record.name == latest:
             why.append("latest")
         if record.status == "running":
@@ -4556,13 +4553,36 @@ def plan_retention(records: List[SnapshotRecord], policy: RetentionPolicy, lates
     return decisions
 
 
+def _apply_rules(completed: List[SnapshotRecord], policy: RetentionPolicy, reasons: Dict[str, List[str]]) -> None:
+    """The keep rules over the completed snapshots of one selection, newest first."""
+    for record in completed[:policy.last or 0]:
+        reasons[record.name].append("last")
+    for label, bucket_of in _BUCKETS:
+        wanted = getattr(policy, label) or 0
+        seen: set[Tuple[int, ...]] = set()
+        for record in completed:
+            bucket = bucket_of(record.time)
+            if bucket not in seen and len(seen) < wanted:
+                reasons[record.name].append(label)
+            seen.add(bucket)
+    if policy.within_days is not None and completed:
+        since = completed[0].time - dt.timedelta(days=policy.within_days)
+        for record in completed:
+            if record.time > since:
+                reasons[record.name].append("within")
+
+
 def retention_records(output: Path) -> List[SnapshotRecord]:
-    """Every snapshot folder whose name is a valid time, with the status its summary gives."""
+    """Every snapshot folder whose name is a valid time, with the status its summary gives and
+    the doc selection its manifest records ("?" when it has none that can be read)."""
     records = []
     for folder in snapshot_folders(output):
         moment = snapshot_time(folder.name)
         if moment is not None:
-            records.append(SnapshotRecord(folder.name, moment, str(read_summary(folder).get("status", "unknown"))))
+            options = _mapping(load_manifest(folder)).get("options")
+            selection = json.dumps(selection_key_of(options), sort_keys=True) if isinstance(options, dict) else "?"
+            records.append(SnapshotRecord(folder.name, moment, str(read_summary(folder).get("status", "unknown")),
+                                          selection))
     return records
 
 

@@ -200,7 +200,8 @@ class HistoryRunsTest(BackupTestCase):
         self.assertEqual(self.cli("--list-runs", "--keep-last", "1", output=out), 0, self.stderr)
         lines = {line.split()[0]: line for line in self.stdout.splitlines() if line[:1].isdigit()}
         self.assertTrue(lines[names[2]].endswith("keep (last, latest)"), lines[names[2]])
-        self.assertTrue(lines[names[1]].endswith("delete (no rule keeps it)"), lines[names[1]])
+        self.assertTrue(lines[names[1]].endswith("keep (last)"), "S3 left Alpha out: S2 is the newest snapshot of "
+                        f"every doc, and the only copy of Alpha: {lines[names[1]]}")
         self.assertRegex(lines[names[0]], r"keep \(newest copy of .*Beta Wiki.*--keep-vanished 90\)\)$",
                          "S1 holds the last copy of Beta: --keep-vanished protects it")
 
@@ -220,9 +221,9 @@ class HistoryRunsTest(BackupTestCase):
             self.assertEqual(code, 2, "--config needs tomllib")
 
         self.assertEqual(self.cli("--prune", "--keep-last", "1", output=out), 0, self.stderr)
-        self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], [names[0], names[2]])
+        self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], names)
         self.assertEqual(self.cli("--prune", "--keep-last", "1", *no_vanished_rule, output=out), 0, self.stderr)
-        self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], [names[2]])
+        self.assertEqual([p.name for p in coda_backup.snapshot_folders(out)], names[1:])
         with coda_backup.RunLock(out):
             self.assertEqual(self.cli("--prune", "--keep-last", "1", output=out), 4, "--prune takes the lock")
         self.assertEqual(self.cli("--prune", output=out), 2, "--prune without a rule")
@@ -232,9 +233,9 @@ class HistoryRunsTest(BackupTestCase):
 # --- the retention planner ---------------------------------------------------------------------
 
 
-def record(moment: str, status: str = "completed") -> SnapshotRecord:
+def record(moment: str, status: str = "completed", selection: str = "") -> SnapshotRecord:
     time = dt.datetime.strptime(moment, "%Y-%m-%d %H:%M").replace(tzinfo=dt.timezone.utc)
-    return SnapshotRecord(time.strftime(coda_backup.SNAPSHOT_TIME_FORMAT), time, status)
+    return SnapshotRecord(time.strftime(coda_backup.SNAPSHOT_TIME_FORMAT), time, status, selection)
 
 
 def kept(records: List[SnapshotRecord], policy: RetentionPolicy, latest: Optional[str] = None,
@@ -302,6 +303,30 @@ class RetentionPlannerTest(unittest.TestCase):
         self.assertEqual([(d.name[:13], d.reasons) for d in plan if not d.keep],
                          [("2026-03-02T02", ("failed, older than the oldest kept snapshot",)),
                           ("2026-03-01T02", ("no rule keeps it",))])
+
+    def test_rules_count_within_one_doc_selection(self) -> None:
+        """A one-off `--doc X` run is the newest completed snapshot, but it holds one doc: the
+        nightly snapshots of all docs must not be pushed out by it (restic groups by paths)."""
+        runs = [record("2026-03-01 02:00"), record("2026-03-02 02:00"), record("2026-03-02 11:00", selection="X"),
+                record("2026-03-02 12:00", "failed", selection="X"), record("2026-03-02 13:00", "failed")]
+        cases = [
+            ("last 1", RetentionPolicy(last=1),
+             [("2026-03-02T13", ("failed, newer than the oldest kept snapshot",)),
+              ("2026-03-02T12", ("failed, newer than the oldest kept snapshot",)),
+              ("2026-03-02T11", ("last",)), ("2026-03-02T02", ("last",))]),
+            ("daily 1: the nightly is the newest of its day in its selection", RetentionPolicy(daily=1),
+             [("2026-03-02T13", ("failed, newer than the oldest kept snapshot",)),
+              ("2026-03-02T12", ("failed, newer than the oldest kept snapshot",)),
+              ("2026-03-02T11", ("daily",)), ("2026-03-02T02", ("daily",))]),
+        ]
+        for label, policy, expected in cases:
+            with self.subTest(label):
+                self.assertEqual(kept(runs, policy), expected)
+        old_failure = [record("2026-03-01 02:00", "failed"), record("2026-03-02 02:00"),
+                       record("2026-03-02 11:00", selection="X")]
+        self.assertEqual(kept(old_failure, RetentionPolicy(last=1)),
+                         [("2026-03-02T11", ("last",)), ("2026-03-02T02", ("last",))],
+                         "an unfinished snapshot is judged against the oldest kept of its own selection")
 
 
 if __name__ == "__main__":
