@@ -5756,6 +5756,26 @@ def last_run_record(run: RunState, outcome: Outcome) -> Dict[str, Any]:
     }
 
 
+def record_run_that_never_started(options: Options, started: dt.datetime, code: int, error: str, secret: str,
+                                  ping: bool = False) -> None:
+    """DIR/last-run.json (and, with `ping`, the end ping) for a backup that ended before it took
+    the lock: no token (a cron job without the variable is the classic), or another run holding
+    the folder. A monitor sees that night's failure at once instead of yesterday's success.
+    Only into an output folder that already exists: a usage error never creates one."""
+    record = {"snapshot": None, "status": "failed", "exit_code": code, "error": one_line(error, secret),
+              "started_at": iso(started), "finished_at": iso(utc_now()), "counts": RunRecorder().as_counts(),
+              "vanished": 0}
+    pinger = Pinger.for_options(options, secret) if ping else None
+    if pinger is not None:
+        pinger.finish(code, record)
+    if not options.output.is_dir():
+        return
+    try:
+        write_json_atomic(options.output / LAST_RUN_NAME, record)
+    except OSError as exc:
+        LOG.error("cannot write %s: %s", options.output / LAST_RUN_NAME, exc)
+
+
 def write_last_run(run: RunState, outcome: Outcome) -> None:
     """Rewrite DIR/last-run.json atomically; a disk that refuses even this is only logged."""
     try:
@@ -6363,12 +6383,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.prune:
             return flushed(run_prune(args.output, retention_from_args(args), args.keep_vanished, args.dry_run))
         options = options_from_args(args)
-        credentials = read_token(args.token_file)
+        started = utc_now()
+        try:
+            credentials = read_token(args.token_file)
+        except ConfigError as exc:
+            if not args.dry_run:
+                record_run_that_never_started(options, started, EXIT_USAGE, str(exc), secret, ping=True)
+            raise
         for handler in handlers:
             handler.setFormatter(RedactingFormatter(credentials.token, LOG_FORMAT))
         if args.dry_run:
             return flushed(dry_run(options, credentials))
-        return run_with_pings(options, credentials, status_line)
+        try:
+            return run_with_pings(options, credentials, status_line)
+        except LockedError as exc:  # run_with_pings has pinged
+            record_run_that_never_started(options, started, EXIT_LOCKED, str(exc), credentials.token)
+            raise
     except ConfigError as exc:
         print(f"coda-backup: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import coda_backup
 from coda_backup import ConnectionBreaker, Halt, RunFacts, decide_outcome
+from fake_coda import PingReceiver
 from support import FAST_FLAGS, TOKEN, BackupTestCase, read_json, tree_bytes
 
 SCRIPT = Path(coda_backup.__file__).resolve()
@@ -266,6 +267,31 @@ class OutcomeTest(BadNightCase):
         self.assertEqual(self.manifest(snapshot)["status"], "completed_with_errors")
         last = self.last_run()
         self.assertEqual((last["status"], last["exit_code"], last["error"]), ("completed_with_errors", 1, None))
+
+    def test_a_run_that_never_took_the_lock_still_writes_last_run(self) -> None:
+        """No token (cron without the variable) or a folder locked by another run: the monitor
+        sees that night's failure, not the success before it."""
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        self.set_env("CODA_API_TOKEN", None)
+        with PingReceiver() as receiver:
+            self.assertEqual(self.run_backup("--no-extras", "--ping-url", receiver.url), 2)
+        last = self.last_run()
+        self.assertEqual((last["snapshot"], last["status"], last["exit_code"]), (None, "failed", 2))
+        self.assertIn("no API token", last["error"])
+        self.assertEqual([ping.path.rsplit("/", 1)[-1] for ping in receiver.pings], ["2"])
+        self.assertIn("no API token", receiver.pings[0].body)
+        self.set_env("CODA_API_TOKEN", TOKEN)
+        with coda_backup.RunLock(self.out):
+            self.assertEqual(self.run_backup("--no-extras"), 4)
+        last = self.last_run()
+        self.assertEqual((last["snapshot"], last["status"], last["exit_code"]), (None, "failed", 4))
+        self.assertIn("holds", last["error"])
+        self.assertNotIn(TOKEN, json.dumps(last))
+        self.assertEqual(len(self.snapshots()), 1, "only the first night made a snapshot")
+        missing = self.out.parent / "never-made"
+        self.set_env("CODA_API_TOKEN", None)
+        self.assertEqual(self.run_backup("--no-extras", output=missing), 2)
+        self.assertFalse(missing.exists(), "a usage error creates no output folder")
 
     def test_what_went_to_stderr_reaches_summary_warnings(self) -> None:
         spare = self.out.parent / "token.txt"
