@@ -5511,7 +5511,11 @@ def run_backup(options: Options, credentials: Credentials, status_line: Optional
                 run.fatal = f"the run stopped: {exc}"
         halt = run_halt(run, http, asset_http, received)
         if halt is None and run.fatal is None and not cancel.is_set() and run.snapshot is not None:
-            check_vanished(options, recorder, run.started)  # a tripped guard is a `vanished` failure
+            try:
+                check_vanished(options, recorder, run.started)  # a tripped guard is a `vanished` failure
+            except Exception as exc:  # a bug must not skip end_run; without the check nothing is pruned
+                LOG.debug("vanished check failed", exc_info=True)
+                recorder.fail("run", None, None, "vanished check", exc)
         return end_run(run, halt, received)
 
 
