@@ -3936,8 +3936,9 @@ def check_vanished(options: Options, recorder: RunRecorder, now: dt.datetime) ->
     kind `vanished`, and must neither become latest nor prune.
     """
     latest = read_latest(options.output)
-    before = read_known_snapshot(latest) if latest is not None else None
-    if before is None:
+    baseline = vanished_baseline(options.output, options, latest)
+    before = read_known_snapshot(baseline) if baseline is not None else None
+    if latest is None or before is None:
         return False
     report = find_vanished(before, recorder.listed, options)
     recorder.vanished = list(report.entries)
@@ -3953,9 +3954,33 @@ def check_vanished(options: Options, recorder: RunRecorder, now: dt.datetime) ->
         LOG.warning("%s; accepted by --allow-vanished", reason)
         return False
     recorder.fail("vanished", None, None, "deletion guard",
-                  f"{reason}; latest stays at {before.name}, nothing is pruned "
+                  f"{reason}; latest stays at {latest.name}, nothing is pruned "
                   "(run again with --allow-vanished to accept the deletions)")
     return True
+
+
+def vanished_baseline(output: Path, options: Options, latest: Optional[Path]) -> Optional[Path]:
+    """The snapshot a run's listings are compared with: `latest`, unless latest backed up other
+    docs than this run does (a one-off --doc run) while an earlier snapshot of this run's own
+    selection could have become latest (it finished and the guard did not hold it back): then
+    that one. Against the narrower latest, a nightly run would see nothing vanish from the docs
+    it left out, and the deletion guard would never trip."""
+    mine = selection_key(options)
+    if latest is None or _selection_of(latest) in (mine, None):
+        return latest
+    for folder in reversed(snapshot_folders(output)):
+        summary = read_summary(folder)
+        failures = summary.get("failures") if isinstance(summary.get("failures"), list) else []
+        if (summary.get("status") in FINISHED_STATUSES and _selection_of(folder) == mine
+                and not any(isinstance(f, dict) and f.get("kind") == "vanished" for f in failures)):
+            return folder
+    return latest
+
+
+def _selection_of(snapshot: Path) -> Optional[Dict[str, Any]]:
+    """The doc selection a snapshot's manifest records (see selection_key), or None."""
+    options = _mapping(load_manifest(snapshot)).get("options")
+    return selection_key_of(options) if isinstance(options, dict) else None
 
 
 def log_vanished(report: VanishedReport) -> None:

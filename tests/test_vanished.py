@@ -321,6 +321,24 @@ class VanishedRunTest(BackupTestCase):
         self.night("--incremental", "--keep", "1", "--keep-vanished", "0")
         self.assertFalse(first.exists())
 
+    def test_a_one_off_doc_run_does_not_blind_the_nightly_run(self) -> None:
+        """After `--doc Beta` became latest, the next full night is compared with the last full
+        snapshot, not with latest (which knows nothing of Gamma and Delta): the guard trips."""
+        full = self.night()
+        one_off = self.night("--doc", "Beta")
+        self.assertEqual(self.latest(), one_off)
+        self.fake.remove_doc(self.ws.gamma)
+        self.fake.remove_doc(self.ws.delta)  # 2 of 4 docs
+
+        guarded = self.night("--incremental", expect=1)
+        summary = self.summary(guarded)
+        self.assertEqual([e["id"] for e in summary["vanished"]], [self.ws.gamma.id, self.ws.delta.id])
+        failure, = summary["failures"]
+        self.assertEqual(failure["kind"], "vanished")
+        self.assertIn(f"since snapshot {full.name}", failure["error"])
+        self.assertIn(f"latest stays at {one_off.name}", failure["error"])
+        self.assertEqual(self.latest(), one_off)
+
     def check_usage(self, *flags: str) -> None:
         self.assertEqual(self.run_backup(*flags), 2)
         self.assertEqual(len(self.stderr.strip().splitlines()), 1, self.stderr)
