@@ -3970,9 +3970,8 @@ def vanished_baseline(output: Path, options: Options, latest: Optional[Path]) ->
         return latest
     for folder in reversed(snapshot_folders(output)):
         summary = read_summary(folder)
-        failures = summary.get("failures") if isinstance(summary.get("failures"), list) else []
-        if (summary.get("status") in FINISHED_STATUSES and _selection_of(folder) == mine
-                and not any(isinstance(f, dict) and f.get("kind") == "vanished" for f in failures)):
+        held = any(failure.get("kind") == "vanished" for failure in _entries(summary.get("failures")))
+        if summary.get("status") in FINISHED_STATUSES and not held and _selection_of(folder) == mine:
             return folder
     return latest
 
