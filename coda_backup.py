@@ -135,7 +135,7 @@ DEFAULT_RATE_LIMITS: Dict[str, Tuple[int, float]] = {
     "write": (10, 6.0),
     "list_docs": (4, 6.0),
 }
-RATE_WINDOW_MARGIN = 1.05  # pace against a slightly longer window: clocks and transit differ
+RATE_WINDOW_MARGIN = 1.02  # pace against a slightly longer window: transit times differ
 RATE_RECOVERY_WINDOWS = 5.0  # after a 429, climb back to the full rate over this many windows
 MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
@@ -148,6 +148,7 @@ DEFAULT_CONCURRENCY = 8
 # doc never holds up the exports of the docs listed before it.
 EXPORT_WORKERS = 4
 DOC_LISTERS = 4
+ITEM_WORKERS = 4  # formulas and controls are fetched one request each: in parallel, not as one long chain
 RENDER_SAMPLES = 15  # recent render times that time an export's first status poll
 IDLE_WAKE = 0.25  # an idle export worker looks at the cancel flag at least this often
 
@@ -332,11 +333,31 @@ class RateLimiter:
 
     def reserve(self) -> float:
         """Claim the next start slot; return how long to wait before using it."""
+        return self.take()[1]
+
+    def take(self) -> Tuple[float, float]:
+        """Claim the next start slot; return it and how long to wait before using it."""
         with self._lock:
             now = self._clock()
             at = self._next_slot(now)
             self._starts.append(at)
-            return max(0.0, at - now)
+            return at, max(0.0, at - now)
+
+    def started(self, slot: float, at: float) -> None:
+        """The request given `slot` went out only at `at` (it waited for a connection, or for the
+        CPU): count it from then, so that the windows the server sees hold what pacing thinks, and
+        the margin need only cover the network."""
+        if at <= slot:
+            return
+        with self._lock:
+            try:
+                self._starts.remove(slot)
+            except ValueError:
+                return  # long out of the window already
+            index = len(self._starts)
+            while index > 0 and self._starts[index - 1] > at:
+                index -= 1
+            self._starts.insert(index, at)
 
     def delay(self) -> float:
         """How long a reserve() now would wait, claiming nothing: 0 while the budget has room."""
@@ -558,9 +579,13 @@ class HttpClient:
         return limiter.delay() if limiter else 0.0
 
     def claim_slot(self, category: str) -> float:
-        """Take the next start slot of a category for a request sent soon; return its wait."""
+        """Take the next start slot of a category for a request this thread sends soon; return its wait."""
         limiter = self._limiters.get(category)
-        return limiter.reserve() if limiter else 0.0
+        if limiter is None:
+            return 0.0
+        slot, delay = limiter.take()
+        self._local.slot = (limiter, slot)
+        return delay
 
     def download(self, url: str, deadline: Optional[float] = None) -> bytes:
         """GET a presigned storage URL without credentials, following redirects.
@@ -735,10 +760,18 @@ class HttpClient:
     def _pace(self, category: str) -> None:
         limiter = self._limiters.get(category)
         if limiter:
-            delay = limiter.reserve()
+            slot, delay = limiter.take()
+            self._local.slot = (limiter, slot)
             if delay > 0:
                 with self.stats.pacing(category):
                     self.sleep(delay)
+
+    def _sending(self) -> None:
+        """Tell the limiter when the request this thread was paced for really goes out."""
+        paced = self._local.__dict__.pop("slot", None)
+        if paced is not None:
+            limiter, slot = paced
+            limiter.started(slot, time.monotonic())
 
     def sleep(self, seconds: float) -> None:
         """Sleep that ends early, with Cancelled, when the run is cancelled."""
@@ -779,6 +812,7 @@ class HttpClient:
         try:
             with self._in_flight:
                 self.check_cancelled()
+                self._sending()
                 conn.request(method, target, body=body, headers=headers)
                 raw = conn.getresponse()
                 data = raw.read()
@@ -2756,13 +2790,24 @@ def doc_entry(doc: Dict[str, Any], folder: PurePosixPath) -> Dict[str, Any]:
     }
 
 
-def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor,
-               exports: ExportScheduler) -> DocWork:
+@dataclass(frozen=True)
+class Workers:
+    """The threads of a run besides the doc listers: `pool` reads tables (and decides the pages
+    that wait for them) and runs each doc's extras, `exports` runs page exports, `items` fetches
+    formulas and controls one by one for the extras. Their requests share --concurrency."""
+
+    pool: concurrent.futures.Executor
+    exports: ExportScheduler
+    items: concurrent.futures.Executor
+
+
+def backup_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> DocWork:
     """List a doc's pages and tables, save the lists, and queue every object.
 
     Pages go to the export scheduler as soon as they are listed, before the tables are (exports
-    are the long pole); a page an earlier snapshot holds waits on the pool instead, as its reuse
-    decision may need the outcome of the tables it shows. A doc an earlier snapshot holds whole
+    are the long pole), and the extras (a long chain of reads) go to the pool before the tables
+    (so that they are not the run's tail); a page an earlier snapshot holds waits on the pool
+    instead, as its reuse decision may need the outcome of the tables it shows. A doc an earlier snapshot holds whole
     and unchanged is linked whole, without a single request.
     """
     doc_id = doc["id"]
@@ -2804,7 +2849,9 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor,
             export = export_page(job, doc_id, page, stem, [], done)
             if export is not None:
                 fresh.append(export)
-    exports.add(fresh)
+    workers.exports.add(fresh)
+    if job.options.extras:
+        work.extras.append(workers.pool.submit(export_doc_extras, job, doc_id, folder, workers.items))
     tables, table_problem = read_all(job.api.iter_tables(doc))
     job.recorder.listed.tables[doc_id] = listed_ids(tables, table_problem)
     entry["files"].append(job.write_json(folder / DOC_FILES["tables"], tables, "tables"))
@@ -2818,14 +2865,13 @@ def backup_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor,
     for table in selected_tables(job.options, doc, tables):
         stem = job.paths.claim(folder / table_stem(table))
         job.recorder.queue()
-        future = pool.submit(export_table, job, doc_id, table, stem, doc.get("updatedAt"))
+        future = workers.pool.submit(export_table, job, doc_id, table, stem, doc.get("updatedAt"))
         work.tables.append(future)
         hosted.setdefault(_ref_id(table.get("parent")) or "", []).append(future)
     for page, stem, done in later:
-        task = pool.submit(decide_page_later, job, exports, doc_id, page, stem, hosted.get(page["id"], []), done)
+        task = workers.pool.submit(decide_page_later, job, workers.exports, doc_id, page, stem,
+                                   hosted.get(page["id"], []), done)
         task.add_done_callback(functools.partial(_cancel_with, done))
-    if job.options.extras:
-        work.extras.append(pool.submit(export_doc_extras, job, doc_id, folder))
     return work
 
 
@@ -2847,16 +2893,17 @@ def table_wanted(options: Options, doc_id: str, doc_name: Any, table_id: str, na
     return not any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in options.exclude_tables)
 
 
-def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath) -> DocExtras:
+def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath, items: concurrent.futures.Executor) -> DocExtras:
     """formulas.json, controls.json and permissions.json, where the token may read them.
 
-    The lists give names only, so each formula and control is fetched for its
-    value. A 403 (sharing settings are for owners) is a skipped item, not a failure.
+    The lists give names only, so each formula and control is fetched for its value, on the
+    `items` threads: one after another they would be a long chain of reads, the run's tail. A
+    403 (sharing settings are for owners) is a skipped item, not a failure.
     """
     api = job.api
 
     def with_values(kind: str, refs: Iterator[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        return [api.get_item(doc_id, kind, item["id"]) for item in list_all(refs)]
+        return list(items.map(lambda item: api.get_item(doc_id, kind, item["id"]), list_all(refs)))
 
     fetchers: List[Tuple[str, Callable[[], Any]]] = [
         ("formulas", lambda: with_values("formulas", api.iter_formulas(doc_id))),
@@ -5264,9 +5311,12 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     concurrency = job.options.concurrency
     with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="coda") as pool, \
             ExportScheduler(job.api.http, job.options) as exports, \
+            concurrent.futures.ThreadPoolExecutor(min(ITEM_WORKERS, concurrency), thread_name_prefix="coda-item") \
+            as items, \
             concurrent.futures.ThreadPoolExecutor(min(DOC_LISTERS, concurrency), thread_name_prefix="coda-list") \
             as listers:
-        listed = [listers.submit(list_doc, job, doc, pool, exports) for doc in docs]
+        workers = Workers(pool, exports, items)
+        listed = [listers.submit(list_doc, job, doc, workers) for doc in docs]
         try:
             for future in listed:
                 work = future.result()
@@ -5275,16 +5325,16 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         except (Cancelled, concurrent.futures.CancelledError):
             listers.shutdown(wait=True, cancel_futures=True)
             pool.shutdown(wait=True, cancel_futures=True)
+            items.shutdown(wait=True, cancel_futures=True)
         return [work.finish() for work in works]
 
 
-def list_doc(job: Job, doc: Dict[str, Any], pool: concurrent.futures.Executor,
-             exports: ExportScheduler) -> Optional[DocWork]:
+def list_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> Optional[DocWork]:
     """backup_doc on a lister thread; None when the doc failed (recorded: the run goes on)."""
     job.api.http.check_cancelled()
     LOG.info("doc %s (%s)", printable(doc["id"]), printable(doc.get("name")))
     try:
-        return backup_doc(job, doc, pool, exports)
+        return backup_doc(job, doc, workers)
     except Cancelled:
         raise
     except Exception as exc:  # one bad doc must never stop the run (a full disk does)
@@ -5985,8 +6035,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "glob, newest first")
     runs.add_argument("--json", action="store_true", help="with --list-runs, --diff or --find: print JSON")
     how.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
-                     help=f"pages and tables worked on at once, and the most requests in flight "
-                          f"(default {DEFAULT_CONCURRENCY}; 1 = serial)")
+                     help=f"the most requests in flight, and tables read at once; a rendering page export "
+                          f"waits on a timer, not a worker (default {DEFAULT_CONCURRENCY}; 1 = one request at a time)")
     how.add_argument("--max-retries", type=int, default=5, metavar="N",
                      help="retries per request after the first attempt (default 5)")
     how.add_argument("--retry-delay", type=float, default=1.0, metavar="SECONDS",

@@ -82,6 +82,21 @@ class BudgetDelayTest(unittest.TestCase):
         self.assertAlmostEqual(limiter.reserve(), window - 1.0)  # and reserve agrees
 
 
+    def test_a_request_that_went_out_late_counts_from_when_it_went_out(self) -> None:
+        # The server counts a request when it arrives, not when pacing allowed it: one that waited
+        # for a connection must push the next slot back, or the margin would have to absorb the wait.
+        window = 6.0 * coda_backup.RATE_WINDOW_MARGIN
+        cases = [("went out on time", 0.0, window), ("went out 2 s late", 2.0, window + 2.0)]
+        for case, late, expected in cases:
+            with self.subTest(case):
+                clock = Clock()
+                limiter = coda_backup.RateLimiter(1, 6.0, clock)
+                slot, wait = limiter.take()
+                self.assertEqual((slot, wait), (clock.now, 0.0))
+                limiter.started(slot, slot + late)
+                self.assertAlmostEqual(limiter.delay(), expected)
+
+
 class RenderingHoldsNoWorkerTest(BackupTestCase):
     def test_exports_render_while_the_one_worker_reads_tables(self) -> None:
         # One request in flight at a time, four exports that each render for 0.5 s: a worker that
