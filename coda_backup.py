@@ -51,6 +51,43 @@ output folder's lock; 130 / 143 interrupted by SIGINT / SIGTERM.
 The token is read from CODA_API_TOKEN or the first line of --token-file. It is
 sent only to the API base URL, never to the download host, and never written
 to a log line or a file. README.md is the full manual.
+
+Contents (the `# --- ... ---` banners below, in the order data flows):
+
+    Constants                     API base, limits, layout names, exit codes and the one
+                                  outcome -> exit code table, every default
+    Errors                        BackupError and its kinds: ConfigError (exit 2), FatalError,
+                                  ApiError (status and body), listing, export and asset errors
+    HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
+                                  token only to the API base), RateLimiter, RequestStats,
+                                  ConnectionBreaker (an API lost for good)
+    Coda API                      CodaApi: paginating listers and fetchers, bounded listings;
+                                  no file I/O
+    Names and paths               safe_component and the layout of docs, pages and tables
+                                  (pure); PathAllocator; inside() keeps every path in --output
+    Writers                       atomic files hashed while written, JSON, CSV and NDJSON
+                                  encoding, hard links, Coda's updatedAt as mtime
+    Previous snapshots and reuse  SnapshotIndex (earlier manifests), Journal
+                                  (manifest.partial.jsonl), ReusePolicy: the one pure reuse
+                                  policy for the run and --dry-run
+    Exporters                     the frozen Options, RunRecorder (counts, failures, warnings),
+                                  Job; pages, tables and views, doc extras, a doc linked whole
+    Assets                        images and attachments: which URLs, AssetStore (its own
+                                  download pool, no token), link rewriting, reuse of assets
+    Snapshots and manifest        snapshot folders, latest, RunLock, --list-runs, abandoned
+                                  runs, --zip, --verify
+    Vanished objects              what Coda no longer lists, the deletion guard,
+                                  DIR/vanished.json and the snapshots --keep-vanished protects
+    History: changes, diff, retention, find
+                                  the change report, --diff (rows in a scratch SQLite file),
+                                  the pure retention planner and pruning, --find
+    Snapshot index (index.html)   the offline index.html and browse/ pages of a snapshot
+    Run                           one backup's lifecycle: signals, progress line, --ping-url,
+                                  listing and selecting docs, --dry-run, summary.json, and the
+                                  one outcome path (decide_outcome, end_run, last-run.json)
+    CLI                           build_parser, Credentials and the token, options_from_args,
+                                  --verify/--list-runs/--prune/--diff/--find, --config, logging,
+                                  main()
 """
 
 from __future__ import annotations
