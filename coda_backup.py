@@ -71,7 +71,9 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   (manifest.partial.jsonl), ReusePolicy: the one pure reuse
                                   policy for the run and --dry-run
     Exporters                     the frozen Options, RunRecorder (counts, failures, warnings),
-                                  Job; pages, tables and views, doc extras, a doc linked whole
+                                  Job; the ExportScheduler (page exports started as soon as
+                                  pages are listed, polled without holding a thread); pages,
+                                  tables and views, doc extras, a doc linked whole
     Assets                        images and attachments: which URLs, AssetStore (its own
                                   download pool, no token), link rewriting, reuse of assets
     Snapshots and manifest        snapshot folders, latest, RunLock, --list-runs, abandoned
