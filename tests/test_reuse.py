@@ -394,8 +394,12 @@ class ReadOnlyTest(ReuseCase):
         seen: Dict[str, int] = {}
 
         def look(_request: Any) -> None:  # mid-run: every saved file is already read-only
-            for path in self.out.rglob("*.csv"):
-                seen[path.name] = stat.S_IMODE(path.stat().st_mode)
+            # Saved content under docs/ (temp files end in .part). A doc's doc.json is saved before
+            # its pages are listed, so at least that request finds one, whatever order the
+            # scheduler's exports and the table reads end in.
+            for path in self.out.rglob("docs/**/*"):
+                if path.suffix in (".csv", ".json"):
+                    seen[path.relative_to(self.out).as_posix()] = stat.S_IMODE(path.stat().st_mode)
 
         self.fake.before_api.append(look)
         first = self.backup()
