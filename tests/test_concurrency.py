@@ -74,10 +74,11 @@ class PacingTest(BackupTestCase):
         # machine's load: the client hands out start slots so that request k + 5 of a category
         # starts at least one window after request k, and nothing is sent before its slot, so the
         # n-th read the fake sees comes at least (n - 1) // 5 windows after the run began. (The
-        # fake does not limit here: whether a loaded machine's thread wake-ups, late by more than
-        # the client's 5 % margin on a 0.5 s window, put a sixth request into one window at the
-        # fake is timing, not pacing. The window maths with a stepped clock is in test_pacing;
-        # 429s ridden through and counted are in test_resilience.)
+        # fake does not limit here: whether a loaded machine, between the client's send and the
+        # fake's read, loses more than the client's small margin on a 0.5 s window and so puts a
+        # sixth request into one window at the fake is timing, not pacing. The window maths with
+        # a stepped clock is in test_pacing; 429s ridden through and counted are in
+        # test_resilience.)
         window, limit = 0.5, 5
         add_doc(self.fake, "Paced", pages=8, tables=3)
         began = time.monotonic()
