@@ -1031,8 +1031,10 @@ def _quote(segment: str) -> str:
 class CodaApi:
     """Coda API v1 calls as plain dicts and iterators; no file I/O here."""
 
-    def __init__(self, http: HttpClient) -> None:
+    def __init__(self, http: HttpClient, warn: Optional[Callable[[str], None]] = None) -> None:
         self.http = http
+        # Where a listing's warnings go: a run's RunRecorder.warn puts them in summary.json too.
+        self.warn = warn or (lambda text: LOG.warning("%s", text))
 
     def whoami(self) -> Dict[str, Any]:
         return _expect_dict(self.http.get_json("/whoami"), "/whoami")
@@ -1176,8 +1178,9 @@ class CodaApi:
         else:
             problems.append(f"stopped after {max_pages} pages")
         if repeated:
-            LOG.warning("%s: %d item(s) came more than once in the listing (%s); each is kept once",
-                        path, len(repeated), ", ".join(printable(item) for item in sorted(set(repeated))[:5]))
+            shown = ", ".join(printable(item) for item in sorted(set(repeated))[:5])
+            self.warn(f"{path}: {len(repeated)} item(s) came more than once in the listing ({shown}); "
+                      "each is kept once")
         if problems:
             raise ListingIncomplete(f"{path}: " + "; ".join(sorted(set(problems))))
 
@@ -4028,7 +4031,7 @@ def check_vanished(options: Options, recorder: RunRecorder, now: dt.datetime) ->
         return False
     report = find_vanished(before, recorder.listed, options)
     recorder.vanished = list(report.entries)
-    log_vanished(report)
+    log_vanished(report, recorder.warn)
     try:
         record_vanished(options.output, list(report.entries), now, options.keep_vanished)
     except OSError as exc:  # the summary still lists them; the next run tries again
@@ -4037,7 +4040,7 @@ def check_vanished(options: Options, recorder: RunRecorder, now: dt.datetime) ->
     if reason is None:
         return False
     if options.allow_vanished:
-        LOG.warning("%s; accepted by --allow-vanished", reason)
+        recorder.warn(f"{reason}; accepted by --allow-vanished")
         return False
     recorder.fail("vanished", None, None, "deletion guard",
                   f"{reason}; latest stays at {latest.name}, nothing is pruned "
@@ -4068,16 +4071,16 @@ def _selection_of(snapshot: Path) -> Optional[Dict[str, Any]]:
     return selection_key_of(options) if isinstance(options, dict) else None
 
 
-def log_vanished(report: VanishedReport) -> None:
-    """A WARNING per vanished doc and one line counting the rest."""
+def log_vanished(report: VanishedReport, warn: Callable[[str], None]) -> None:
+    """A warning per vanished doc and one counting the rest (RunRecorder.warn: log and summary)."""
     for entry in report.entries:
         if entry["kind"] == "doc":
-            LOG.warning("doc %s (%s) vanished: snapshot %s holds it, Coda no longer lists it",
-                        printable(entry["name"]), printable(entry["id"]), report.snapshot)
+            warn(f"doc {printable(entry['name'])} ({printable(entry['id'])}) vanished: snapshot "
+                 f"{report.snapshot} holds it, Coda no longer lists it")
     counts = vanished_counts(list(report.entries))
     if counts["pages"] or counts["tables"] or counts["views"]:
-        LOG.warning("%d page(s), %d table(s) and %d view(s) vanished since snapshot %s (see vanished in "
-                    "summary.json)", counts["pages"], counts["tables"], counts["views"], report.snapshot)
+        warn(f"{counts['pages']} page(s), {counts['tables']} table(s) and {counts['views']} view(s) vanished "
+             f"since snapshot {report.snapshot} (see vanished in summary.json)")
 
 
 def read_vanished(output: Path) -> List[Dict[str, Any]]:
@@ -5598,7 +5601,7 @@ def run_backup(options: Options, credentials: Credentials, status_line: Optional
                 index = SnapshotIndex.load(options.output, options, run.snapshot, recorder.warn)
             assets = AssetStore(options, asset_http, run.snapshot, recorder, index) if options.assets else None
             run.journal = Journal.start(run.snapshot, manifest_options(options), run.started)
-            job = Job(options, CodaApi(http), run.snapshot, PathAllocator(), recorder, index,
+            job = Job(options, CodaApi(http, recorder.warn), run.snapshot, PathAllocator(), recorder, index,
                       ReusePolicy.for_run(options, run.started), assets, run.journal)
             LOG.info("writing snapshot %s", run.snapshot)
             with Monitor(run.write_running_summary, recorder, stats, status_line):

@@ -260,6 +260,9 @@ class VanishedRunTest(BackupTestCase):
         self.assertEqual(summary["status"], "completed")
         self.assertIn(f"WARNING doc Gamma ({ws.gamma.id}) vanished", self.stderr)
         self.assertIn("1 page(s), 2 table(s) and 0 view(s) vanished", self.stderr)
+        self.assertEqual([w.split(":")[0] for w in summary["warnings"]],
+                         [f"doc Gamma ({ws.gamma.id}) vanished", "1 page(s), 2 table(s) and 0 view(s) vanished since "
+                          f"snapshot {first.name} (see vanished in summary.json)"])
         record = read_json(self.out / "vanished.json")
         self.assertEqual(without(record["entries"], "vanished_at"), expected)
         self.assertEqual({e["vanished_at"] for e in record["entries"]}, {summary["started_at"]})
