@@ -92,12 +92,12 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   main()
 """
 
-from __future__ import annotations
-
 import sys
 
 # First, before anything newer runs (argparse.BooleanOptionalAction, below, is 3.9): one line, not a
-# traceback. Python 3.6 and older cannot even read the `from __future__` line above and say so themselves.
+# traceback. That is also why there is no `from __future__ import annotations` (Python 3.6 cannot
+# compile it, so it would never get here): an annotation that names a class defined further down
+# is a string.
 if sys.version_info < (3, 9):  # noqa: UP036 (the point is to run on older Pythons)
     sys.stderr.write(f"coda-backup needs Python 3.9 or newer (this is Python {sys.version.split()[0]})\n")
     raise SystemExit(2)
@@ -1554,7 +1554,7 @@ def csv_record(row: Dict[str, Any], column_ids: List[str]) -> List[str]:
 
 
 def write_rows_csv(path: Path, columns: List[Dict[str, Any]], rows: Iterator[Dict[str, Any]],
-                   ndjson_path: Optional[Path] = None, like: Optional[SavedCopy] = None,
+                   ndjson_path: Optional[Path] = None, like: "Optional[SavedCopy]" = None,
                    written: Optional[List[HashingWriter]] = None, bom: bool = False
                    ) -> Tuple[int, Optional[BackupError]]:
     """Stream rows into a CSV file (and, if asked, NDJSON), one page of results at a time.
@@ -1757,7 +1757,7 @@ class ReusePolicy:
     csv_bom: bool = False
 
     @classmethod
-    def for_run(cls, options: Options, now: dt.datetime) -> ReusePolicy:
+    def for_run(cls, options: "Options", now: dt.datetime) -> "ReusePolicy":
         return cls(now=now, max_age_days=options.max_age_days, retry_failed=options.retry_failed,
                    page_formats=options.page_formats, rows_json=options.rows_json, layout=options.layout_key(),
                    csv_bom=options.csv_bom)
@@ -1891,7 +1891,7 @@ class Journal:
         self._lock = threading.Lock()
 
     @classmethod
-    def start(cls, snapshot: Path, options_record: Dict[str, Any], started: dt.datetime) -> Journal:
+    def start(cls, snapshot: Path, options_record: Dict[str, Any], started: dt.datetime) -> "Journal":
         journal = cls(snapshot / JOURNAL_NAME)
         with contextlib.suppress(OSError):
             journal._fd = os.open(snapshot / JOURNAL_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -1967,8 +1967,8 @@ class SnapshotIndex:
         self.tables: Dict[Tuple[str, str], SavedCopy] = {}
 
     @classmethod
-    def load(cls, output: Path, options: Options, current: Optional[Path] = None,
-             warn: Callable[[str], None] = LOG.warning) -> SnapshotIndex:
+    def load(cls, output: Path, options: "Options", current: Optional[Path] = None,
+             warn: Callable[[str], None] = LOG.warning) -> "SnapshotIndex":
         """All snapshots in `output` but `current`; --retry-failed: only `latest`."""
         index = cls()
         if options.retry_failed:
@@ -2054,7 +2054,7 @@ def fetched_time(entry: Dict[str, Any], started: Optional[dt.datetime]) -> Optio
     return started if entry.get("status") == "ok" else None
 
 
-def selection_key(options: Options) -> Dict[str, Any]:
+def selection_key(options: "Options") -> Dict[str, Any]:
     """Which docs a run backs up; a completed run with the same selection holds them all."""
     return {"include_shared": options.include_shared, "workspace_id": options.workspace_id,
             "docs": list(options.docs), "exclude_docs": list(options.exclude_docs)}
@@ -2151,7 +2151,7 @@ class Options:
     exclude_docs: Tuple[str, ...] = ()
     exclude_tables: Tuple[str, ...] = ()
     retry_failed: bool = False
-    retention: Optional[RetentionPolicy] = None  # after a clean run; None: keep every snapshot
+    retention: "Optional[RetentionPolicy]" = None  # after a clean run; None: keep every snapshot
     zip: bool = False
     max_vanished: float = DEFAULT_MAX_VANISHED
     allow_vanished: bool = False
@@ -2267,7 +2267,7 @@ class Job:
     recorder: RunRecorder
     index: Optional[SnapshotIndex]
     policy: ReusePolicy
-    assets: Optional[AssetStore] = None  # None with --no-assets
+    assets: "Optional[AssetStore]" = None  # None with --no-assets
     journal: Journal = field(default_factory=Journal)
 
     def write_json(self, relative: PurePosixPath, value: Any, role: str,
@@ -2427,7 +2427,7 @@ class ExportScheduler:
         self._threads = [threading.Thread(target=self._work, name=f"coda-export-{number}", daemon=True)
                          for number in range(workers)]
 
-    def __enter__(self) -> ExportScheduler:
+    def __enter__(self) -> "ExportScheduler":
         for thread in self._threads:
             thread.start()
         return self
@@ -2746,7 +2746,7 @@ def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath
 
 
 def read_rows(job: Job, doc_id: str, table: Dict[str, Any], columns: List[Dict[str, Any]], csv_path: PurePosixPath,
-              ndjson_path: Optional[PurePosixPath], like: Optional[SavedCopy], found: Optional[CellAssets] = None
+              ndjson_path: Optional[PurePosixPath], like: Optional[SavedCopy], found: "Optional[CellAssets]" = None
               ) -> Tuple[int, Optional[BackupError], List[Dict[str, Any]]]:
     """Stream a table's rows to disk, at most about as many as its rowCount says (and the asset
     URLs in their cells to `found`); files identical to `like`'s become hard links of it. Coda
@@ -2789,7 +2789,7 @@ class DocWork:
     entry: Dict[str, Any]
     pages: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
     tables: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
-    extras: List[concurrent.futures.Future[DocExtras]] = field(default_factory=list)
+    extras: "List[concurrent.futures.Future[DocExtras]]" = field(default_factory=list)
 
     def finish(self) -> Dict[str, Any]:
         """Wait for the doc's objects; leave out the ones a cancellation stopped."""
@@ -2935,7 +2935,7 @@ def table_wanted(options: Options, doc_id: str, doc_name: Any, table_id: str, na
     return not any(fnmatch.fnmatchcase(key, pattern) for key in keys for pattern in options.exclude_tables)
 
 
-def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath, items: concurrent.futures.Executor) -> DocExtras:
+def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath, items: concurrent.futures.Executor) -> "DocExtras":
     """formulas.json, controls.json and permissions.json, where the token may read them.
 
     The lists give names only, so each formula and control is fetched for its value, on the
@@ -3628,7 +3628,7 @@ class RunLock:
         self.path = output / LOCK_NAME
         self._handle: Optional[IO[str]] = None
 
-    def __enter__(self) -> RunLock:
+    def __enter__(self) -> "RunLock":
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             handle = os.fdopen(fd, "r+", encoding="utf-8")
@@ -3742,7 +3742,7 @@ def describe_runs(output: Path, protected: Optional[Dict[str, str]] = None) -> L
     return runs
 
 
-def prune_snapshots(output: Path, policy: RetentionPolicy, keep_vanished: int,
+def prune_snapshots(output: Path, policy: "RetentionPolicy", keep_vanished: int,
                     current: Optional[Path] = None) -> List[str]:
     """Delete the snapshots the retention plan does not keep (see plan_retention and
     retention_plan); return their names. Only the lock holder calls this. A deletion that
@@ -5049,7 +5049,7 @@ class Monitor:
         self._started = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="coda-monitor", daemon=True)
 
-    def __enter__(self) -> Monitor:
+    def __enter__(self) -> "Monitor":
         self._write_summary()
         self._thread.start()
         return self
@@ -5165,7 +5165,7 @@ class Pinger:
         self._secret = secret
 
     @classmethod
-    def for_options(cls, options: Options, secret: str) -> Optional[Pinger]:
+    def for_options(cls, options: Options, secret: str) -> "Optional[Pinger]":
         """A pinger for --ping-url, or None; it waits no longer than an API request would."""
         if options.ping_url is None:
             return None
@@ -5280,7 +5280,7 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_FATAL
 
 
-def run_with_pings(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None) -> int:
+def run_with_pings(options: Options, credentials: "Credentials", status_line: Optional[StatusLine] = None) -> int:
     """run_backup with --ping-url: run_backup sends the start ping and end_run the end ping; the
     end ping also goes out here for a run that ended before taking the lock (the output folder
     locked by another run, or not writable)."""
@@ -5386,7 +5386,7 @@ def list_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> Optional[DocWor
         return None
 
 
-def dry_run(options: Options, credentials: Credentials) -> int:
+def dry_run(options: Options, credentials: "Credentials") -> int:
     """--dry-run: say what a run would back up and what --incremental would link, and why.
 
     Lists docs, pages and tables and reads each table's metadata for its row
@@ -5523,7 +5523,7 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
 
 
 def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
-                  snapshot: Path, outcome: Optional[Outcome] = None) -> Dict[str, Any]:
+                  snapshot: Path, outcome: "Optional[Outcome]" = None) -> Dict[str, Any]:
     """summary.json: `running` while the run goes on (exit_code and error null), then its outcome."""
     finished = utc_now()
     return {
@@ -5567,7 +5567,7 @@ def manifest_options(options: Options) -> Dict[str, Any]:
             "max_age_days": options.max_age_days}
 
 
-def run_backup(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None,
+def run_backup(options: Options, credentials: "Credentials", status_line: Optional[StatusLine] = None,
                pinger: Optional[Pinger] = None) -> int:
     """One whole run: lock, snapshot, back up; then end_run, the one outcome path, whatever happened."""
     try:
@@ -5635,7 +5635,7 @@ def run_backup(options: Options, credentials: Credentials, status_line: Optional
         return end_run(run, halt, received)
 
 
-def run_halt(run: RunState, http: HttpClient, asset_http: HttpClient, signals: List[int]) -> Optional[Halt]:
+def run_halt(run: "RunState", http: HttpClient, asset_http: HttpClient, signals: List[int]) -> Optional[Halt]:
     """Why the run stopped at once, if it did (the API lost, the disk full); or an API that had
     stopped answering when the work ran out, before the breaker's bounds were reached (a small
     run, or one that lost the API before it listed everything)."""
@@ -5693,7 +5693,7 @@ class RunState:
     journal: Optional[Journal] = None  # manifest.partial.jsonl, removed once manifest.json is written
     pinger: Optional[Pinger] = None  # --ping-url: end_run sends the end ping
 
-    def facts(self, halt: Optional[Halt], signals: List[int]) -> RunFacts:
+    def facts(self, halt: Optional[Halt], signals: List[int]) -> "RunFacts":
         return RunFacts(
             failure_kinds=tuple(failure["kind"] for failure in self.recorder.failures),
             fatal=None if self.fatal is None else one_line(self.fatal, self.secret),
@@ -5702,7 +5702,7 @@ class RunState:
             nothing_selected=nothing_selected(self.options, self.docs, self.recorder),
         )
 
-    def summary(self, outcome: Optional[Outcome] = None) -> Dict[str, Any]:
+    def summary(self, outcome: "Optional[Outcome]" = None) -> Dict[str, Any]:
         assert self.snapshot is not None
         status = "running" if outcome is None else outcome.status
         return build_summary(status, self.started, self.recorder, self.stats, self.snapshot, outcome)
@@ -5711,7 +5711,7 @@ class RunState:
         assert self.snapshot is not None
         write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary())
 
-    def write_records(self, outcome: Outcome) -> None:
+    def write_records(self, outcome: "Outcome") -> None:
         """manifest.json, then summary.json (what says the run ended), both with the outcome."""
         assert self.snapshot is not None
         manifest = build_manifest(self.options, self.started, outcome.status, self.snapshot, self.docs)

@@ -398,11 +398,10 @@ class SmallCasesTest(BadNightCase):
         self.assertEqual((proc.wait(30), errors), (0, ""))
 
     def test_an_old_python_gets_one_line_and_exit_2(self) -> None:
-        """The oldest Python 3.7/3.8 pyenv has (it reads the file up to the check; 3.6 cannot
-        parse `from __future__ import annotations` and says so itself). Where there is none,
-        this Python told it is 3.8, so the test never passes without running."""
+        """The oldest Python 3.6-3.8 pyenv has (it reads the file up to the check). Where there is
+        none, this Python told it is 3.8, so the test never passes without running."""
         root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv") / "versions"
-        old = sorted(root.glob("3.[78].*/bin/python3"), key=lambda path: [int(part) for part in
+        old = sorted(root.glob("3.[678].*/bin/python3"), key=lambda path: [int(part) for part in
                                                                          path.parent.parent.name.split(".")])
         pretend = ("import sys; sys.version_info = (3, 8, 18, 'final', 0); "
                    f"sys.path.insert(0, {str(SCRIPT.parent)!r}); import coda_backup")
