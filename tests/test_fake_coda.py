@@ -329,8 +329,8 @@ class LifecycleTest(unittest.TestCase):
             sockets.append(connection.sock)
         self.assertIs(sockets[0], sockets[1], "the connection was kept alive")
         started = time.monotonic()
-        fake.stop()  # the idle keep-alive connection must not make this wait
-        self.assertLess(time.monotonic() - started, 1.0)
+        fake.stop()  # the idle keep-alive connection must not make this wait (its idle timeout is 60 s)
+        self.assertLess(time.monotonic() - started, 10.0)
 
     def test_large_workspace_is_cheap_and_pages_rows(self) -> None:
         started = time.monotonic()
