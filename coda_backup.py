@@ -6262,6 +6262,22 @@ def snapshot_output(output: Optional[str], flag: str) -> Path:
     return base
 
 
+def check_commands(cli: argparse.Namespace) -> None:
+    """One command at a time, and no backup flag with a command that makes no backup (a cron
+    line `--incremental --prune --keep-daily 7` would exit 0 every night and back up nothing).
+    Only the command line is checked: a --config file for the nightly run may say incremental."""
+    commands = [flag for flag, given in (("--verify", cli.verify is not None), ("--list-runs", cli.list_runs),
+                                         ("--diff", cli.diff is not None), ("--find", cli.find is not None),
+                                         ("--prune", cli.prune)) if given]
+    if len(commands) > 1:
+        raise ConfigError(f"{commands[0]} and {commands[1]} do not go together: one at a time")
+    backup = [flag for flag, given in (("--incremental", cli.incremental), ("--retry-failed", cli.retry_failed))
+              if given]
+    if commands and backup:
+        hint = " (a backup run with --keep-* prunes by itself after a clean run)" if cli.prune else ""
+        raise ConfigError(f"{commands[0]} makes no backup: leave out {backup[0]}{hint}")
+
+
 def run_verify(output: Optional[str], which: str) -> int:
     """--verify: exit 0 when every file matches the manifest, 1 listing what does not."""
     base = snapshot_output(output, "--verify")
@@ -6478,6 +6494,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
+        check_commands(args)
         if args.config:
             args = reparse_with_config(parser, args, argv)
     except SystemExit as exc:  # --help, --version: argparse already printed

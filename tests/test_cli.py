@@ -129,6 +129,23 @@ class UsageTest(CliTestCase):
                 self.assert_clean_error(code, 2)
                 self.assert_nothing_done()
 
+    def test_commands_take_no_backup_flags_and_one_at_a_time(self) -> None:
+        """`--incremental --prune --keep-daily 7` in a cron line once exited 0 every night and
+        backed up nothing; two commands at once quietly ran only the first."""
+        self.out.mkdir(parents=True)
+        cases = [
+            (["--prune", "--keep-daily", "7", "--incremental"], "--prune makes no backup: leave out --incremental"),
+            (["--find", "x", "--retry-failed"], "--find makes no backup: leave out --retry-failed"),
+            (["--list-runs", "--prune", "--keep-last", "1"], "--list-runs and --prune do not go together"),
+            (["--verify", "--diff"], "--verify and --diff do not go together"),
+        ]
+        for extra, message in cases:
+            with self.subTest(extra=extra):
+                code = self.run_main(["--output", str(self.out), *extra])
+                self.assert_clean_error(code, 2)
+                self.assertEqual(len(self.message_lines()), 1, self.stderr)
+                self.assertIn(message, self.stderr)
+
     def test_help_lists_every_contract_flag_the_parser_has(self) -> None:
         known = set(coda_backup.build_parser()._option_string_actions)
         self.assertEqual([flag for flag in SEED_FLAGS if flag not in known], [], "seed 001 flags missing")
