@@ -273,6 +273,7 @@ DEFAULT_KEEP_VANISHED = 90  # days retention keeps the last snapshot holding a v
 FINISHED_STATUSES = ("completed", "completed_with_errors")  # every doc such a run listed was seen to the end
 READ_ONLY_MODE = 0o400  # saved content; summary.json, manifest.json and DIR's own files stay 0600
 DEFAULT_MAX_AGE_DAYS = 7.0
+MAX_DAYS = 36500  # the most any day count may say (100 years): far more overflows a timedelta
 # Objects first saved on the same night would all pass --max-age on the same later night, and
 # that night would be a full download. Each copy is therefore refreshed at a point drawn
 # from its id and download time between (1 - spread) and 1 times --max-age: never later than
@@ -6208,12 +6209,11 @@ def options_from_args(args: argparse.Namespace) -> Options:
         (1 <= args.concurrency <= 32, "--concurrency must be between 1 and 32"),
         (0 <= args.max_retries <= 20, "--max-retries must be between 0 and 20"),
         (args.retry_delay >= 0, "--retry-delay must not be negative"),
-        (args.timeout > 0, "--timeout must be positive"),
+        (0 < args.timeout < float("inf"), "--timeout must be positive"),
         (args.poll_interval >= 0, "--poll-interval must not be negative"),
         (args.export_timeout > 0, "--export-timeout must be positive"),
         (0 <= args.max_vanished <= 100, "--max-vanished must be between 0 and 100"),
-        (args.keep_vanished >= 0, "--keep-vanished must not be negative"),
-        (args.max_age >= 0, "--max-age must not be negative"),
+        (0 <= args.max_age <= MAX_DAYS, f"--max-age must be between 0 and {MAX_DAYS} days"),
         (not (args.incremental and args.retry_failed), "--incremental and --retry-failed do not go together"),
         (args.max_asset_mb >= 1, "--max-asset-mb must be at least 1"),
     ]
@@ -6248,6 +6248,10 @@ def retention_from_args(args: argparse.Namespace) -> Optional[RetentionPolicy]:
         if value is not None and value < 1:
             flag = "--keep-within" if name == "within_days" else f"--keep-{name}"
             raise ConfigError(f"{flag} must be at least 1")
+    if args.keep_within is not None and args.keep_within > MAX_DAYS:
+        raise ConfigError(f"--keep-within must be at most {MAX_DAYS} days")
+    if not 0 <= args.keep_vanished <= MAX_DAYS:  # here, as --prune and --list-runs read it too
+        raise ConfigError(f"--keep-vanished must be between 0 and {MAX_DAYS} days")
     policy = RetentionPolicy(**values)
     return policy if policy else None
 

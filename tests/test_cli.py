@@ -122,6 +122,12 @@ class UsageTest(CliTestCase):
             ["--log-level", "LOUD"],
             ["--no-such-flag"],
             ["--api-url", "ftp://example.com/apis/v1"],
+            # Day counts a timedelta cannot hold once were tracebacks (OverflowError), some only
+            # when a saved copy or a vanished object was there to compare with.
+            ["--incremental", "--max-age", "inf"],
+            ["--incremental", "--max-age", "1e300"],
+            ["--keep-within", "99999999999"],
+            ["--timeout", "inf"],
         ]
         for extra in cases:
             with self.subTest(extra=extra):
@@ -131,13 +137,16 @@ class UsageTest(CliTestCase):
 
     def test_commands_take_no_backup_flags_and_one_at_a_time(self) -> None:
         """`--incremental --prune --keep-daily 7` in a cron line once exited 0 every night and
-        backed up nothing; two commands at once quietly ran only the first."""
+        backed up nothing; two commands at once quietly ran only the first; and a command's own
+        values are checked like a backup's."""
         self.out.mkdir(parents=True)
         cases = [
             (["--prune", "--keep-daily", "7", "--incremental"], "--prune makes no backup: leave out --incremental"),
             (["--find", "x", "--retry-failed"], "--find makes no backup: leave out --retry-failed"),
             (["--list-runs", "--prune", "--keep-last", "1"], "--list-runs and --prune do not go together"),
             (["--verify", "--diff"], "--verify and --diff do not go together"),
+            (["--prune", "--keep-last", "1", "--keep-vanished", "99999999999"],
+             "--keep-vanished must be between 0 and 36500 days"),  # a traceback once a doc had vanished
         ]
         for extra, message in cases:
             with self.subTest(extra=extra):
