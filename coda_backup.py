@@ -5594,7 +5594,7 @@ def run_backup(options: Options, credentials: "Credentials", status_line: Option
             recorder.warn(text)
         try:
             mark_abandoned(options.output, recorder.warn)
-            run.before = read_latest(options.output)
+            run.before = vanished_baseline(options.output, options, read_latest(options.output))
             run.before_manifest = load_manifest(run.before) if run.before is not None else None
             run.snapshot = create_snapshot(options.output, run.started)
             index = None

@@ -341,6 +341,8 @@ class VanishedRunTest(BackupTestCase):
         self.assertIn(f"since snapshot {full.name}", failure["error"])
         self.assertIn(f"latest stays at {one_off.name}", failure["error"])
         self.assertEqual(self.latest(), one_off)
+        self.assertEqual(summary["changes"]["since"], full.name, "changes agree with vanished: none added")
+        self.assertEqual([summary["changes"]["docs"][key] for key in ("added", "removed")], [0, 2])
 
     def check_usage(self, *flags: str) -> None:
         self.assertEqual(self.run_backup(*flags), 2)
