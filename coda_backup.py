@@ -3053,7 +3053,7 @@ KNOWN_EXTENSIONS = frozenset(ASSET_TYPES.values()) | {".jpeg"}
 def asset_host_prefix(text: str) -> str:
     """Normalise an --asset-host value: scheme and host in lower case, a path that ends at a "/"
     (so `https://files.example/coda` never admits `https://files.example/coda-evil/...`)."""
-    parts = urllib.parse.urlsplit(text.strip())
+    parts = split_url(text.strip())
     if (parts.scheme.lower() not in ("http", "https") or not parts.netloc or parts.query or parts.fragment
             or "@" in parts.netloc):
         raise ConfigError(f"--asset-host {text!r}: give an http(s) URL prefix such as {DEFAULT_ASSET_HOSTS[0]}")
@@ -6177,9 +6177,23 @@ def parse_rate_limits(spec: Optional[str]) -> Optional[Dict[str, Tuple[int, floa
     return limits
 
 
+def split_url(url: str) -> urllib.parse.SplitResult:
+    """urlsplit for a URL from the command line, its port read too: a URL urlsplit cannot read
+    (`http://[::1`, a port `abc` or 99999), or one with spaces or control characters, comes back
+    empty, so the caller's usage error covers it instead of a traceback or a later failure."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        return urllib.parse.SplitResult("", "", "", "", "")
+    if any(ord(char) <= 32 or ord(char) == 127 for char in url):
+        return urllib.parse.SplitResult("", "", "", "", "")
+    return parts
+
+
 def api_url_from(value: Optional[str]) -> str:
     url = (value or os.environ.get("CODA_API_URL") or DEFAULT_API_URL).strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
         raise ConfigError(f"--api-url must be an http(s) URL without query, like {DEFAULT_API_URL}")
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
@@ -6192,7 +6206,7 @@ def ping_url_from(value: Optional[str]) -> Optional[str]:
     if value is None:
         return None
     url = value.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
+    parts = split_url(url)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
         raise ConfigError("--ping-url must be an http(s) URL, like https://hc-ping.com/<uuid>")
     return url

@@ -128,6 +128,13 @@ class UsageTest(CliTestCase):
             ["--incremental", "--max-age", "1e300"],
             ["--keep-within", "99999999999"],
             ["--timeout", "inf"],
+            # URLs urlsplit cannot read were tracebacks; one with a space got as far as the ping,
+            # whose error then logged the URL's secret path.
+            ["--api-url", "http://[::1"],
+            ["--ping-url", "http://[::1"],
+            ["--asset-host", "http://[::1"],
+            ["--ping-url", "https://hc-ping.com/key with space"],
+            ["--ping-url", "https://hc-ping.com:99999/key"],
         ]
         for extra in cases:
             with self.subTest(extra=extra):
