@@ -6023,10 +6023,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="link unchanged docs, pages and tables from earlier snapshots instead of downloading "
                           "(resumes a cancelled or failed run)")
     how.add_argument("--max-age", type=float, default=DEFAULT_MAX_AGE_DAYS, metavar="DAYS",
-                     help=f"with --incremental: download again what was last downloaded more than DAYS ago, "
-                          f"changed or not (default {DEFAULT_MAX_AGE_DAYS:g}; 0 = never reuse; each object falls "
-                          f"due between half of DAYS and DAYS, so refreshes spread over nights); identical "
-                          f"files are still hard-linked")
+                     help=f"with --incremental: download again, changed or not, what was last downloaded "
+                          f"too long ago: each object falls due between half of DAYS and DAYS after its "
+                          f"download, so refreshes spread over nights (default {DEFAULT_MAX_AGE_DAYS:g}; "
+                          f"0 = never reuse); identical files are still hard-linked")
     how.add_argument("--strict-latest", **SWITCH,
                      help="ask Coda for the newest doc version (X-Coda-Doc-Version: latest); may need retries")
     how.add_argument("--retry-failed", action="store_true",
