@@ -3768,7 +3768,11 @@ def prune_snapshots(output: Path, policy: "RetentionPolicy", keep_vanished: int,
 
 def mark_abandoned(output: Path, warn: Callable[[str], None] = LOG.warning) -> None:
     """Relabel snapshots left `running` by a run that died (kill -9, Task Scheduler's End,
-    a power cut) as `abandoned`: only the lock holder may call this, so none of them runs."""
+    a power cut) as `abandoned`, and remove the scratch folders of its change report: only the
+    lock holder may call this, so none of them runs."""
+    for leftover in output.glob(".tmp-diff-*"):
+        with contextlib.suppress(OSError):
+            remove_tree(leftover)
     for folder in snapshot_folders(output):
         summary = read_summary(folder)
         if summary.get("status") == "running":

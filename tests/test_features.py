@@ -564,8 +564,12 @@ class KeepTest(FeatureTestCase):
 
     def test_prunes_oldest_finished_with_their_zip(self) -> None:
         crashed = self.fake_snapshot("2000-01-01T000000Z", "running")
+        scratch = self.out / ".tmp-diff-dead1234"  # the change report's scratch folder of that dead run
+        scratch.mkdir()
+        (scratch / "rows.sqlite").write_bytes(b"x" * 100)
         self.assertEqual(self.run_backup("--zip", "--no-extras"), 0, self.stderr)
         self.assertEqual(self.summary(crashed)["status"], "abandoned", "the lock holder knows it is dead")
+        self.assertFalse(scratch.exists(), "the lock holder clears a dead run's scratch folder")
         self.assertIn("abandoned", self.stderr)
         oldest = self.latest()
         self.assertTrue((self.out / f"{oldest.name}.zip").is_file())
