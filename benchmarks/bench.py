@@ -21,7 +21,11 @@ tables and rows, few pages), ``mixed`` (read and write floors within 10 % of eac
 ``many-docs`` (a hundred small docs: per-doc overhead) and ``short`` (a floor of about 20 s,
 where start-up and the tail count). The floor counts the requests the run needs for what it
 saves (extras included: every accepted API request, less status polls beyond one per export),
-paced at the published limits after a first full burst, plus one export's render time.
+as early as the server's model lets them go (bucket: the published rate after a first full burst;
+window: a whole window per N requests, as request k + N must come a window after request k), plus
+one export's render time. Only
+API-host requests count (``fake.requests()`` is the API host): export downloads and asset fetches
+go to other hosts, which Coda does not rate limit, so they add nothing to the floor.
 
 Memory mode measures the peak RSS of the CLI backing up one table of 200 000 rows and one of
 20 000 rows (no latency, no rate limits: memory is what is measured).
@@ -73,12 +77,21 @@ def category(method: str, path: str) -> str:
 
 
 def lower_bound(counts: Dict[str, int], limits: Dict[str, Tuple[int, float]], export_delay: float,
-                exports: int) -> float:
-    """Seconds the rate limits alone force on this many requests (a full first window is free)."""
+                exports: int, model: str = "window") -> float:
+    """Seconds the rate limits alone force on this many requests, counted as the server counts them.
+
+    A token bucket (a burst of N, then N per W) lets the c-th request go at (c - N) * W / N. A
+    sliding window (at most N in any W) is stricter: request k + N must come a whole W after
+    request k, so the c-th goes at (c - 1) // N * W at the earliest, whichever way it is paced.
+    """
     bound = 0.0
     for name, (limit, window) in limits.items():
-        beyond_first_window = max(0, counts.get(name, 0) - limit)
-        bound = max(bound, beyond_first_window * window / limit)
+        count = counts.get(name, 0)
+        if model == "bucket":
+            earliest = max(0, count - limit) * window / limit
+        else:
+            earliest = max(0, count - 1) // limit * window
+        bound = max(bound, earliest)
     return bound + (export_delay if exports else 0.0)
 
 
@@ -114,8 +127,8 @@ def shapes(args: argparse.Namespace) -> None:
     limits = dict(coda_backup.DEFAULT_RATE_LIMITS)
     names = [args.shape] if args.shape else list(SHAPES)
     models = ["window", "bucket"] if args.rate_model == "both" else [args.rate_model]
-    print(f"limits {limits}; floor = needed requests at the published rate after one full burst "
-          f"+ one export render")
+    print(f"limits {limits}; floor = the needed requests as the server's model allows them (bucket: the "
+          f"published rate after one full burst; window: a full window per N) + one export render")
     print(f"{'shape':<12} {'model':<7} {'exit':>4} {'wall':>7} {'floor':>7} {'wall/floor':>10} "
           f"{'requests':>8} {'429s':>6} {'429 %':>6}  needed by category")
     for name in names:
@@ -134,7 +147,7 @@ def shapes(args: argparse.Namespace) -> None:
                 code, wall, _ = run_cli(["--output", str(out), "--api-url", fake.api_url, "--quiet",
                                          *args.extra], cli_env())
                 needed = needed_requests(fake)
-                floor = lower_bound(needed, limits, shape["export_delay"], needed.get("write", 0))
+                floor = lower_bound(needed, limits, shape["export_delay"], needed.get("write", 0), model)
                 total = len(fake.requests())
                 print(f"{name:<12} {model:<7} {code:>4} {wall:>6.1f}s {floor:>6.1f}s {wall / floor:>10.2f} "
                       f"{total:>8} {fake.rate_limited:>6} {100.0 * fake.rate_limited / max(total, 1):>5.2f}%  "
@@ -193,7 +206,7 @@ def speed(args: argparse.Namespace) -> None:
                                      "--asset-host", fake.assets_url, *extra], cli_env())
             counts = collections.Counter(category(r.method, r.path) for r in fake.requests())
             exports = counts.get("write", 0)
-            bound = lower_bound(counts, limits, args.export_delay, exports)
+            bound = lower_bound(counts, limits, args.export_delay, exports, fake.rate_model)
             total = sum(counts.values())
             results[label] = (wall, total)
             ratio = f"{wall / bound:.2f}" if bound > 0 else "n/a"
