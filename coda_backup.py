@@ -1771,10 +1771,9 @@ class ReusePolicy:
             return Decision(False, REASON_PARTIAL, saved)
         if saved.layout != self.layout:
             return Decision(False, REASON_FLAGS, saved)
-        if self.retry_failed:
-            return Decision(True, REASON_RETRY_FAILED, saved)
-        if not doc.get("updatedAt") or doc.get("updatedAt") != saved.entry.get("updatedAt"):
-            return Decision(False, REASON_CHANGED, saved)
+        moved = self._moved(doc, saved)
+        if moved is not None:
+            return moved
         if self._too_old(saved):
             return Decision(False, REASON_MAX_AGE, saved)
         return Decision(True, REASON_DOC_UNCHANGED, saved)
@@ -1787,10 +1786,9 @@ class ReusePolicy:
             return Decision(False, REASON_NO_COPY)
         if saved.roles() != set(self.page_formats):
             return Decision(False, REASON_FILES, saved)
-        if self.retry_failed:
-            return Decision(True, REASON_RETRY_FAILED, saved)
-        if not page.get("updatedAt") or page.get("updatedAt") != saved.entry.get("updatedAt"):
-            return Decision(False, REASON_CHANGED, saved)
+        moved = self._moved(page, saved)
+        if moved is not None:
+            return moved
         if self._too_old(saved):
             return Decision(False, REASON_MAX_AGE, saved)
         now_shown = hosted()
@@ -1809,10 +1807,9 @@ class ReusePolicy:
             return Decision(False, REASON_FILES, saved)
         if (isinstance(saved.layout, dict) and saved.layout.get("csv_bom") is True) != self.csv_bom:
             return Decision(False, REASON_FLAGS, saved)  # the CSV's first bytes differ
-        if self.retry_failed:
-            return Decision(True, REASON_RETRY_FAILED, saved)
-        if not table.get("updatedAt") or table.get("updatedAt") != saved.entry.get("updatedAt"):
-            return Decision(False, REASON_CHANGED, saved)
+        moved = self._moved(table, saved)
+        if moved is not None:
+            return moved
         calculated = saved.entry.get("calculatedColumns")
         if (calculated is None or calculated > 0) and doc_updated != saved.doc_updated:
             return Decision(False, REASON_FORMULAS, saved)
@@ -1823,6 +1820,15 @@ class ReusePolicy:
             if not now_base or now_base != saved.base_updated:
                 return Decision(False, REASON_BASE, saved)
         return Decision(True, REASON_UNCHANGED, saved)
+
+    def _moved(self, item: Dict[str, Any], saved: SavedCopy) -> Optional[Decision]:
+        """The step every kind shares once its files fit: --retry-failed reuses whatever was
+        saved; otherwise an object whose updatedAt moved (or has none) is fetched."""
+        if self.retry_failed:
+            return Decision(True, REASON_RETRY_FAILED, saved)
+        if not item.get("updatedAt") or item.get("updatedAt") != saved.entry.get("updatedAt"):
+            return Decision(False, REASON_CHANGED, saved)
+        return None
 
     def _too_old(self, saved: SavedCopy) -> bool:
         if saved.fetched_at is None or self.max_age_days <= 0:
