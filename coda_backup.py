@@ -6456,8 +6456,17 @@ def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
         dest = key.replace("-", "_")
         if dest not in actions:
             raise ConfigError(f"--config {path}: unknown key {key!r}")
+        if actions[dest].dest in ONE_RUN_KEYS:
+            raise ConfigError(f"--config {path}: {key!r} is for one run and has no --no- form to undo it; "
+                              f"give --{actions[dest].dest.replace('_', '-')} on the command line")
         defaults[actions[dest].dest] = config_value(actions[dest], key, value)
     parser.set_defaults(**defaults)
+
+
+# Flags a config file may not set: commands, and switches meant for one run that the command line
+# could not turn off again (allow-vanished = true would switch the deletion guard off every night).
+ONE_RUN_KEYS = frozenset({"allow_vanished", "dry_run", "retry_failed", "verify", "list_runs", "diff", "find",
+                          "prune"})
 
 
 def config_value(action: argparse.Action, key: str, value: Any) -> Any:

@@ -752,6 +752,19 @@ class ConfigTest(FeatureTestCase):
         self.assertEqual(list(snapshot.rglob(f"*__{self.ws.archive.id}.csv")), [])
         self.assertEqual(self.fake.requests(None, DocExtrasTest.EXTRA_PATHS), [])
 
+    def test_one_run_flags_and_commands_are_refused(self) -> None:
+        """A config key the command line could not undo: allow-vanished would disarm the deletion
+        guard every night, dry-run would make every night a dry run."""
+        for key in ("allow-vanished = true", "dry-run = true", "prune = true", "retry-failed = true"):
+            with self.subTest(key=key):
+                code = self.run_config(key + "\n")
+                if not HAVE_TOMLLIB:
+                    self.assert_old_python_refuses(code)
+                    continue
+                self.assertEqual(code, 2, self.stderr)
+                self.assertIn("is for one run", self.stderr)
+                self.assertEqual(self.fake.requests(), [])
+
     def test_command_line_wins(self) -> None:
         code = self.run_config('page-format = "html"\ndoc = ["Beta: Wiki"]\nkeep = 3\nno-extras = true\n',
                                "--page-format", "markdown", "--doc", "Alpha Doc")
