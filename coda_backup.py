@@ -5866,7 +5866,7 @@ def discard_snapshot(snapshot: Path) -> None:
     doomed = snapshot.parent / f".deleting-{snapshot.name}"
     try:
         os.replace(snapshot, doomed)
-        shutil.rmtree(doomed)
+        remove_tree(doomed)  # clears read-only files on Windows, as pruning does
         LOG.error("removed the unfinished snapshot %s", snapshot.name)
     except OSError as exc:
         LOG.error("could not remove the unfinished snapshot %s: %s", snapshot.name, exc)
