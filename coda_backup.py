@@ -180,8 +180,16 @@ MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
 SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
 
-# The most requests in flight at once, whichever thread sends them.
-DEFAULT_CONCURRENCY = 8
+# Every default a flag has, in one place: the parser, `Options`, the HTTP client and --help all read
+# these names, so a default cannot differ between them.
+DEFAULT_CONCURRENCY = 8  # the most requests in flight at once, whichever thread sends them
+DEFAULT_MAX_RETRIES = 5  # retries per request after the first attempt
+DEFAULT_RETRY_DELAY = 1.0  # seconds; the first backoff, doubled on each retry, with jitter
+DEFAULT_TIMEOUT = 60.0  # seconds a request may go without an answer
+DEFAULT_POLL_INTERVAL = 1.0  # seconds between status polls of a rendering page export
+DEFAULT_EXPORT_TIMEOUT = 120.0  # seconds one page export (start, polls, download) may take in all
+DEFAULT_PAGE_FORMAT = "markdown"
+DEFAULT_LOG_LEVEL = "INFO"
 # Page exports run as single steps (start, poll, download) on threads of their own, and a rendering
 # export holds none of them (see ExportScheduler); docs are listed a few at once, so that listing one
 # doc never holds up the exports of the docs listed before it.
@@ -541,9 +549,9 @@ class ClientSettings:
     """How the HTTP client talks: retries, timeouts and pacing."""
 
     api_url: str
-    max_retries: int = 5
-    timeout: float = 60.0
-    retry_delay: float = 1.0
+    max_retries: int = DEFAULT_MAX_RETRIES
+    timeout: float = DEFAULT_TIMEOUT
+    retry_delay: float = DEFAULT_RETRY_DELAY
     rate_limits: Optional[Dict[str, Tuple[int, float]]] = None
     strict_latest: bool = False
     max_in_flight: int = DEFAULT_CONCURRENCY
@@ -1752,7 +1760,7 @@ class ReusePolicy:
     now: dt.datetime
     max_age_days: float = DEFAULT_MAX_AGE_DAYS
     retry_failed: bool = False
-    page_formats: Tuple[str, ...] = ("markdown",)
+    page_formats: Tuple[str, ...] = (DEFAULT_PAGE_FORMAT,)
     rows_json: bool = False
     layout: Dict[str, Any] = field(default_factory=dict)
     csv_bom: bool = False
@@ -2144,13 +2152,13 @@ class Options:
     no_views: bool = False
     incremental: bool = False
     strict_latest: bool = False
-    page_formats: Tuple[str, ...] = ("markdown",)
-    max_retries: int = 5
+    page_formats: Tuple[str, ...] = (DEFAULT_PAGE_FORMAT,)
+    max_retries: int = DEFAULT_MAX_RETRIES
     concurrency: int = DEFAULT_CONCURRENCY
-    timeout: float = 60.0
-    poll_interval: float = 1.0
-    export_timeout: float = 120.0
-    retry_delay: float = 1.0
+    timeout: float = DEFAULT_TIMEOUT
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    export_timeout: float = DEFAULT_EXPORT_TIMEOUT
+    retry_delay: float = DEFAULT_RETRY_DELAY
     rate_limits: Optional[Dict[str, Tuple[int, float]]] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
     rows_json: bool = False
     extras: bool = True
@@ -5975,15 +5983,75 @@ DIR/last-run.json with its status, exit code and error.
 """
 
 
+@dataclass(frozen=True)
+class Flag:
+    """One flag as --config sees it: where its value goes and what a file may give it."""
+
+    dest: str
+    options: Tuple[str, ...]  # every spelling the command line takes, --no- forms included
+    kind: str  # "switch" (true/false), "list" (repeatable), "int", "float", "text"; "command": --help, --version
+    convert: Optional[Callable[[str], Any]] = None  # for text: what the parser does to it
+    choices: Optional[Tuple[Any, ...]] = None
+
+    def config_keys(self) -> List[str]:
+        """The keys a config file may use: each long name (keep-last and keep), not the --no- form
+        a switch gets, as false says that."""
+        negated = {f"--no-{option[2:]}" for option in self.options} if self.kind == "switch" else set()
+        return [option[2:] for option in self.options if option.startswith("--") and option not in negated]
+
+
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag like every other usage error: one line, exit 2
-    (its own habit is a usage dump that buries the message)."""
+    """argparse that reports a bad flag like every other usage error: one line, exit 2 (its own
+    habit is a usage dump that buries the message). It keeps its own table of the flags it was
+    given (`flags`, by dest), so --config checks a file against that, not argparse's internals."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.flags: Dict[str, Flag] = {}
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         raise ConfigError(f"{message} (see --help)")
 
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
+        return self.remember(super().add_argument(*names, **kwargs), kwargs)
 
-def build_parser() -> argparse.ArgumentParser:
+    def group(self, title: str) -> "FlagGroup":
+        return FlagGroup(self, self.add_argument_group(title))
+
+    def remember(self, action: argparse.Action, kwargs: Dict[str, Any]) -> argparse.Action:
+        how = kwargs.get("action", "store")
+        if how in ("help", "version"):
+            kind = "command"  # no value to give: no config key
+        elif how == "store_true" or how is argparse.BooleanOptionalAction:
+            kind = "switch"
+        elif how == "append":
+            kind = "list"
+        else:
+            kinds: Dict[Any, str] = {int: "int", float: "float"}
+            kind = kinds.get(kwargs.get("type"), "text")
+        choices = tuple(kwargs["choices"]) if "choices" in kwargs else None
+        self.flags[action.dest] = Flag(action.dest, tuple(action.option_strings), kind, kwargs.get("type"), choices)
+        return action
+
+    def flag_for_key(self, key: str) -> Optional[Flag]:
+        """The flag a config file's key names (page-format or page_format; keep or keep-last)."""
+        wanted = key.replace("_", "-")
+        return next((flag for flag in self.flags.values() if wanted in flag.config_keys()), None)
+
+
+class FlagGroup:
+    """A titled group of --help whose flags land in the parser's table too."""
+
+    def __init__(self, parser: OneLineParser, group: Any) -> None:
+        self._parser = parser
+        self._group = group
+
+    def add_argument(self, *names: Any, **kwargs: Any) -> argparse.Action:
+        action: argparse.Action = self._group.add_argument(*names, **kwargs)
+        return self._parser.remember(action, kwargs)
+
+
+def build_parser() -> OneLineParser:
     parser = OneLineParser(
         description="Back up a whole Coda workspace (pages as Markdown/HTML, tables and views as CSV)\n"
                     "into timestamped snapshot folders.",
@@ -5995,14 +6063,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", metavar="DIR", help="REQUIRED: folder that holds the snapshots")
     parser.add_argument("-h", "--help", action="help", help="show this help and exit")
     parser.add_argument("--version", action="version", version=f"coda-backup {__version__}")
-    what = parser.add_argument_group("what to back up")
+    what = parser.group("what to back up")
     what.add_argument("--token-file", metavar="PATH", help="read the API token from the first line of this file")
     what.add_argument("--include-shared", **SWITCH, help="also back up docs shared with you")
     what.add_argument("--workspace-id", metavar="ID", help="only docs in this workspace (ws-...)")
     what.add_argument("--skip-hidden-pages", **SWITCH, help="leave out pages that are hidden")
     what.add_argument("--no-views", action="store_true", help="back up base tables only, not views")
-    what.add_argument("--page-format", choices=("markdown", "md", "html", "both"), default="markdown",
-                      help="page content format (default: markdown; md is the same)")
+    what.add_argument("--page-format", choices=("markdown", "md", "html", "both"), default=DEFAULT_PAGE_FORMAT,
+                      help=f"page content format (default: {DEFAULT_PAGE_FORMAT}; md is the same as markdown)")
     what.add_argument("--html-pages", action="store_true", help="same as --page-format both")
     what.add_argument("--rows-json", **SWITCH,
                       help="also write each table's rows as NDJSON (<table>.rows.ndjson), values keyed by column id")
@@ -6028,7 +6096,7 @@ def build_parser() -> argparse.ArgumentParser:
                            f"{DEFAULT_ASSET_HOSTS[0]} always)")
     what.add_argument("--max-asset-mb", type=int, default=DEFAULT_MAX_ASSET_MB, metavar="N",
                       help=f"skip (and list in summary.json) assets larger than N MiB (default {DEFAULT_MAX_ASSET_MB})")
-    how = parser.add_argument_group("how to run")
+    how = parser.group("how to run")
     how.add_argument("--incremental", **SWITCH,
                      help="link unchanged docs, pages and tables from earlier snapshots instead of downloading "
                           "(resumes a cancelled or failed run)")
@@ -6071,7 +6139,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "URL/<exit code> otherwise; never fails the backup")
     how.add_argument("--config", metavar="FILE",
                      help="TOML file with defaults for any flag (keys like page-format); flags override it")
-    runs = parser.add_argument_group("run management")
+    runs = parser.group("run management")
     runs.add_argument("--verify", nargs="?", const=LATEST_LINK, metavar="SNAPSHOT",
                       help="re-hash a snapshot (default: latest) against its manifest and exit; "
                            "exit 1 if a file differs or the snapshot never finished")
@@ -6090,24 +6158,25 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, metavar="N",
                      help=f"the most requests in flight, and tables read at once; a rendering page export "
                           f"waits on a timer, not a worker (default {DEFAULT_CONCURRENCY}; 1 = one request at a time)")
-    how.add_argument("--max-retries", type=int, default=5, metavar="N",
-                     help="retries per request after the first attempt (default 5)")
-    how.add_argument("--retry-delay", type=float, default=1.0, metavar="SECONDS",
-                     help="first backoff delay, doubled on each retry, with jitter (default 1)")
-    how.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                     help="network timeout per request (default 60)")
-    how.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
-                     help="wait between page-export status polls (default 1)")
-    how.add_argument("--export-timeout", type=float, default=120.0, metavar="SECONDS",
-                     help="give up on one page export after this long (default 120)")
+    how.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES, metavar="N",
+                     help=f"retries per request after the first attempt (default {DEFAULT_MAX_RETRIES})")
+    how.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
+                     help=f"first backoff delay, doubled on each retry, with jitter (default {DEFAULT_RETRY_DELAY:g})")
+    how.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                     help=f"network timeout per request (default {DEFAULT_TIMEOUT:g})")
+    how.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL, metavar="SECONDS",
+                     help=f"wait between page-export status polls (default {DEFAULT_POLL_INTERVAL:g})")
+    how.add_argument("--export-timeout", type=float, default=DEFAULT_EXPORT_TIMEOUT, metavar="SECONDS",
+                     help=f"give up on one page export after this long (default {DEFAULT_EXPORT_TIMEOUT:g})")
     how.add_argument("--rate-limits", default=None, metavar="SPEC",
-                     help="client-side pacing, e.g. 'read=100/6,write=10/6,list_docs=4/6' (the default), "
+                     help=f"client-side pacing, e.g. '{rate_limits_spec(DEFAULT_RATE_LIMITS)}' (the default), "
                           "or 'none'")
     how.add_argument("--api-url", default=None, metavar="URL",
                      help=f"API base URL (default: env CODA_API_URL or {DEFAULT_API_URL})")
-    logs = parser.add_argument_group("logging")
-    logs.add_argument("--log-level", default="INFO", type=str.upper,
-                      choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="log detail on stderr (default INFO)")
+    logs = parser.group("logging")
+    logs.add_argument("--log-level", default=DEFAULT_LOG_LEVEL, type=str.upper,
+                      choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                      help=f"log detail on stderr (default {DEFAULT_LOG_LEVEL})")
     logs.add_argument("-v", "--verbose", **SWITCH, help="same as --log-level DEBUG")
     logs.add_argument("-q", "--quiet", **SWITCH, help="only errors on stderr (for cron); no progress line")
     logs.add_argument("--log-file", metavar="PATH", help="also write the log to this file")
@@ -6169,6 +6238,11 @@ def readable_by_others(path: Path) -> Optional[str]:
             if path.stat().st_mode & 0o077:
                 return f"token file {path} is readable by other users; run: chmod 600 {path}"
     return None
+
+
+def rate_limits_spec(limits: Dict[str, Tuple[int, float]]) -> str:
+    """The --rate-limits text for these limits, as --help shows the default."""
+    return ",".join(f"{category}={count}/{seconds:g}" for category, (count, seconds) in limits.items())
 
 
 def parse_rate_limits(spec: Optional[str]) -> Optional[Dict[str, Tuple[int, float]]]:
@@ -6420,19 +6494,19 @@ def run_find(output: Optional[str], pattern: str, as_json: bool) -> int:
     return EXIT_OK if found else EXIT_FAILURES
 
 
-def reparse_with_config(parser: argparse.ArgumentParser, cli: argparse.Namespace,
+def reparse_with_config(parser: OneLineParser, cli: argparse.Namespace,
                         argv: Optional[List[str]]) -> argparse.Namespace:
     """Parse again with the config file's defaults; a repeatable flag given on the command
     line replaces the file's list instead of adding to it."""
     apply_config(parser, cli.config)
     args = parser.parse_args(argv)
-    for action in parser._actions:
-        if isinstance(action, argparse._AppendAction) and getattr(cli, action.dest):
-            setattr(args, action.dest, getattr(cli, action.dest))
+    for flag in parser.flags.values():
+        if flag.kind == "list" and getattr(cli, flag.dest):
+            setattr(args, flag.dest, getattr(cli, flag.dest))
     return args
 
 
-def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
+def apply_config(parser: OneLineParser, path: str) -> None:
     """Make a TOML file's keys the parser's defaults, so command-line flags still win."""
     if sys.version_info < (3, 11):
         raise ConfigError("--config needs Python 3.11 or newer (tomllib); pass the flags on the command line")
@@ -6445,21 +6519,15 @@ def apply_config(parser: argparse.ArgumentParser, path: str) -> None:
         raise ConfigError(f"cannot read --config {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config {path} is not valid TOML: {exc}") from None
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "version", "config")}
-    for action in list(actions.values()):  # a flag's other long names work too (keep-last = keep)
-        for option in action.option_strings:
-            name = option.lstrip("-").replace("-", "_")
-            if option.startswith("--") and not isinstance(action, argparse.BooleanOptionalAction):
-                actions.setdefault(name, action)
     defaults = {}
     for key, value in data.items():
-        dest = key.replace("-", "_")
-        if dest not in actions:
+        flag = parser.flag_for_key(key)
+        if flag is None or flag.kind == "command" or flag.dest == "config":
             raise ConfigError(f"--config {path}: unknown key {key!r}")
-        if actions[dest].dest in ONE_RUN_KEYS:
+        if flag.dest in ONE_RUN_KEYS:
             raise ConfigError(f"--config {path}: {key!r} is for one run and has no --no- form to undo it; "
-                              f"give --{actions[dest].dest.replace('_', '-')} on the command line")
-        defaults[actions[dest].dest] = config_value(actions[dest], key, value)
+                              f"give --{flag.dest.replace('_', '-')} on the command line")
+        defaults[flag.dest] = config_value(flag, key, value)
     parser.set_defaults(**defaults)
 
 
@@ -6469,20 +6537,20 @@ ONE_RUN_KEYS = frozenset({"allow_vanished", "dry_run", "retry_failed", "verify",
                           "prune"})
 
 
-def config_value(action: argparse.Action, key: str, value: Any) -> Any:
+def config_value(flag: Flag, key: str, value: Any) -> Any:
     """Check one config value against what the flag accepts."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+    if flag.kind == "switch":
         valid = isinstance(value, bool)
-    elif isinstance(action, argparse._AppendAction):
+    elif flag.kind == "list":
         valid = isinstance(value, list) and all(isinstance(item, str) for item in value)
-    elif action.type is int:
+    elif flag.kind == "int":
         valid = isinstance(value, int) and not isinstance(value, bool)
-    elif action.type is float:
+    elif flag.kind == "float":
         valid = isinstance(value, (int, float)) and not isinstance(value, bool)
     else:
         valid = isinstance(value, str)
-        value = action.type(value) if valid and callable(action.type) else value
-    if valid and action.choices is not None and value not in action.choices:
+        value = flag.convert(value) if valid and flag.convert is not None else value
+    if valid and flag.choices is not None and value not in flag.choices:
         valid = False
     if not valid:
         raise ConfigError(f"--config: bad value {value!r} for {key!r}")

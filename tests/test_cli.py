@@ -163,7 +163,7 @@ class UsageTest(CliTestCase):
                 self.assertIn(message, self.stderr)
 
     def test_help_lists_every_contract_flag_the_parser_has(self) -> None:
-        known = set(coda_backup.build_parser()._option_string_actions)
+        known = {option for flag in coda_backup.build_parser().flags.values() for option in flag.options}
         self.assertEqual([flag for flag in SEED_FLAGS if flag not in known], [], "seed 001 flags missing")
         self.assertEqual(self.run_main(["--help"]), 0)
         for flag in SEED_FLAGS + LATER_FLAGS:
@@ -204,6 +204,35 @@ class ApiUrlTest(CliTestCase):
         self.set_env("CODA_API_URL", closed_port_url())
         self.assertEqual(self.run_backup(), 0, self.stderr)
         self.assertTrue(self.fake.requests("GET", r"^/whoami$"))
+
+
+class DefaultsTest(CliTestCase):
+    """Each default has one home, a constant: the parser, Options, the HTTP client and --help agree."""
+
+    def test_a_bare_command_line_gives_what_options_and_the_client_default_to(self) -> None:
+        args = coda_backup.build_parser().parse_args(["--output", str(self.out)])
+        options = coda_backup.options_from_args(args)
+        self.assertEqual(options, coda_backup.Options(output=self.out))
+        self.assertEqual(coda_backup.client_settings(options), coda_backup.ClientSettings(
+            api_url=coda_backup.DEFAULT_API_URL, rate_limits=coda_backup.DEFAULT_RATE_LIMITS))
+
+    def test_help_prints_each_default_from_its_constant(self) -> None:
+        self.assertEqual(self.run_main(["--help"]), 0)
+        entries = {}  # flag -> its --help text on one line
+        for entry in re.split(r"\n(?=  -)", self.stdout):
+            names = re.findall(r"(?<![\w-])--[a-z][\w-]*", entry.split("  ", 2)[1] if entry.count("  ") > 1 else "")
+            for name in names:
+                entries.setdefault(name, " ".join(entry.split()))
+        cases = [("--max-retries", coda_backup.DEFAULT_MAX_RETRIES), ("--retry-delay", coda_backup.DEFAULT_RETRY_DELAY),
+                 ("--timeout", coda_backup.DEFAULT_TIMEOUT), ("--poll-interval", coda_backup.DEFAULT_POLL_INTERVAL),
+                 ("--export-timeout", coda_backup.DEFAULT_EXPORT_TIMEOUT),
+                 ("--concurrency", coda_backup.DEFAULT_CONCURRENCY), ("--log-level", coda_backup.DEFAULT_LOG_LEVEL),
+                 ("--max-age", coda_backup.DEFAULT_MAX_AGE_DAYS), ("--keep-vanished", coda_backup.DEFAULT_KEEP_VANISHED),
+                 ("--max-vanished", coda_backup.DEFAULT_MAX_VANISHED), ("--max-asset-mb", coda_backup.DEFAULT_MAX_ASSET_MB)]
+        for flag, value in cases:
+            with self.subTest(flag=flag):
+                shown = f"{value:g}" if isinstance(value, float) else str(value)
+                self.assertRegex(entries.get(flag, ""), rf"\(default:? {re.escape(shown)}[;)]")
 
 
 if __name__ == "__main__":

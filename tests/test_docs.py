@@ -7,7 +7,6 @@ server, no disk beyond reading the files: they run in milliseconds.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import re
 import unittest
@@ -35,10 +34,10 @@ def table_keys(section: str) -> List[str]:
 
 class ReadmeAgreesWithCodeTest(unittest.TestCase):
     def test_every_flag_is_in_the_readme(self) -> None:
-        for action in coda_backup.build_parser()._actions:
-            if isinstance(action, argparse._HelpAction):
+        for flag in coda_backup.build_parser().flags.values():
+            if flag.dest == "help":
                 continue
-            longs = [option for option in action.option_strings if option.startswith("--")]
+            longs = [option for option in flag.options if option.startswith("--")]
             with self.subTest(flags=longs):
                 # A BooleanOptionalAction is documented by either form (`--no-index`, `--incremental`).
                 self.assertTrue(any(f"`{option}" in README for option in longs), f"{longs} not in README.md")
