@@ -58,6 +58,8 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   outcome -> exit code table, every default
     Errors                        BackupError and its kinds: ConfigError (exit 2), FatalError,
                                   ApiError (status and body), listing, export and asset errors
+    Records                       typed records of what becomes JSON: Failure (summary.json
+                                  `failures`)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -141,7 +143,7 @@ import zipfile
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, NoReturn, Optional, Set, Tuple
+from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, NoReturn, Optional, Set, Tuple, Union
 
 __version__ = "0.1.0"
 
@@ -352,6 +354,32 @@ class AssetTooLarge(BackupError):
 
 class AssetDiskError(BackupError):
     """Writing an asset failed on our side; kept apart from network errors so it is not retried."""
+
+
+# --- Records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One thing the run could not save, as summary.json `failures` lists it (and a ping tells it).
+
+    `kind` says what failed (page, table, view, doc, formulas, asset, filter, vanished, run: the
+    README lists them); the ids are None where no doc or object is concerned (a --doc that matched
+    nothing, the run itself); `name` is the object's name as the API gave it, or the step or role
+    that failed; `error` is one line of text, never an exception (a traceback kept alive for the
+    whole run would hold on to whatever its frames held).
+    """
+
+    kind: str
+    doc_id: Optional[str]
+    object_id: Optional[str]
+    name: Optional[str]
+    error: str
+
+    def as_json(self) -> Dict[str, Any]:
+        """The summary.json form; its keys and their order are what monitors and the README know."""
+        return {"kind": self.kind, "doc_id": self.doc_id, "id": self.object_id, "name": self.name,
+                "error": self.error}
 
 
 # --- HTTP client --------------------------------------------------------------
@@ -2209,7 +2237,7 @@ class RunRecorder:
         self.counts: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0, "rows": 0,
                                        "pages_not_exportable": 0, "assets": 0, "asset_bytes": 0}
         self.skipped_unchanged: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
-        self.failures: List[Dict[str, Any]] = []
+        self.failures: List[Failure] = []
         self.skipped: List[Dict[str, Any]] = []  # optional items the API refused (not failures)
         self.warnings: List[str] = []  # what the log said at WARNING, for summary.json and monitors
         self.queued = 0  # pages and tables handed to the pool, for the progress line
@@ -2239,17 +2267,19 @@ class RunRecorder:
         with self._lock:
             self.skipped_unchanged[key] += amount
 
-    def fail(self, kind: str, doc_id: Optional[str], object_id: Optional[str], name: Any, error: Any) -> None:
-        """Record one failed object; the run goes on and ends with exit 1."""
-        text = str(error) or error.__class__.__name__
+    def fail(self, kind: str, error: Union[BaseException, str], *, doc_id: Optional[str] = None,
+             object_id: Optional[str] = None, name: Any = None) -> None:
+        """Record one failed object (a Failure; `name` as the API gave it, any JSON value); the run
+        goes on and ends with exit 1."""
+        failure = Failure(kind=kind, doc_id=doc_id, object_id=object_id, name=None if name is None else str(name),
+                          error=str(error) or error.__class__.__name__)
         if object_id is None:
-            LOG.error("%s: %s", printable(name or kind), printable(text))
+            LOG.error("%s: %s", printable(name or kind), printable(failure.error))
         else:
             LOG.error("%s %s (%s) in doc %s failed: %s", kind, printable(object_id), printable(name),
-                      printable(doc_id), printable(text))
+                      printable(doc_id), printable(failure.error))
         with self._lock:
-            self.failures.append({"kind": kind, "doc_id": doc_id, "id": object_id,
-                                  "name": None if name is None else str(name), "error": text})
+            self.failures.append(failure)
 
     def warn(self, text: str) -> None:
         """A warning for the log and for summary.json `warnings`: a monitor reads the summary, not stderr."""
@@ -2655,7 +2685,7 @@ def end_page(job: Job, doc_id: str, page: Dict[str, Any], entry: Dict[str, Any],
         LOG.debug("page %s failed", page["id"], exc_info=exc)
         entry["status"] = "failed"
         entry["error"] = str(exc)
-        job.recorder.fail("page", doc_id, page["id"], page.get("name"), exc)
+        job.recorder.fail("page", exc, doc_id=doc_id, object_id=page["id"], name=page.get("name"))
     job.journal.saved(doc_id, "page", entry)
     done.set_result(entry)
 
@@ -2730,7 +2760,7 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         LOG.debug("table %s failed", ref["id"], exc_info=True)
         entry["status"] = "failed"
         entry["error"] = str(exc)
-        job.recorder.fail(kind[:-1], doc_id, ref["id"], ref.get("name"), exc)
+        job.recorder.fail(kind[:-1], exc, doc_id=doc_id, object_id=ref["id"], name=ref.get("name"))
     finally:
         job.recorder.settle()
     job.journal.saved(doc_id, "table", entry)
@@ -2889,7 +2919,7 @@ def backup_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> DocWork:
     job.recorder.listed.pages[doc_id] = listed_ids(pages, problem)
     if isinstance(problem, ApiError):
         entry.update(status="failed", error=str(problem))
-        job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
+        job.recorder.fail("doc", problem, doc_id=doc_id, object_id=doc_id, name=doc.get("name"))
         return work
     entry["files"].append(job.write_json(folder / DOC_FILES["pages"], pages, "pages"))
     stems = page_stems(pages)
@@ -2915,7 +2945,7 @@ def backup_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> DocWork:
     for listing_problem in (problem, table_problem):
         if listing_problem is not None:
             entry.update(status="failed", error=str(listing_problem))
-            job.recorder.fail("doc", doc_id, doc_id, doc.get("name"), listing_problem)
+            job.recorder.fail("doc", listing_problem, doc_id=doc_id, object_id=doc_id, name=doc.get("name"))
     # Tables go to the pool before the pages that wait for them: a page may wait for the tables it
     # shows (see export_page), and the queue is first in, first out, so those are already running.
     hosted: Dict[str, List[concurrent.futures.Future[Dict[str, Any]]]] = {}
@@ -2978,11 +3008,11 @@ def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath, items: concu
                 job.recorder.skip(role, doc_id, f"not allowed for this token (HTTP {exc.status})")
             else:
                 extras.errors.append(f"{role}: {exc}")
-                job.recorder.fail(role, doc_id, doc_id, role, exc)
+                job.recorder.fail(role, exc, doc_id=doc_id, object_id=doc_id, name=role)
         except Exception as exc:  # listing cut short, a bug: recorded, the run goes on (a full disk stops it)
             stop_on_disk_trouble(job, exc)
             extras.errors.append(f"{role}: {exc}")
-            job.recorder.fail(role, doc_id, doc_id, role, exc)
+            job.recorder.fail(role, exc, doc_id=doc_id, object_id=doc_id, name=role)
     return extras
 
 
@@ -3426,8 +3456,8 @@ def finish_assets(job: Job, doc_id: str, entry: Dict[str, Any],
                 saved[url] = outcome.record
             elif outcome.status == "failed":
                 errors.append(url)
-                job.recorder.fail("asset", doc_id, entry["id"], entry.get("name"),
-                                  f"{kind} asset {url}: {outcome.reason}")
+                job.recorder.fail("asset", f"{kind} asset {url}: {outcome.reason}",
+                                  doc_id=doc_id, object_id=entry["id"], name=entry.get("name"))
             else:
                 job.recorder.skip("asset", doc_id, f"{url}: {outcome.reason}", id=entry["id"],
                                   name=entry.get("name"), url=url)
@@ -3437,7 +3467,8 @@ def finish_assets(job: Job, doc_id: str, entry: Dict[str, Any],
         stop_on_disk_trouble(job, exc)
         LOG.debug("assets of %s failed", entry["id"], exc_info=True)
         errors.extend(saved)
-        job.recorder.fail("asset", doc_id, entry["id"], entry.get("name"), f"{kind} assets: {exc}")
+        job.recorder.fail("asset", f"{kind} assets: {exc}", doc_id=doc_id, object_id=entry["id"],
+                          name=entry.get("name"))
     entry["assets"] = sorted({record["path"]: record for record in saved.values()}.values(),
                              key=lambda record: str(record["path"]))
     if errors:
@@ -4061,9 +4092,8 @@ def check_vanished(options: Options, recorder: RunRecorder, now: dt.datetime) ->
     if options.allow_vanished:
         recorder.warn(f"{reason}; accepted by --allow-vanished")
         return False
-    recorder.fail("vanished", None, None, "deletion guard",
-                  f"{reason}; latest stays at {latest.name}, nothing is pruned "
-                  "(run again with --allow-vanished to accept the deletions)")
+    recorder.fail("vanished", f"{reason}; latest stays at {latest.name}, nothing is pruned "
+                  "(run again with --allow-vanished to accept the deletions)", name="deletion guard")
     return True
 
 
@@ -5334,7 +5364,7 @@ def list_docs(api: CodaApi, options: Options, recorder: RunRecorder) -> List[Dic
     if isinstance(problem, ApiError):
         raise FatalError(_fatal_message("listing docs", problem)) from problem
     if problem is not None:
-        recorder.fail("listing", None, None, "docs", problem)
+        recorder.fail("listing", problem, name="docs")
     docs = select_docs(docs, options, recorder)
     recorder.expect_docs(len(docs))
     LOG.info("%d doc(s) to back up", len(docs))
@@ -5350,10 +5380,10 @@ def select_docs(docs: List[Dict[str, Any]], options: Options, recorder: RunRecor
     if options.docs:
         unmatched = [value for value in options.docs if not any(matches(doc, value) for doc in docs)]
         for value in unmatched:  # a typo must not pass as a good night, even when other values matched
-            recorder.fail("filter", None, None, "--doc", f"no doc this token lists matches {value!r}")
+            recorder.fail("filter", f"no doc this token lists matches {value!r}", name="--doc")
         chosen = [doc for doc in chosen if any(matches(doc, value) for value in options.docs)]
         if not chosen and not unmatched:
-            recorder.fail("filter", None, None, "--doc", "every doc --doc matched is left out by --exclude-doc")
+            recorder.fail("filter", "every doc --doc matched is left out by --exclude-doc", name="--doc")
     return chosen
 
 
@@ -5401,7 +5431,7 @@ def list_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> Optional[DocWor
     except Exception as exc:  # one bad doc must never stop the run (a full disk does)
         stop_on_disk_trouble(job, exc)
         LOG.debug("doc %s failed", doc["id"], exc_info=True)
-        job.recorder.fail("doc", doc["id"], doc["id"], doc.get("name"), exc)
+        job.recorder.fail("doc", exc, doc_id=doc["id"], object_id=doc["id"], name=doc.get("name"))
         return None
 
 
@@ -5469,7 +5499,7 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
     tables, table_problem = read_all(api.iter_tables(doc))
     for problem in (page_problem, table_problem):
         if problem is not None:
-            recorder.fail("doc", doc_id, doc_id, doc.get("name"), problem)
+            recorder.fail("doc", problem, doc_id=doc_id, object_id=doc_id, name=doc.get("name"))
     chosen = selected_tables(options, doc, tables)
     fetched: Dict[str, Dict[str, Any]] = {}
     for ref in chosen:
@@ -5477,7 +5507,7 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
             fetched[ref["id"]] = api.get_table(doc_id, ref["id"])
         except ApiError as exc:
             kind = "view" if ref.get("tableType") == "view" else "table"
-            recorder.fail(kind, doc_id, ref["id"], ref.get("name"), exc)
+            recorder.fail(kind, exc, doc_id=doc_id, object_id=ref["id"], name=ref.get("name"))
 
     def base_now(table: Dict[str, Any]) -> Any:
         base_id = _ref_id(table.get("parentTable")) or ""
@@ -5555,7 +5585,7 @@ def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stat
         "finished_at": None if status == "running" else iso(finished),
         "duration_s": round((finished - started).total_seconds(), 3),
         "counts": recorder.as_counts(),
-        "failures": list(recorder.failures),
+        "failures": [failure.as_json() for failure in recorder.failures],
         "skipped": list(recorder.skipped),
         "vanished": list(recorder.vanished),
         "warnings": list(recorder.warnings),
@@ -5642,7 +5672,7 @@ def run_backup(options: Options, credentials: "Credentials", status_line: Option
             if reason is not None:
                 http.halt("disk", reason)
             else:
-                recorder.fail("run", None, None, None, exc)
+                recorder.fail("run", exc)
                 run.fatal = f"the run stopped: {exc}"
         halt = run_halt(run, http, asset_http, received)
         if halt is None and run.fatal is None and not cancel.is_set() and run.snapshot is not None:
@@ -5650,7 +5680,7 @@ def run_backup(options: Options, credentials: "Credentials", status_line: Option
                 check_vanished(options, recorder, run.started)  # a tripped guard is a `vanished` failure
             except Exception as exc:  # a bug must not skip end_run; without the check nothing is pruned
                 LOG.debug("vanished check failed", exc_info=True)
-                recorder.fail("run", None, None, "vanished check", exc)
+                recorder.fail("run", exc, name="vanished check")
         return end_run(run, halt, received)
 
 
@@ -5714,7 +5744,7 @@ class RunState:
 
     def facts(self, halt: Optional[Halt], signals: List[int]) -> "RunFacts":
         return RunFacts(
-            failure_kinds=tuple(failure["kind"] for failure in self.recorder.failures),
+            failure_kinds=tuple(failure.kind for failure in self.recorder.failures),
             fatal=None if self.fatal is None else one_line(self.fatal, self.secret),
             halt=None if halt is None else Halt(halt.kind, one_line(halt.reason, self.secret)),
             signal=signals[0] if signals else None,
@@ -5846,7 +5876,7 @@ def settle_snapshot(run: RunState, snapshot: Path, outcome: Outcome, halt: Optio
         return outcome
 
     def failed_step(kind: str, name: str, error: str) -> Outcome:
-        run.recorder.fail(kind, None, None, name, error)
+        run.recorder.fail(kind, error, name=name)
         again = decide_outcome(run.facts(halt, signals))
         try:
             run.write_records(again)
@@ -5925,7 +5955,7 @@ def write_last_run(run: RunState, outcome: Outcome) -> None:
 
 def nothing_selected(options: Options, docs: List[Dict[str, Any]], recorder: RunRecorder) -> bool:
     """--doc matched no doc: the run did nothing, and must not become `latest`."""
-    return bool(options.docs) and not docs and any(f["kind"] == "filter" for f in recorder.failures)
+    return bool(options.docs) and not docs and any(failure.kind == "filter" for failure in recorder.failures)
 
 
 def one_line(text: str, secret: str = "") -> str:
