@@ -14,8 +14,10 @@ import os
 import sys
 import tempfile
 import unittest
+import urllib.parse
+import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent))
@@ -23,6 +25,14 @@ sys.path.insert(0, str(TESTS))
 
 import coda_backup  # noqa: E402
 from fake_coda import FakeCoda  # noqa: E402
+
+# Scratch folders on a RAM file system where the machine has one. The tool fsyncs every file it
+# writes and the folder that holds it (a snapshot must survive a power cut): that is the product's
+# durability, not what these tests test, and on a real disk the syncs alone take a third of the
+# suite's time. A TMPDIR set by the caller wins; so does tempfile's default where there is no /dev/shm.
+RAM_DISK = Path("/dev/shm")
+if "TMPDIR" not in os.environ and RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK | os.X_OK):
+    tempfile.tempdir = str(RAM_DISK)
 
 TOKEN = "test-token-Zx9q"  # distinctive, so leak checks can grep for it
 
@@ -79,12 +89,30 @@ class BackupTestCase(unittest.TestCase):
         return self.run_main(args)
 
     def run_main(self, args: List[str]) -> int:
-        buffer = io.StringIO()
-        with contextlib.redirect_stderr(buffer), contextlib.redirect_stdout(io.StringIO()) as out:
-            code = coda_backup.main(args)
-        self.stderr = buffer.getvalue()
-        self.stdout = out.getvalue()
+        code, self.stdout, self.stderr = run_cli(args)
         return code
+
+    def api_get(self, path: str, **params: str) -> Any:
+        """GET the fake's API directly (what Coda says, to compare with what the backup kept).
+
+        Not logged: the request log stays the backup's own."""
+        url = self.fake.api_url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+        self.fake.log_requests = False
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                return json.loads(answer.read().decode("utf-8"))
+        finally:
+            self.fake.log_requests = True
+
+    def api_items(self, path: str, **params: str) -> List[Dict[str, Any]]:
+        """Every item of an API listing, following nextPageToken."""
+        answer = self.api_get(path, limit="200", **params)
+        items: List[Dict[str, Any]] = list(answer["items"])
+        while answer.get("nextPageToken"):
+            answer = self.api_get(path, pageToken=answer["nextPageToken"])
+            items.extend(answer["items"])
+        return items
 
     # -- reading results ---------------------------------------------------------------
 
@@ -112,6 +140,65 @@ class BackupTestCase(unittest.TestCase):
         matches = list(folder.rglob(pattern))
         self.assertEqual(len(matches), 1, f"{pattern} under {folder}: {matches}")
         return matches[0]
+
+
+class SharedRunTestCase(BackupTestCase):
+    """One backup for the whole class; its tests only read what that run wrote.
+
+    A backup of a sample workspace costs a few tenths of a second; a class of read-only checks
+    (each one area, for clear failures) pays it once. `build(fake)` fills the fake, RUN_FLAGS are
+    the run's flags beyond FAST_FLAGS; the run's exit code, stdout and stderr are kept. Tests must
+    not change the fake, the output folder or the environment (`api_get` does not log).
+    """
+
+    RUN_FLAGS: ClassVar[Tuple[str, ...]] = ()
+    shared_fake: ClassVar[FakeCoda]
+    shared_out: ClassVar[Path]
+    data: ClassVar[Any]
+    code: ClassVar[int]
+    run_stdout: ClassVar[str]
+    run_stderr: ClassVar[str]
+
+    @classmethod
+    def build(cls, fake: FakeCoda) -> Any:
+        """Fill the fake with the workspace the class backs up; returned as `self.data`."""
+        raise NotImplementedError
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        cls.shared_fake = FakeCoda(token=TOKEN, seed=7)
+        cls.shared_fake.start()
+        cls.addClassCleanup(cls.shared_fake.stop)
+        tmp = tempfile.TemporaryDirectory()
+        cls.addClassCleanup(tmp.cleanup)
+        cls.shared_out = Path(tmp.name) / "backups"
+        cls.data = cls.build(cls.shared_fake)
+        args = ["--output", str(cls.shared_out), "--api-url", cls.shared_fake.api_url, *FAST_FLAGS, *cls.RUN_FLAGS]
+        saved = {name: os.environ.get(name) for name in ("CODA_API_TOKEN", "CODA_API_URL")}
+        os.environ["CODA_API_TOKEN"] = TOKEN
+        os.environ.pop("CODA_API_URL", None)
+        try:
+            cls.code, cls.run_stdout, cls.run_stderr = run_cli(args)
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+    def setUp(self) -> None:
+        self.fake = self.shared_fake
+        self.out = self.shared_out
+        self.stdout, self.stderr = self.run_stdout, self.run_stderr
+
+
+def run_cli(args: List[str]) -> Tuple[int, str, str]:
+    """`coda_backup.main(args)` in-process: exit code, stdout, stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()) as out:
+        code = coda_backup.main(args)
+    return code, out.getvalue(), err.getvalue()
 
 
 def read_json(path: Path) -> Any:

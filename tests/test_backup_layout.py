@@ -3,8 +3,10 @@
 Each test runs the real CLI (`coda_backup.main`) over HTTP against a fresh fake. Expected
 values come from the fake's dataset objects (Doc, Page, Table, Row, Column) or from the fake's
 own API answers, never from coda_backup's helpers, so a bug shared by writer and reader cannot
-hide. Runs of the whole sample workspace cost most of this module's time, so each such test
-checks one area (pages, names, tables, metadata, requests) thoroughly, labelled by subTest.
+hide. The tests of the whole sample workspace share one default run (SharedRunTestCase) and each
+checks one area (pages, names, tables, metadata, defaults, requests), labelled by subTest.
+Page formats are in test_page_formats, failed objects in test_resilience, hostile names and ids
+in test_safety.
 """
 
 from __future__ import annotations
@@ -16,19 +18,14 @@ import math
 import os
 import re
 import unittest
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, ClassVar, Dict, List, Set
 
 from fake_coda import Doc, Page, Table, build_sample_workspace, display_text, iso_time
-from support import TOKEN, BackupTestCase, read_csv, read_json
+from support import TOKEN, BackupTestCase, SharedRunTestCase, read_csv, read_json
 
 META = ["_row_id", "_row_name", "_row_index", "_created_at", "_updated_at", "_browser_link"]
 SNAPSHOT_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{6}Z)(-\d+)?$")
-FORBIDDEN = set('<>:"/\\|?*')
-DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL"} | {f"COM{i}" for i in range(1, 10)} | {f"LPT{i}" for i in range(1, 10)}
-MAX_COMPONENT = 120
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -59,39 +56,8 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def portability_problem(component: str) -> Optional[str]:
-    """Why a path component is unsafe on Windows/macOS/Linux (the contract's list), or None."""
-    if component in ("", ".", ".."):
-        return "empty, '.' or '..'"
-    if FORBIDDEN & set(component) or any(ord(ch) < 32 for ch in component):
-        return "forbidden or control character"
-    if component.endswith((".", " ")):
-        return "trailing dot or space"
-    if component.split(".")[0].rstrip(" ").upper() in DEVICE_NAMES:
-        return "reserved device name"
-    if len(component) > MAX_COMPONENT:
-        return f"longer than {MAX_COMPONENT} characters"
-    return None
-
-
 class LayoutTestCase(BackupTestCase):
     """BackupTestCase plus readers for one snapshot and direct calls to the fake's API."""
-
-    def api_get(self, path: str, **params: str) -> Any:
-        """GET the fake's API directly (as the truth to compare with); adds to the request log."""
-        url = self.fake.api_url + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read().decode("utf-8"))
-
-    def api_items(self, path: str, **params: str) -> List[Dict[str, Any]]:
-        items: List[Dict[str, Any]] = []
-        answer = self.api_get(path, limit="200", **params)
-        items.extend(answer["items"])
-        while answer.get("nextPageToken"):
-            answer = self.api_get(path, pageToken=answer["nextPageToken"])
-            items.extend(answer["items"])
-        return items
 
     def page_file(self, doc: Doc, page: Page, suffix: str = ".md") -> Path:
         return self.find_one(self.doc_dir(doc), f"*__{page.id}{suffix}")
@@ -127,17 +93,25 @@ class LayoutTestCase(BackupTestCase):
 
 # --- the whole sample workspace, default flags ------------------------------------------------
 
-class SampleWorkspaceTest(LayoutTestCase):
-    """One default run over fake_coda.build_sample_workspace per test."""
+class SampleWorkspaceTest(SharedRunTestCase, LayoutTestCase):
+    """One default run over fake_coda.build_sample_workspace for the whole class."""
 
-    def setUp(self) -> None:
-        super().setUp()
-        self.data = build_sample_workspace(self.fake)
-        self.doc: Doc = self.data["doc"]
-        self.before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-        self.code = self.run_backup()
-        self.after = dt.datetime.now(dt.timezone.utc)
-        self.requests_logged = len(self.fake.requests(host=None))  # before api_get adds its own
+    doc: ClassVar[Doc]
+    before: ClassVar[dt.datetime]
+    after: ClassVar[dt.datetime]
+    requests_logged: ClassVar[int]
+
+    @classmethod
+    def build(cls, fake: Any) -> Dict[str, Any]:
+        return build_sample_workspace(fake)
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.before = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        super().setUpClass()
+        cls.after = dt.datetime.now(dt.timezone.utc)
+        cls.doc = cls.data["doc"]
+        cls.requests_logged = len(cls.shared_fake.requests(host=None))
 
     def backed_up_docs(self) -> List[Doc]:
         """The docs a default run saves: owned ones (the shared doc is left out)."""
@@ -176,18 +150,9 @@ class SampleWorkspaceTest(LayoutTestCase):
             self.assertEqual(self.manifest_entries("pages")[sync.id]["status"], "skipped")
             self.assertEqual(self.summary()["failures"], [])
 
-    def test_hostile_names_are_portable_and_stay_inside_output(self) -> None:
+    def test_objects_with_hostile_names_keep_their_content(self) -> None:
+        """Where such names may go (inside --output, portable) is test_safety.HostileNamesTest."""
         self.assertEqual(self.code, 0, self.stderr)
-        self.assertEqual(list(self.out.parent.iterdir()), [self.out], "something was written beside --output")
-        root = self.out.resolve()
-        for path in self.out.rglob("*"):
-            relative = path.relative_to(self.out)
-            with self.subTest(path=str(relative)):
-                if path.is_symlink():  # only `latest`, pointing at a snapshot in DIR
-                    self.assertEqual(relative.as_posix(), "latest")
-                self.assertTrue(path.resolve().is_relative_to(root), path.resolve())
-                for component in relative.parts:
-                    self.assertIsNone(portability_problem(component), repr(component))
         for name, page in self.data["hostile_pages"].items():
             with self.subTest(page=name[:20]):
                 self.assertEqual(self.page_file(self.doc, page).read_text(encoding="utf-8"), page.content)
@@ -301,14 +266,32 @@ class SampleWorkspaceTest(LayoutTestCase):
                     (entry["name"], entry["updatedAt"], entry["status"], entry["rowCount"]),
                     (table.name, table.updated_at, "ok", len(table.rows)), table)
                 self.assertEqual(len(read_csv(snapshot / entry["path"])), len(table.rows) + 1, table)
-        with self.subTest("manifest: files carry the sha256 of the file on disk, and list every file"):
+        with self.subTest("manifest: where each object sits and its link, as the API lists them"):
+            for doc in backed_up:
+                api_doc = self.api_get(f"/docs/{doc.id}")
+                entry = next(d for d in manifest["docs"] if d["id"] == doc.id)
+                self.assertEqual(entry["browserLink"], api_doc["browserLink"])
+                api_pages = {item["id"]: item for item in self.api_items(f"/docs/{doc.id}/pages")}
+                for page in doc.pages:
+                    self.assertEqual((pages[page.id]["parentId"], pages[page.id]["browserLink"]),
+                                     (page.parent.id if page.parent else None, api_pages[page.id]["browserLink"]))
+                api_tables = {item["id"]: item for item in self.api_items(f"/docs/{doc.id}/tables")}
+                for table in doc.tables:
+                    self.assertEqual(
+                        (tables[table.id]["parentPageId"], tables[table.id]["tableType"],
+                         tables[table.id]["browserLink"]),
+                        (table.parent_page.id if table.parent_page else None, table.table_type,
+                         api_tables[table.id]["browserLink"]), table)
+            self.assertEqual(pages[self.data["page_c"].id]["parentId"], self.data["page_b"].id)
+        with self.subTest("manifest: files carry the sha256 of the file on disk, and list every file once"):
             records = [record for doc in manifest["docs"]
                        for entry in [doc] + doc["pages"] + doc["tables"] for record in entry["files"]]
             records += manifest["index"]
             for record in records:
                 self.assertEqual(sha256_of(snapshot / record["path"]), record["sha256"], record["path"])
-            self.assertEqual({r["path"] for r in records},
-                             files_under(snapshot) - {"summary.json", "manifest.json"})
+            paths = [r["path"] for r in records]
+            self.assertEqual(len(paths), len(set(paths)), "a file listed twice")
+            self.assertEqual(set(paths), files_under(snapshot) - {"summary.json", "manifest.json"})
         summary = self.summary()
         with self.subTest("summary: status, times, counts, failures"):
             self.assertEqual(summary["status"], "completed")
@@ -328,6 +311,22 @@ class SampleWorkspaceTest(LayoutTestCase):
         with self.subTest("summary: requests.total counts every request the fake saw"):
             self.assertEqual(summary["requests"]["total"], self.requests_logged)
             self.assertEqual((summary["requests"]["retries"], summary["requests"]["rate_limited"]), (0, 0))
+
+    def test_defaults(self) -> None:
+        """No optional flag: Markdown pages only, doc extras saved, no NDJSON, no zip."""
+        self.assertEqual(self.code, 0, self.stderr)
+        snapshot = self.latest()
+        canvas = [page for doc in self.backed_up_docs() for page in doc.pages if page.content_type == "canvas"]
+        posted = [record.body.get("outputFormat") for record in self.fake.requests("POST", r"/export$")]
+        self.assertEqual(posted, ["markdown"] * len(canvas))
+        for page in canvas:
+            self.assertEqual(list((snapshot / "docs").rglob(f"*__{page.id}.html")), [], page)
+        self.assertEqual(list(snapshot.rglob("*.ndjson")), [], "NDJSON only with --rows-json")
+        self.assertEqual(list(self.out.glob("*.zip")), [], "a zip only with --zip")
+        formulas = read_json(self.doc_dir(self.doc) / "formulas.json")
+        formulas = formulas["items"] if isinstance(formulas, dict) else formulas
+        self.assertEqual([(item["name"], item["value"]) for item in formulas], [("Total Points", 29)])
+        self.assertTrue((self.doc_dir(self.doc) / "permissions.json").is_file())
 
     def test_requests_token_and_latest(self) -> None:
         self.assertEqual(self.code, 0, self.stderr)
@@ -383,14 +382,6 @@ class HiddenPagesTest(LayoutTestCase):
                 self.assertEqual(self.page_file(self.doc, page).read_text(encoding="utf-8"), page.content)
         self.assertEqual(self.summary()["failures"], [])
 
-    def test_without_the_flag_the_hidden_page_and_its_child_are_saved(self) -> None:
-        self.assertEqual(self.run_backup(), 0, self.stderr)
-        folder = self.doc_dir(self.doc) / "pages" / f"Roadmap__{self.roadmap.id}"
-        self.assertEqual((folder / f"Internal Notes__{self.hidden.id}.md").read_text(encoding="utf-8"),
-                         self.hidden.content)
-        self.assertEqual(
-            (folder / f"Internal Notes__{self.hidden.id}" / f"Draft Ideas__{self.child.id}.md")
-            .read_text(encoding="utf-8"), self.child.content)
 
 
 class ViewsTest(LayoutTestCase):
@@ -475,104 +466,6 @@ class DocSelectionTest(LayoutTestCase):
         self.assertEqual(self.saved_doc_ids(), {self.elsewhere.id})
         self.assertEqual(self.page_file(self.elsewhere, self.welcome).read_text(encoding="utf-8"),
                          self.welcome.content)
-
-
-# --- page formats ---------------------------------------------------------------------------
-
-class PageFormatTest(LayoutTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.doc = self.fake.add_doc("Guide")
-        self.rendered = self.doc.add_page("Intro", content="# Intro\n\nHello *world*.\n\n- one\n- two\n")
-        self.custom = self.doc.add_page("Custom", html="<!DOCTYPE html><p>exported by Coda</p>\n")
-        self.pages = [self.rendered, self.custom]
-
-    def formats_posted(self) -> List[str]:
-        return sorted(r.body["outputFormat"] for r in self.fake.requests("POST", r"/export$"))
-
-    def test_html_writes_the_html_export(self) -> None:
-        self.assertEqual(self.run_backup("--page-format", "html"), 0, self.stderr)
-        for page in self.pages:
-            with self.subTest(page=page.name):
-                self.assertEqual(self.page_file(self.doc, page, ".html").read_text(encoding="utf-8"),
-                                 page.render("html"))
-                self.assertEqual(list(self.doc_dir(self.doc).rglob(f"*__{page.id}.md")), [])
-        self.assertEqual(self.formats_posted(), ["html", "html"])
-
-    def test_both_writes_markdown_and_html(self) -> None:
-        self.assertEqual(self.run_backup("--page-format", "both"), 0, self.stderr)
-        pages = self.manifest_entries("pages")
-        for page in self.pages:
-            with self.subTest(page=page.name):
-                markdown = self.page_file(self.doc, page, ".md")
-                html = self.page_file(self.doc, page, ".html")
-                self.assertEqual(markdown.read_text(encoding="utf-8"), page.content)
-                self.assertEqual(html.read_text(encoding="utf-8"), page.render("html"))
-                listed = {Path(record["path"]).name for record in pages[page.id]["files"]}
-                self.assertEqual(listed, {markdown.name, html.name})
-        self.assertEqual(self.formats_posted(), ["html", "html", "markdown", "markdown"])
-
-
-# --- failures are recorded, the rest is saved --------------------------------------------------
-
-class FailureTest(LayoutTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self.doc = self.fake.add_doc("Ops")
-        self.pages = [self.doc.add_page(name) for name in ("Runbook", "On-call", "Postmortems")]
-        self.tables = [
-            self.doc.add_table(name, columns=["Name", "Owner"], parent_page=self.pages[0],
-                               rows=[{"Name": f"{name} {i}", "Owner": "ana"} for i in range(3)])
-            for name in ("Services", "Alerts", "Dashboards")
-        ]
-
-    def assert_saved(self, pages: List[Page], tables: List[Table]) -> None:
-        for page in pages:
-            self.assertEqual(self.page_file(self.doc, page).read_text(encoding="utf-8"), page.content, page)
-        for table in tables:
-            self.assert_csv_matches_table(self.table_csv(self.doc, table), table, ["Name", "Owner"])
-
-    def assert_one_failure(self, kind: str, object_id: str, name: str) -> None:
-        summary = self.summary()
-        self.assertEqual(summary["status"], "completed_with_errors")
-        self.assertEqual(summary["counts"]["failures"], 1)
-        self.assertEqual(len(summary["failures"]), 1, summary["failures"])
-        failure = summary["failures"][0]
-        self.assertEqual({key: failure.get(key) for key in ("kind", "doc_id", "id", "name")},
-                         {"kind": kind, "doc_id": self.doc.id, "id": object_id, "name": name})
-        self.assertIsInstance(failure.get("error"), str)
-        self.assertTrue(failure["error"].strip(), failure)
-
-    def test_failed_export_is_recorded_and_other_pages_saved(self) -> None:
-        bad = self.pages[1]
-        bad.export_fail_times = 1000
-        self.assertEqual(self.run_backup(), 1, self.stderr)
-        self.assert_one_failure("page", bad.id, bad.name)
-        self.assert_no_file_for(bad.id)
-        self.assertEqual(self.manifest_entries("pages")[bad.id]["status"], "failed")
-        self.assert_saved([self.pages[0], self.pages[2]], self.tables)
-
-    def test_rows_endpoint_failing_fails_that_table_only(self) -> None:
-        bad = self.tables[1]
-        self.fake.add_fault(rf"/tables/{bad.id}/rows", status=500, times=None)
-        self.assertEqual(self.run_backup("--max-retries", "2"), 1, self.stderr)
-        self.assert_one_failure("table", bad.id, bad.name)
-        self.assertEqual(len(self.fake.requests("GET", rf"/tables/{bad.id}/rows$")), 3, "--max-retries 2 = 3 tries")
-        self.assertEqual(list(self.doc_dir(self.doc).rglob(f"*__{bad.id}.csv")), [], "no CSV for a failed table")
-        entries = self.manifest_entries("tables")
-        self.assertEqual(entries[bad.id]["status"], "failed")
-        self.assertEqual({entries[t.id]["status"] for t in (self.tables[0], self.tables[2])}, {"ok"})
-        self.assert_saved(self.pages, [self.tables[0], self.tables[2]])
-
-    def test_expired_export_request_is_started_again(self) -> None:
-        page = self.pages[2]
-        page.export_expire_times = 1
-        self.assertEqual(self.run_backup(), 0, self.stderr)
-        self.assertEqual(len(self.posts_for(page)), 2)
-        self.assertEqual(len(self.posts_for(self.pages[0])), 1)
-        self.assertEqual(self.summary()["failures"], [])
-        self.assertEqual(self.manifest_entries("pages")[page.id]["status"], "ok")
-        self.assert_saved(self.pages, self.tables)
 
 
 # --- snapshots over several runs ---------------------------------------------------------------

@@ -186,15 +186,6 @@ class ApiUrlTest(CliTestCase):
                              + FAST_FLAGS)
         self.assert_clean_error(code, 3)
 
-    def test_max_retries_bounds_the_attempts(self) -> None:
-        self.fake.add_fault(r"^/whoami$", status=503, times=None)
-        for retries in (0, 2):
-            with self.subTest(max_retries=retries):
-                self.fake.clear_log()
-                code = self.run_backup("--max-retries", str(retries))
-                self.assert_clean_error(code, 3)
-                self.assertEqual(len(self.fake.requests("GET", r"^/whoami$")), retries + 1)
-
     def test_coda_api_url_env_is_used_without_the_flag(self) -> None:
         self.set_env("CODA_API_URL", self.fake.api_url)
         self.assertEqual(self.run_main(["--output", str(self.out)] + FAST_FLAGS), 0, self.stderr)

@@ -50,6 +50,10 @@ class ConcurrencyTest(BackupTestCase):
         self.assertEqual(len(self.fake.requests("POST", r"/export$")), pages + 2)
 
     def test_concurrency_1_sends_one_request_at_a_time(self) -> None:
+        # Requests go one after another here, so the latency is paid serially: a shorter one still
+        # overlaps any two that were sent together (the export threads, workers and listers start
+        # at once).
+        self.fake.latency = LATENCY / 2
         self.run_with(1, pages=2, tables=1)
         self.assertEqual(self.fake.max_in_flight, 1)
 
@@ -69,17 +73,17 @@ class PacingTest(BackupTestCase):
         self.assertEqual(self.fake.errors, [], "the fake hit an internal error")
 
     def test_client_paces_each_category_to_its_rate_limit(self) -> None:
-        # --rate-limits 5 requests per 0.5 s per category. The run makes about 20 reads and 8
+        # --rate-limits 5 requests per 0.25 s per category. The run makes about 20 reads and 8
         # export POSTs, far more than one window allows. What pacing guarantees whatever the
         # machine's load: the client hands out start slots so that request k + 5 of a category
         # starts at least one window after request k, and nothing is sent before its slot, so the
         # n-th read the fake sees comes at least (n - 1) // 5 windows after the run began. (The
         # fake does not limit here: whether a loaded machine, between the client's send and the
-        # fake's read, loses more than the client's small margin on a 0.5 s window and so puts a
+        # fake's read, loses more than the client's small margin on a 0.25 s window and so puts a
         # sixth request into one window at the fake is timing, not pacing. The window maths with
         # a stepped clock is in test_pacing; 429s ridden through and counted are in
         # test_resilience.)
-        window, limit = 0.5, 5
+        window, limit = 0.25, 5
         add_doc(self.fake, "Paced", pages=8, tables=3)
         began = time.monotonic()
         code = self.run_backup("--rate-limits", f"read={limit}/{window},write={limit}/{window},"

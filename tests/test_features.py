@@ -15,19 +15,16 @@ import os
 import sys
 import threading
 import time
-import urllib.parse
-import urllib.request
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
 import coda_backup
-from fake_coda import FakeCoda, build_sample_workspace, display_text, iso_time
+from fake_coda import FakeCoda, display_text, iso_time
 from support import FAST_FLAGS, TOKEN, BackupTestCase, read_csv, read_json
 
 HAVE_TOMLLIB = sys.version_info >= (3, 11)
-SNAPSHOT_META = ("summary.json", "manifest.json")
 
 
 def build_small_workspace(fake: FakeCoda, two_docs: bool = True) -> SimpleNamespace:
@@ -141,13 +138,6 @@ class FeatureTestCase(BackupTestCase):
     def object_file(self, obj: Any, suffix: str, snapshot: Optional[Path] = None) -> Path:
         """The one file of a page/table ending in `__<id><suffix>` in its doc folder."""
         return self.find_one(self.doc_dir(obj.doc, snapshot), f"*__{obj.id}{suffix}")
-
-    def api_get(self, path: str, **params: str) -> Any:
-        """Ask the fake API directly (what Coda says), to compare with what the backup kept."""
-        url = self.fake.api_url + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
-        with urllib.request.urlopen(request, timeout=5) as answer:
-            return json.loads(answer.read().decode("utf-8"))
 
     def assert_page_files(self, snapshot: Path, pages: List[Any], formats: Tuple[str, ...]) -> None:
         """Each page has exactly the files of `formats`, with the exported bytes, listed in the manifest."""
@@ -865,76 +855,6 @@ class LoggingTest(FeatureTestCase):
         self.assertIn("no-such-doc-42", second, "--quiet quiets stderr, not the log file")
         self.assertIn(" INFO ", second)
         self.assertNotIn(TOKEN, again)
-
-
-# --- manifest.json as a restore aid -----------------------------------------------------------------
-
-
-class DefaultRunTest(FeatureTestCase):
-    """One run with no optional flag on the nasty sample workspace: defaults, and the manifest."""
-
-    def make_workspace(self) -> SimpleNamespace:
-        return SimpleNamespace(**build_sample_workspace(self.fake))
-
-    def api_list(self, path: str, **params: str) -> Dict[str, Dict[str, Any]]:
-        return {item["id"]: item for item in self.api_get(path, limit="200", **params)["items"]}
-
-    def test_default_run(self) -> None:
-        self.assertEqual(self.run_backup(), 0, self.stderr)
-        self.snapshot = self.latest()
-        with self.subTest("defaults"):
-            self.check_defaults()
-        with self.subTest("manifest maps every file back"):
-            self.check_manifest()
-
-    def check_defaults(self) -> None:
-        doc = self.ws.doc
-        pages = [page for page in doc.pages if page.content_type == "canvas"]
-        self.assert_page_files(self.snapshot, pages, ("markdown",))
-        self.assert_exported_formats(len(pages) + 2, ("markdown",))  # + doc2's Home, other_ws_doc's Welcome
-        self.assertEqual(list(self.snapshot.rglob(f"*__{self.ws.sync_page.id}.*")), [], "not exportable")
-        self.assertEqual(list(self.snapshot.rglob("*.ndjson")), [], "NDJSON only with --rows-json")
-        self.assertEqual(list(self.out.glob("*.zip")), [], "a zip only with --zip")
-        formulas = item_list(read_json(self.doc_dir(doc, self.snapshot) / "formulas.json"))
-        self.assertEqual([(item["name"], item["value"]) for item in formulas], [("Total Points", 29)])
-        self.assertTrue((self.doc_dir(doc, self.snapshot) / "permissions.json").is_file())
-
-    def check_manifest(self) -> None:
-        manifest = self.manifest(self.snapshot)
-        owners = manifest_owners(manifest)
-        on_disk = {path for path in files_under(self.snapshot) if path not in SNAPSHOT_META}
-        self.assertEqual(set(owners), on_disk, "every file is in the manifest, and nothing else")
-        self.assertEqual({path: len(holders) for path, holders in owners.items() if len(holders) != 1}, {})
-
-        docs = self.api_list("/docs", isOwner="true")
-        self.assertEqual(len(docs), 3)
-        for doc_id, api_doc in docs.items():
-            entry = manifest_entry(manifest, "docs", doc_id)
-            self.assertEqual((entry["name"], entry["browserLink"]), (api_doc["name"], api_doc["browserLink"]))
-
-        doc = self.ws.doc
-        api_pages = self.api_list(f"/docs/{doc.id}/pages")
-        for page in doc.pages:
-            with self.subTest(page=page.name[:40]):
-                entry = manifest_entry(manifest, "pages", page.id)
-                self.assertEqual(entry["name"], page.name)
-                self.assertEqual(entry["parentId"], page.parent.id if page.parent else None)
-                self.assertEqual(entry["browserLink"], api_pages[page.id]["browserLink"])
-                if page.content_type == "canvas":
-                    self.assertEqual(entry["status"], "ok")
-                    self.assertIn(entry["path"], {record["path"] for record in entry["files"]})
-        api_tables = self.api_list(f"/docs/{doc.id}/tables")
-        for table in doc.tables:
-            with self.subTest(table=table.name):
-                entry = manifest_entry(manifest, "tables", table.id)
-                self.assertEqual(entry["name"], table.name)
-                self.assertEqual(entry["parentPageId"], table.parent_page.id)
-                self.assertEqual(entry["tableType"], table.table_type)
-                self.assertEqual(entry["browserLink"], api_tables[table.id]["browserLink"])
-                self.assertEqual(entry["rowCount"], len(table.rows))
-                self.assertIn(entry["path"], {record["path"] for record in entry["files"]})
-        child = manifest_entry(manifest, "pages", self.ws.page_c.id)
-        self.assertEqual(child["parentId"], self.ws.page_b.id)
 
 
 class DamagedFilesTest(FeatureTestCase):

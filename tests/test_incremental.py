@@ -401,25 +401,6 @@ class ManifestAndVerifyTest(IncrementalTestCase):
             self.assertEqual(code, 0, self.stdout)
 
 
-class StrictLatestTest(IncrementalTestCase):
-    def test_doc_scoped_requests_carry_the_latest_header_only_when_asked(self) -> None:
-        ws = build_small_workspace(self.fake)
-        self.backup(extras=True)
-        self.assertTrue(self.fake.requests())
-        self.assertEqual([r.path for r in self.fake.requests() if "x-coda-doc-version" in r.headers], [])
-
-        self.fake.clear_log()
-        self.backup("--strict-latest", extras=True)
-        doc_scoped = [  # the doc's content; sharing settings (/acl/...) are not versioned with it
-            record for record in self.fake.requests(None, r"^/docs/[^/]+(/|$)") if "/acl/" not in record.path
-        ]
-        self.assertTrue(any(r.path == self.export_path(ws.overview) for r in doc_scoped))
-        self.assertTrue(any(r.path == self.rows_path(ws.items) for r in doc_scoped))
-        self.assertTrue(any(r.path.endswith("/formulas") for r in doc_scoped))
-        for record in doc_scoped:
-            self.assertEqual(record.headers.get("x-coda-doc-version"), "latest", f"{record.method} {record.path}")
-
-
 class FallbackTest(IncrementalTestCase):
     def test_broken_or_missing_previous_manifest_means_a_full_backup(self) -> None:
         build_small_workspace(self.fake)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import sys
 import unittest
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import coda_backup
 from fake_coda import FAULT_KINDS, FakeCoda
-from support import FAST_FLAGS, TOKEN, BackupTestCase, read_csv, tree_bytes
+from support import TOKEN, BackupTestCase, read_csv, tree_bytes
 
 ENOUGH_RETRIES = ["--max-retries", "8"]  # a 10 % fault rate cannot exhaust nine attempts
 TEMP_PREFIXES = (".tmp-", ".latest-")  # atomic_file's temp files and point_latest's temp symlink
@@ -206,15 +205,11 @@ class RideThroughTest(ResilienceCase):
         self.assertEqual(len(self.fake.requests("POST", rf"/pages/{data['notes'].id}/export$")), 1)
         self.assertSameTree(clean, snapshot)
 
-    def test_without_strict_latest_the_header_is_never_sent(self) -> None:
-        build_nightly(self.fake)
-        self.clean_snapshot()
-        carrying = [r.path for r in self.fake.requests(host=None) if "x-coda-doc-version" in r.headers]
-        self.assertEqual(carrying, [])
-
     def test_strict_latest_sends_the_header_and_retries_a_stale_doc(self) -> None:
         data = build_nightly(self.fake)
         clean = self.clean_snapshot()
+        carrying = [r.path for r in self.fake.requests(host=None) if "x-coda-doc-version" in r.headers]
+        self.assertEqual(carrying, [], "the header without --strict-latest")
         self.fake.clear_log()
         data["doc"].stale_times = 2
         code, snapshot = self.run_new("--strict-latest")
@@ -352,23 +347,15 @@ class RecordedFailureTest(ResilienceCase):
                     self.failure_for(self.summary(snapshot), people.id)
 
     def test_api_unreachable_after_retries_exits_3(self) -> None:
+        """An API that answers 503 forever; one that refuses connections is in test_cli."""
         build_nightly(self.fake)
-        with socket.socket() as probe:  # a port nobody listens on
-            probe.bind(("127.0.0.1", 0))
-            closed_url = f"http://127.0.0.1:{probe.getsockname()[1]}/apis/v1"
-        with self.subTest("connection refused"):
-            code = self.run_main(["--output", str(self.out), "--api-url", closed_url, *FAST_FLAGS,
-                                  "--max-retries", "2"])
-            self.assertEqual(code, 3, self.stderr)
-            self.assertNotIn("Traceback", self.stderr)
-            self.assertIsNone(coda_backup.read_latest(self.out))
-        with self.subTest("whoami answers 503 forever"):
-            self.fake.add_fault(r"^/whoami$", status=503, times=None)
-            code, snapshot = self.run_new("--max-retries", "2")
-            self.assertEqual(code, 3, self.stderr)
-            self.assertEqual(len(self.fake.requests("GET", r"^/whoami$")), 3)
-            self.assertEqual(self.summary(snapshot)["status"], "failed")
-            self.assertIsNone(coda_backup.read_latest(self.out), "latest moved after a fatal run")
+        self.fake.add_fault(r"^/whoami$", status=503, times=None)
+        code, snapshot = self.run_new("--max-retries", "2")
+        self.assertEqual(code, 3, self.stderr)
+        self.assertNotIn("Traceback", self.stderr)
+        self.assertEqual(len(self.fake.requests("GET", r"^/whoami$")), 3)
+        self.assertEqual(self.summary(snapshot)["status"], "failed")
+        self.assertIsNone(coda_backup.read_latest(self.out), "latest moved after a fatal run")
         self.assertNoLeftovers()
 
 

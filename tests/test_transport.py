@@ -129,7 +129,10 @@ class TerminalProgressTest(BackupTestCase):
         import pty
 
         small_workspace(self.fake)
-        self.fake.latency = 0.05  # long enough for the status line to be drawn a few times
+        # The line is drawn every Monitor.DRAW_EVERY seconds: the fake holds one page export until
+        # the test has seen the line, so the run lasts long enough however fast or slow the machine.
+        hold = self.fake.hold(r"/export$", "POST")
+        self.addCleanup(hold.release)
         master, slave = pty.openpty()
         self.addCleanup(os.close, master)
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
@@ -150,8 +153,11 @@ class TerminalProgressTest(BackupTestCase):
                 if not chunk:
                     break
                 seen += chunk
+                if all(part in seen for part in (b"\x1b[K", b"objects ", b"req/s")):
+                    hold.release()
             elif proc.poll() is not None:
                 break
+        hold.release()  # the line never came: let the run end so the assertions below can say so
         self.assertEqual(proc.wait(timeout=30), 0, seen[-2000:])
         text = seen.decode("utf-8", "replace")
         self.assertIn("\x1b[K", text)
