@@ -218,8 +218,10 @@ class DefaultsTest(CliTestCase):
                  ("--timeout", coda_backup.DEFAULT_TIMEOUT), ("--poll-interval", coda_backup.DEFAULT_POLL_INTERVAL),
                  ("--export-timeout", coda_backup.DEFAULT_EXPORT_TIMEOUT),
                  ("--concurrency", coda_backup.DEFAULT_CONCURRENCY), ("--log-level", coda_backup.DEFAULT_LOG_LEVEL),
-                 ("--max-age", coda_backup.DEFAULT_MAX_AGE_DAYS), ("--keep-vanished", coda_backup.DEFAULT_KEEP_VANISHED),
-                 ("--max-vanished", coda_backup.DEFAULT_MAX_VANISHED), ("--max-asset-mb", coda_backup.DEFAULT_MAX_ASSET_MB)]
+                 ("--max-age", coda_backup.DEFAULT_MAX_AGE_DAYS),
+                 ("--keep-vanished", coda_backup.DEFAULT_KEEP_VANISHED),
+                 ("--max-vanished", coda_backup.DEFAULT_MAX_VANISHED),
+                 ("--max-asset-mb", coda_backup.DEFAULT_MAX_ASSET_MB)]
         for flag, value in cases:
             with self.subTest(flag=flag):
                 shown = f"{value:g}" if isinstance(value, float) else str(value)
