@@ -57,7 +57,8 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
     Constants                     API base, limits, layout names, exit codes and the one
                                   outcome -> exit code table, every default
     Errors                        BackupError and its kinds: ConfigError (exit 2), FatalError,
-                                  ApiError (status and body), listing, export and asset errors
+                                  ApiError (status and body; 0: no answer), MalformedAnswer,
+                                  RefusedRequest, DeadlineReached, listing, export and asset errors
     Records                       typed records of what becomes JSON: Failure (summary.json
                                   `failures`)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
@@ -318,7 +319,8 @@ class Cancelled(BackupError):
 
 
 class ApiError(BackupError):
-    """An API call failed for good; `status` is 0 when no HTTP answer came."""
+    """An API call failed for good; `status` is 0 only when no HTTP answer came (refused, reset,
+    DNS, TLS, timed out: what ConnectionBreaker counts), else the status of the last answer."""
 
     def __init__(self, status: int, message: str, url: str = "") -> None:
         self.status = status
@@ -326,6 +328,29 @@ class ApiError(BackupError):
         self.url = url
         where = f" ({url})" if url else ""
         super().__init__(f"HTTP {status}: {message}{where}" if status else f"{message}{where}")
+
+
+class MalformedAnswer(ApiError):
+    """The API answered with success but not in the documented shape: a body that is not a JSON
+    object, an export answer without a request id, a row whose values are not an object.
+
+    An answer came, so this is that object's failure and never a sign of a lost API; `status` is
+    200 (the answer said success). Its text is the problem alone, without "HTTP 200".
+    """
+
+    def __init__(self, message: str, url: str = "") -> None:
+        super().__init__(200, message, url)
+        self.args = (f"{message} ({url})" if url else message,)
+
+
+class RefusedRequest(BackupError):
+    """A request our own rules will not send: credentials to a host other than the API, a URL
+    scheme other than http and https. Nothing went out, so no answer was missed either."""
+
+
+class DeadlineReached(BackupError):
+    """The caller's deadline (a page export's --export-timeout) passed before a request could go
+    out: nothing was asked, so nothing failed to answer."""
 
 
 class ListingIncomplete(BackupError):
@@ -694,7 +719,7 @@ class HttpClient:
         redacted = _redact_url(url)
 
         def attempt(timeout: float) -> Any:
-            current = url
+            current, status = url, 0
             for _ in range(MAX_REDIRECTS + 1):
                 with self._stream(current, timeout) as raw:
                     location = raw.getheader("location")
@@ -703,13 +728,13 @@ class HttpClient:
                         target = urllib.parse.urljoin(current, location.strip())
                         if not may_follow(target):
                             raise ApiError(raw.status, f"refused a redirect to {_redact_url(target)}", redacted)
-                        current = target
+                        current, status = target, raw.status
                         continue
                     if raw.status == 429 or raw.status >= 500:
                         raise _Transient(f"HTTP {raw.status} from {urllib.parse.urlsplit(current).netloc}",
                                          raw.status, _retry_after(raw.getheader("retry-after")))
                     return accept(raw)
-            raise ApiError(0, "too many redirects", redacted)
+            raise ApiError(status, "too many redirects", redacted)
 
         return self._with_retries(attempt, category, redacted)
 
@@ -818,7 +843,7 @@ class HttpClient:
             LOG.debug("retrying %s in %.2fs after: %s", url, delay, failure)
             self.sleep(delay)
         if failure is None:
-            raise ApiError(0, "no time left before the deadline", url)
+            raise DeadlineReached(f"no time left before the deadline ({url})")
         late = " (deadline reached)" if deadline is not None and attempts <= self.settings.max_retries else ""
         raise ApiError(failure.status, f"gave up after {attempts} attempt(s){late}: {failure}", url)
 
@@ -874,7 +899,7 @@ class HttpClient:
         """One request on this thread's connection; `timeout` bounds connecting and each read."""
         parts = urllib.parse.urlsplit(url)
         if "Authorization" in headers and (parts.scheme, parts.netloc) != (self._api.scheme, self._api.netloc):
-            raise ApiError(0, "refusing to send credentials to a host other than the API", _redact_url(url))
+            raise RefusedRequest(f"refusing to send credentials to a host other than the API ({_redact_url(url)})")
         headers = dict(headers, **{"User-Agent": USER_AGENT, "Accept-Encoding": "gzip"})
         target = parts.path or "/"
         if parts.query:
@@ -966,7 +991,7 @@ class HttpClient:
         elif scheme == "http":
             conn = http.client.HTTPConnection(netloc, timeout=self.settings.timeout)
         else:
-            raise ApiError(0, f"unsupported URL scheme {scheme!r}")
+            raise RefusedRequest(f"unsupported URL scheme {scheme!r}")
         connections[(scheme, netloc)] = conn
         with self._opened_lock:
             self._opened.append(conn)
@@ -1142,7 +1167,7 @@ class CodaApi:
                                                   deadline=deadline, claimed=claimed), path)
         request_id = answer.get("id")
         if not isinstance(request_id, str) or not request_id:
-            raise ApiError(0, "export answer has no request id", path)
+            raise MalformedAnswer("export answer has no request id", path)
         return request_id
 
     def export_status(self, doc_id: str, page_id: str, request_id: str,
@@ -1240,7 +1265,7 @@ def doc_size(doc: Dict[str, Any], key: str) -> Any:
 
 def _expect_dict(value: Any, path: str) -> Dict[str, Any]:
     if not isinstance(value, dict):
-        raise ApiError(0, "answer is not a JSON object", path)
+        raise MalformedAnswer("answer is not a JSON object", path)
     return value
 
 
@@ -1584,7 +1609,7 @@ def csv_line(cells: List[str]) -> str:
 def csv_record(row: Dict[str, Any], column_ids: List[str]) -> List[str]:
     values = row.get("values")
     if not isinstance(values, dict):
-        raise ApiError(0, f"row {row.get('id')!r} has values that are not an object")
+        raise MalformedAnswer(f"row {row.get('id')!r} has values that are not an object")
     meta = [row.get("id"), row.get("name"), row.get("index"), row.get("createdAt"),
             row.get("updatedAt"), row.get("browserLink")]
     return [csv_cell(value) for value in meta] + [csv_cell(values.get(column_id)) for column_id in column_ids]
@@ -2542,7 +2567,7 @@ class ExportScheduler:
                 elif self._poll(export):
                     end_page(export.job, export.doc_id, export.page, export.entry, export.done)
             except Exception as exc:  # one bad page must never stop the run (a cancel or a full disk does)
-                if isinstance(exc, ApiError) and time.monotonic() >= export.deadline:
+                if isinstance(exc, (ApiError, DeadlineReached)) and time.monotonic() >= export.deadline:
                     exc = ExportError(f"export did not finish within {self._options.export_timeout:g}s: {exc}")
                 end_page(export.job, export.doc_id, export.page, export.entry, export.done, exc)
 

@@ -7,10 +7,13 @@ number of requests no fixed run comes near, so such a test fails instead of hang
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from typing import Any
 
 from fake_coda import FakeCoda
-from support import BackupTestCase, coda_backup
+from support import TOKEN, BackupTestCase, coda_backup
 
 RUNAWAY = 60  # requests to one endpoint after which the hook turns the fault off
 
@@ -22,6 +25,13 @@ def stop_after(fake: FakeCoda, switch: str, path_end: str, most: int = RUNAWAY) 
             setattr(fake, switch, None)
 
     fake.after_api.append(hook)
+
+
+def closed_port() -> int:
+    """A port nothing listens on: connecting to it is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class MisbehavingServerTest(BackupTestCase):
@@ -81,3 +91,61 @@ class MisbehavingServerTest(BackupTestCase):
         self.assertEqual(len(self.manifest(snapshot)["docs"]), 2)
         warnings = self.summary(snapshot)["warnings"]
         self.assertEqual(len([w for w in warnings if "came more than once in the listing" in w]), 3, warnings)
+
+
+class AnswerOrNoAnswerTest(BackupTestCase):
+    """ApiError with status 0 means no HTTP answer came, and only that feeds the breaker that ends a
+    run as `api_lost`; an answer in the wrong shape, a request our own rules refuse and a deadline
+    already past are other errors, none of them a sign of a lost API."""
+
+    def client(self, api_url: str) -> Any:
+        settings = coda_backup.ClientSettings(api_url=api_url, max_retries=0, retry_delay=0.001, timeout=2.0)
+        client = coda_backup.HttpClient(settings, TOKEN, threading.Event())
+        self.addCleanup(client.close)
+        return client
+
+    def test_only_no_answer_is_status_0_and_counts_toward_a_lost_api(self) -> None:
+        doc = self.fake.add_doc("Alpha")
+        pages = [doc.add_page("One"), doc.add_page("Two")]
+        gone = f"http://127.0.0.1:{closed_port()}/apis/v1"
+        self.fake.add_fault(r"^/whoami$", status=200, body=[1, 2], times=None)
+        self.fake.add_fault(r"/tables/grid-x$", status=200, body="[]", times=None)
+        self.fake.add_fault(r"/export$", method="POST", status=200, body={"status": "inProgress"}, times=None)
+        self.fake.add_fault(r"/blobs/", status=302, headers={"Location": "/docs/d/blobs/loop"}, times=None,
+                            host="assets")
+        assets = self.fake.assets_url + "docs/d/blobs/"
+        cases = [
+            # (label, API base, two different requests, the error each raises)
+            ("port refused", gone, lambda api: api.whoami(), lambda api: api.get_table("d", "t"),
+             coda_backup.ApiError),
+            ("not a JSON object", self.fake.api_url, lambda api: api.whoami(),
+             lambda api: api.get_table(doc.id, "grid-x"), coda_backup.MalformedAnswer),
+            ("export answer without a request id", self.fake.api_url,
+             lambda api: api.start_export(doc.id, pages[0].id, "markdown"),
+             lambda api: api.start_export(doc.id, pages[1].id, "markdown"), coda_backup.MalformedAnswer),
+            ("unsupported scheme", self.fake.api_url, lambda api: api.download("ftp://127.0.0.1/a"),
+             lambda api: api.download("file:///etc/passwd"), coda_backup.RefusedRequest),
+            ("deadline already past", self.fake.api_url,
+             lambda api: api.export_status(doc.id, pages[0].id, "r-1", time.monotonic() - 1),
+             lambda api: api.export_status(doc.id, pages[1].id, "r-2", time.monotonic() - 1),
+             coda_backup.DeadlineReached),
+            ("too many redirects", self.fake.api_url,
+             lambda api: api.http.get_streamed(assets + "a", lambda raw: raw.read(), lambda url: True),
+             lambda api: api.http.get_streamed(assets + "b", lambda raw: raw.read(), lambda url: True),
+             coda_backup.ApiError),
+        ]
+        for label, api_url, first, second, error in cases:
+            with self.subTest(label):
+                api = coda_backup.CodaApi(self.client(api_url))
+                raised = []
+                for call in (first, second):
+                    with self.assertRaises(error) as caught:
+                        call(api)
+                    raised.append(caught.exception)
+                no_answer = [isinstance(exc, coda_backup.ApiError) and exc.status == 0 for exc in raised]
+                self.assertEqual(no_answer, [label == "port refused"] * 2, [str(exc) for exc in raised])
+                self.assertEqual(api.http.breaker.unanswered(), 2 if label == "port refused" else 0)
+                self.assertIsNone(api.http.halted)
+        self.assertEqual(self.fake.requests("GET", r"/export/r-"), [], "a request went out after its deadline")
+        with self.assertRaises(coda_backup.MalformedAnswer):  # rows come in an answer that said success
+            coda_backup.csv_record({"id": "i-1", "values": [1]}, [])
