@@ -179,6 +179,7 @@ DEFAULT_RATE_LIMITS: Dict[str, Tuple[int, float]] = {
 }
 RATE_WINDOW_MARGIN = 1.02  # pace against a slightly longer window: transit times differ
 RATE_RECOVERY_WINDOWS = 5.0  # after a 429, climb back to the full rate over this many windows
+PROBE_LEAD = 0.5  # the probe (see pacing_after_answer) goes this part of a window before the window allows it
 MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
 SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
@@ -410,14 +411,37 @@ class Failure:
 # --- HTTP client --------------------------------------------------------------
 
 
-class RateLimiter:
-    """Paces one Coda limit category: at most `limit` starts in any window.
+def pacing_after_answer(model: str, probe: bool, status: Optional[int]) -> Tuple[str, bool]:
+    """How a category is paced after one of its requests is answered (`status` None: no HTTP
+    answer), and whether the answer slows the category down: returns (model, slow_down).
 
-    It keeps the start times it handed out (some in the future) and gives the
-    next caller the earliest moment that keeps every window within the allowed
-    count, which lets concurrent workers run right at the ceiling without
-    bursting past it. A 429 halves the allowed rate and honours Retry-After;
-    the rate then climbs back linearly over a few windows.
+    Coda does not say whether it counts a limit as a sliding window (at most N in any W) or as a
+    token bucket (a burst of N, then N per W continuously). Pacing starts "unknown", which paces
+    to the window (a bucket accepts that too). The probe, one request sent half a window before
+    the window would let it go, tells them apart: a window server must refuse it, a bucket
+    accepts it. Its 429 is the answer asked for, so it slows nothing down. Any other 429 means the
+    server is stricter than the pacing: slow down, pace to the window and probe no more.
+    An answer that proves nothing (no answer, a 5xx) leaves the model as it was.
+    """
+    if status == 429:
+        return "window", not probe
+    if probe and status is not None and status < 500:
+        return "bucket", False
+    return model, False
+
+
+class RateLimiter:
+    """Paces one Coda limit category to `limit` requests per `window`.
+
+    It keeps the start times it handed out (some in the future) and gives the next caller the
+    earliest moment the server's model allows, which lets concurrent workers run right at the
+    ceiling without bursting past it. Until the server has shown how it counts, that is a sliding
+    window (at most `limit` starts in any window); once a window is full, one probe goes early
+    (pacing_after_answer). A server that accepts it is a token bucket, paced from then on as one
+    (GCRA: one request every window / limit, a burst of `limit`), which spreads the requests
+    instead of sending them in window-sized bursts: the last ones go up to a window earlier.
+    A 429 halves the allowed rate and honours Retry-After; the rate then climbs back linearly
+    over a few windows.
     """
 
     def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -426,10 +450,15 @@ class RateLimiter:
         self.limit = limit
         self.window = window * RATE_WINDOW_MARGIN
         self.allowed = float(limit)
+        self.model = "unknown"  # "window" or "bucket" once the server has shown it (pacing_after_answer)
         self._clock = clock
         self._starts: Deque[float] = deque()
         self._paused_until = 0.0
         self._adjusted_at = clock()
+        self._interval = self.window / limit  # the bucket's refill time per request
+        self._due = 0.0  # GCRA's theoretical arrival time: the bucket, had it been paced to, is empty then
+        self._probe: Optional[float] = None  # the slot of the probe in flight ...
+        self._probe_start = 0.0  # ... and when it went out
         self._lock = threading.Lock()
 
     def reserve(self) -> float:
@@ -440,8 +469,11 @@ class RateLimiter:
         """Claim the next start slot; return it and how long to wait before using it."""
         with self._lock:
             now = self._clock()
-            at = self._next_slot(now)
+            at, probe = self._next_slot(now)
+            if probe:
+                self._probe = self._probe_start = at
             self._starts.append(at)
+            self._due = max(self._due, at) + self._interval
             return at, max(0.0, at - now)
 
     def started(self, slot: float, at: float) -> None:
@@ -451,6 +483,9 @@ class RateLimiter:
         if at <= slot:
             return
         with self._lock:
+            self._due = max(self._due, at + self._interval)
+            if slot == self._probe:
+                self._probe_start = at
             try:
                 self._starts.remove(slot)
             except ValueError:
@@ -460,28 +495,55 @@ class RateLimiter:
                 index -= 1
             self._starts.insert(index, at)
 
+    def answered(self, slot: float, status: Optional[int], retry_after: Optional[float] = None) -> None:
+        """The request given `slot` was answered with `status` (None: no HTTP answer)."""
+        with self._lock:
+            probe = self._probe is not None and slot == self._probe
+            if probe:
+                self._probe = None
+            self.model, slow_down = pacing_after_answer(self.model, probe, status)
+            if probe and status == 429:
+                with contextlib.suppress(ValueError):  # a refused request does not count in a window
+                    self._starts.remove(self._probe_start)
+            if status == 429:
+                self._rate_limited(slow_down, retry_after)
+
     def delay(self) -> float:
         """How long a reserve() now would wait, claiming nothing: 0 while the budget has room."""
         with self._lock:
             now = self._clock()
-            return max(0.0, self._next_slot(now) - now)
+            return max(0.0, self._next_slot(now)[0] - now)
 
-    def _next_slot(self, now: float) -> float:
+    def _next_slot(self, now: float) -> Tuple[float, bool]:
+        """The next start slot, and whether it is the probe."""
         self._recover(now)
         while self._starts and self._starts[0] <= now - self.window:
             self._starts.popleft()
+        earliest = max(now, self._paused_until, self._starts[-1] if self._starts else now)
+        bucket_at = self._due - (self.limit - 1) * self._interval
+        if self.model == "bucket":
+            return max(earliest, bucket_at), False
         allowed = max(1, int(self.allowed))
-        at = now if len(self._starts) < allowed else self._starts[-allowed] + self.window
-        return max(at, self._paused_until, self._starts[-1] if self._starts else now)
+        if len(self._starts) < allowed:
+            return earliest, False
+        oldest = self._starts[-allowed]
+        at = max(earliest, oldest + self.window)
+        if self.model == "unknown" and self._probe is None and allowed == self.limit:
+            # Half a window early: a bucket has refilled half its burst by then, and every start of
+            # the full window is still in it, so a window server must refuse it whatever the
+            # network did to the arrival times (up to a quarter of a window).
+            probe_at = max(earliest, oldest + PROBE_LEAD * self.window, bucket_at)
+            if probe_at <= oldest + (1 - PROBE_LEAD / 2) * self.window:
+                return probe_at, True
+        return at, False
 
-    def on_rate_limited(self, retry_after: Optional[float]) -> None:
-        """Slow down after a 429; pause the whole category for Retry-After."""
-        with self._lock:
-            now = self._clock()
-            self._recover(now)
+    def _rate_limited(self, slow_down: bool, retry_after: Optional[float]) -> None:
+        now = self._clock()
+        self._recover(now)
+        if slow_down:
             self.allowed = max(1.0, self.allowed / 2)
-            if retry_after:
-                self._paused_until = max(self._paused_until, now + retry_after)
+        if retry_after:
+            self._paused_until = max(self._paused_until, now + retry_after)
 
     def _recover(self, now: float) -> None:
         if self.allowed < self.limit:
@@ -833,7 +895,7 @@ class HttpClient:
             except (OSError, http.client.HTTPException) as exc:
                 failure = _Transient(f"connection error: {exc.__class__.__name__}: {exc}")
             if failure.status == 429:
-                self._rate_limited(category, failure.retry_after)
+                self.stats.count_rate_limited()  # the limiter heard of it from _send
             if number == self.settings.max_retries:
                 break
             delay = failure.retry_after if failure.retry_after is not None else self._backoff(number)
@@ -846,12 +908,6 @@ class HttpClient:
             raise DeadlineReached(f"no time left before the deadline ({url})")
         late = " (deadline reached)" if deadline is not None and attempts <= self.settings.max_retries else ""
         raise ApiError(failure.status, f"gave up after {attempts} attempt(s){late}: {failure}", url)
-
-    def _rate_limited(self, category: str, retry_after: Optional[float]) -> None:
-        self.stats.count_rate_limited()
-        limiter = self._limiters.get(category)
-        if limiter:
-            limiter.on_rate_limited(retry_after)
 
     def _backoff(self, number: int) -> float:
         """Exponential backoff with jitter: base * 2^n, scaled by 0.5-1.0, capped."""
@@ -870,9 +926,18 @@ class HttpClient:
     def _sending(self) -> None:
         """Tell the limiter when the request this thread was paced for really goes out."""
         paced = self._local.__dict__.pop("slot", None)
+        self._local.sent = paced
         if paced is not None:
             limiter, slot = paced
             limiter.started(slot, time.monotonic())
+
+    def _answered(self, status: Optional[int], retry_after: Optional[str] = None) -> None:
+        """Tell the limiter how the request this thread sent was answered (None: not at all):
+        a 429 slows its category down, and the probe's answer says how the server counts."""
+        paced = self._local.__dict__.pop("sent", None)
+        if paced is not None:
+            limiter, slot = paced
+            limiter.answered(slot, status, _retry_after(retry_after) if status == 429 else None)
 
     def sleep(self, seconds: float) -> None:
         """Sleep that ends early, with Cancelled, when the run is cancelled."""
@@ -918,13 +983,16 @@ class HttpClient:
                 raw = conn.getresponse()
                 data = raw.read()
         except (OSError, http.client.HTTPException) as exc:
+            self._answered(None)
             self._drop_connection(parts.scheme, parts.netloc)
             if to_api:
                 self._connection_failed(exc, f"{method} {parts.path}")
             raise
         except BaseException:
+            self._answered(None)
             self._drop_connection(parts.scheme, parts.netloc)
             raise
+        self._answered(raw.status, raw.getheader("retry-after"))
         if to_api:
             self.breaker.answered()
         reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)

@@ -83,16 +83,22 @@ def lower_bound(counts: Dict[str, int], limits: Dict[str, Tuple[int, float]], ex
     A token bucket (a burst of N, then N per W) lets the c-th request go at (c - N) * W / N. A
     sliding window (at most N in any W) is stricter: request k + N must come a whole W after
     request k, so the c-th goes at (c - 1) // N * W at the earliest, whichever way it is paced.
+    The last export start is followed by at least one render; the last read or doc listing by
+    nothing that needs counting (its answer's latency is left out: a floor, not an estimate).
     """
     bound = 0.0
     for name, (limit, window) in limits.items():
         count = counts.get(name, 0)
+        if count == 0:
+            continue
         if model == "bucket":
             earliest = max(0, count - limit) * window / limit
         else:
-            earliest = max(0, count - 1) // limit * window
+            earliest = (count - 1) // limit * window
+        if name == "write" and exports:
+            earliest += export_delay
         bound = max(bound, earliest)
-    return bound + (export_delay if exports else 0.0)
+    return bound
 
 
 # Workspace shapes: build_large_workspace arguments plus the fake's latency and export render time.
@@ -128,7 +134,7 @@ def shapes(args: argparse.Namespace) -> None:
     names = [args.shape] if args.shape else list(SHAPES)
     models = ["window", "bucket"] if args.rate_model == "both" else [args.rate_model]
     print(f"limits {limits}; floor = the needed requests as the server's model allows them (bucket: the "
-          f"published rate after one full burst; window: a full window per N) + one export render")
+          f"published rate after one full burst; window: a full window per N), the last export start + one render")
     print(f"{'shape':<12} {'model':<7} {'exit':>4} {'wall':>7} {'floor':>7} {'wall/floor':>10} "
           f"{'requests':>8} {'429s':>6} {'429 %':>6}  needed by category")
     for name in names:

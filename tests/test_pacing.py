@@ -26,38 +26,143 @@ def run_schedule(limiter: cb.RateLimiter, clock: Clock, requests: int) -> list:
     return starts
 
 
+class Server:
+    """One limit counted as the fake counts it: a sliding window (at most `limit` accepted in any
+    `window`) or a token bucket (`limit` tokens refilled at limit / window per second)."""
+
+    def __init__(self, model: str, limit: int, window: float) -> None:
+        self.model, self.limit, self.window = model, limit, window
+        self.accepted: list = []
+        self.refused = 0
+        self._tokens, self._counted = float(limit), None
+
+    def answer(self, at: float) -> int:
+        if self.model == "bucket":
+            counted = at if self._counted is None else self._counted
+            self._tokens = min(float(self.limit), self._tokens + (at - counted) * self.limit / self.window)
+            self._counted = at
+            allowed = self._tokens >= 1.0
+            self._tokens -= 1.0 if allowed else 0.0
+        else:
+            allowed = sum(1 for start in self.accepted if start > at - self.window) < self.limit
+        if not allowed:
+            self.refused += 1
+            return 429
+        self.accepted.append(at)
+        return 200
+
+
+def serve(limiter: cb.RateLimiter, clock: Clock, server: Server, requests: int) -> None:
+    """One worker sends `requests` requests, each when the limiter says, again after a 429."""
+    for _ in range(requests):
+        status = 429
+        while status == 429:
+            slot, wait = limiter.take()
+            clock.now += wait
+            status = server.answer(clock.now)
+            limiter.answered(slot, status)
+
+
 class RateLimiterTest(unittest.TestCase):
-    def test_burst_up_to_limit_then_waits_a_window(self) -> None:
+    def test_burst_up_to_limit_then_the_probe_then_a_window(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(10, 6.0, clock)
-        delays = [limiter.reserve() for _ in range(11)]
+        delays = [limiter.reserve() for _ in range(12)]
+        window = 6.0 * cb.RATE_WINDOW_MARGIN
         self.assertEqual(delays[:10], [0.0] * 10)
-        self.assertAlmostEqual(delays[10], 6.0 * cb.RATE_WINDOW_MARGIN)
+        self.assertAlmostEqual(delays[10], cb.PROBE_LEAD * window)  # the probe, unanswered yet
+        self.assertAlmostEqual(delays[11], window)  # the rest wait for the window meanwhile
 
-    def test_no_window_ever_holds_more_than_the_limit(self) -> None:
+    def test_the_probe_tells_a_window_server_from_a_bucket(self) -> None:
+        window = 6.0 * cb.RATE_WINDOW_MARGIN
+        cases = [  # model, limit, what pacing learns, 429s, when the 1000th request goes at the latest
+            ("window", 100, "window", 1, 9 * window + 0.01),
+            ("bucket", 100, "bucket", 0, 900 * window / 100 + 0.01),
+            ("window", 1, "unknown", 0, 999 * window + 0.01),  # one per window: the models are one, no probe
+            ("bucket", 1, "unknown", 0, 999 * window + 0.01),
+        ]
+        for model, limit, learnt, refused, last in cases:
+            with self.subTest(model=model, limit=limit):
+                clock = Clock()
+                limiter = cb.RateLimiter(limit, 6.0, clock)
+                server = Server(model, limit, 6.0)
+                serve(limiter, clock, server, 1000 if limit > 1 else 30)
+                self.assertEqual((limiter.model, server.refused), (learnt, refused))
+                self.assertEqual(limiter.allowed, float(limit))  # the probe's 429 slowed nothing down
+                if limit > 1:
+                    self.assertLessEqual(server.accepted[-1] - server.accepted[0], last)
+
+    def test_paced_to_the_window_no_window_holds_more_than_the_limit(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(100, 6.0, clock)
-        starts = run_schedule(limiter, clock, 1000)
+        server = Server("window", 100, 6.0)
+        serve(limiter, clock, server, 1000)
+        starts = server.accepted
         for index, start in enumerate(starts):
-            in_window = [s for s in starts[index:] if s < start + 6.0]
-            self.assertLessEqual(len(in_window), 100)
-        # ...and it runs at the ceiling: 1000 requests take about 10 windows, not more.
-        self.assertLess(starts[-1] - starts[0], 10 * 6.0 * cb.RATE_WINDOW_MARGIN)
+            self.assertLessEqual(len([s for s in starts[index:] if s < start + 6.0]), 100)
+
+    def test_the_probe_waits_for_an_answer_and_no_answer_proves_nothing(self) -> None:
+        clock = Clock()
+        limiter = cb.RateLimiter(4, 6.0, clock)
+        slots = [limiter.take()[0] for _ in range(6)]  # 4 now, the probe, one a window on
+        window = limiter.window
+        self.assertEqual([round(slot - clock.now, 6) for slot in slots],
+                         [0.0] * 4 + [round(cb.PROBE_LEAD * window, 6), round(window, 6)])
+        cases = [("the probe's connection failed", None), ("the probe met a 503", 503)]
+        for case, status in cases:
+            with self.subTest(case):
+                clock = Clock()
+                limiter = cb.RateLimiter(4, 6.0, clock)
+                slots = [limiter.take()[0] for _ in range(5)]
+                limiter.answered(slots[4], status)
+                self.assertEqual(limiter.model, "unknown")
+                self.assertEqual(limiter.take()[0], slots[4])  # so the next request probes again
+                limiter.answered(slots[4], 200)
+                self.assertEqual(limiter.model, "bucket")
 
     def test_concurrent_reservations_are_spread_out(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(4, 6.0, clock)
+        slots = [limiter.take()[0] for _ in range(5)]
+        limiter.answered(slots[4], 429)  # paced to the window from now on, the probe not counted
         delays = sorted(limiter.reserve() for _ in range(12))  # 12 workers asking at once
         window = 6.0 * cb.RATE_WINDOW_MARGIN
-        for got, expected in zip(delays, [0.0] * 4 + [window] * 4 + [2 * window] * 4):
-            self.assertAlmostEqual(got, expected, places=6)
+        for got, want in zip(delays, [window] * 4 + [2 * window] * 4 + [3 * window] * 4):
+            self.assertAlmostEqual(got, want, places=6)
+
+    def test_answers_decide_the_model(self) -> None:
+        cases = [  # model, probe, status -> model, slow down
+            ("unknown", True, 429, "window", False),  # the probe refused: a window, and no slow-down
+            ("unknown", True, 200, "bucket", False),
+            ("unknown", True, 404, "bucket", False),  # the limit let it through all the same
+            ("unknown", True, 503, "unknown", False),
+            ("unknown", True, None, "unknown", False),
+            ("unknown", False, 200, "unknown", False),
+            ("unknown", False, 429, "window", True),  # stricter than the pacing: no probing after that
+            ("bucket", False, 429, "window", True),  # a bucket that is not: back to the window for good
+            ("bucket", False, 200, "bucket", False),
+            ("window", False, 200, "window", False),
+            ("window", False, 429, "window", True),
+        ]
+        for model, probe, status, expected, slow_down in cases:
+            with self.subTest(model=model, probe=probe, status=status):
+                self.assertEqual(cb.pacing_after_answer(model, probe, status), (expected, slow_down))
+
+    def test_a_429_while_paced_as_a_bucket_falls_back_to_the_window(self) -> None:
+        clock = Clock()
+        limiter = cb.RateLimiter(10, 6.0, clock)
+        serve(limiter, clock, Server("bucket", 10, 6.0), 30)
+        self.assertEqual(limiter.model, "bucket")
+        slot, _ = limiter.take()
+        limiter.answered(slot, 429)
+        self.assertEqual((limiter.model, limiter.allowed), ("window", 5.0))
 
     def test_429_halves_the_rate_and_recovers_gradually(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(100, 6.0, clock)
-        limiter.on_rate_limited(None)
+        limiter.answered(limiter.take()[0], 429)
         self.assertEqual(limiter.allowed, 50.0)
-        limiter.on_rate_limited(None)
+        limiter.answered(limiter.take()[0], 429)
         self.assertEqual(limiter.allowed, 25.0)
         clock.now += limiter.window  # one window later: part of the way back
         limiter.reserve()
@@ -70,15 +175,20 @@ class RateLimiterTest(unittest.TestCase):
     def test_rate_never_drops_below_one(self) -> None:
         limiter = cb.RateLimiter(4, 6.0, Clock())
         for _ in range(10):
-            limiter.on_rate_limited(None)
+            limiter.answered(limiter.take()[0], 429)
         self.assertEqual(limiter.allowed, 1.0)
 
     def test_retry_after_pauses_the_whole_category(self) -> None:
-        clock = Clock()
-        limiter = cb.RateLimiter(100, 6.0, clock)
-        limiter.on_rate_limited(3.0)
-        self.assertAlmostEqual(limiter.reserve(), 3.0)
-        self.assertAlmostEqual(limiter.reserve(), 3.0)
+        cases = [("an ordinary 429", 100, 1, 50.0), ("the probe's 429", 5, 6, 5.0)]
+        for case, limit, taken, allowed in cases:
+            with self.subTest(case):
+                clock = Clock()
+                limiter = cb.RateLimiter(limit, 6.0, clock)
+                slots = [limiter.take()[0] for _ in range(taken)]
+                limiter.answered(slots[-1], 429, 10.0)
+                self.assertEqual(limiter.allowed, allowed)
+                self.assertAlmostEqual(limiter.reserve(), 10.0)
+                self.assertAlmostEqual(limiter.reserve(), 10.0)
 
     def test_bad_limits_are_refused(self) -> None:
         for limit, window in ((0, 6.0), (5, 0.0)):

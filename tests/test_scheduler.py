@@ -70,10 +70,9 @@ class RenderTimesTest(unittest.TestCase):
 class BudgetDelayTest(unittest.TestCase):
     def test_delay_says_when_the_budget_has_room_and_claims_nothing(self) -> None:
         clock = Clock()
-        limiter = coda_backup.RateLimiter(2, 6.0, clock)
+        limiter = coda_backup.RateLimiter(1, 6.0, clock)
         self.assertEqual(limiter.delay(), 0.0)
         self.assertEqual(limiter.delay(), 0.0)  # asking twice claimed nothing
-        limiter.reserve()
         limiter.reserve()
         window = 6.0 * coda_backup.RATE_WINDOW_MARGIN
         self.assertAlmostEqual(limiter.delay(), window)  # empty: room again one window after the first
