@@ -22,10 +22,12 @@ tables and rows, few pages), ``mixed`` (read and write floors within 10 % of eac
 where start-up and the tail count). The floor counts the requests the run needs for what it
 saves (extras included: every accepted API request, less status polls beyond one per export),
 as early as the server's model lets them go (bucket: the published rate after a first full burst;
-window: a whole window per N requests, as request k + N must come a window after request k), plus
-one export's render time. Only
-API-host requests count (``fake.requests()`` is the API host): export downloads and asset fetches
-go to other hosts, which Coda does not rate limit, so they add nothing to the floor.
+window: a whole window per N requests, as request k + N must come a window after request k), the
+last export start followed by one export's render time. Only API-host requests count
+(``fake.requests()`` is the API host): export downloads and asset fetches go to other hosts, which
+Coda does not rate limit, so they add nothing to the floor. Each run gets
+a fresh fake; ``--serial`` adds a ``--concurrency 1`` run per shape and model and prints
+serial / default.
 
 Memory mode measures the peak RSS of the CLI backing up one table of 200 000 rows and one of
 20 000 rows (no latency, no rate limits: memory is what is measured).
@@ -41,6 +43,7 @@ its counts against what was changed.
     python3 benchmarks/bench.py --mode diff          # --diff of two 1 000 000-row snapshots (a minute or two)
     python3 benchmarks/bench.py --mode shapes        # five shapes x two rate models (about 15 minutes)
     python3 benchmarks/bench.py --mode shapes --shape mixed --rate-model bucket
+    python3 benchmarks/bench.py --mode shapes --shape read-bound --serial   # and --concurrency 1 for each model
 """
 
 from __future__ import annotations
@@ -133,33 +136,50 @@ def shapes(args: argparse.Namespace) -> None:
     limits = dict(coda_backup.DEFAULT_RATE_LIMITS)
     names = [args.shape] if args.shape else list(SHAPES)
     models = ["window", "bucket"] if args.rate_model == "both" else [args.rate_model]
+    runs: List[Tuple[str, List[str]]] = [("default", [])]
+    if args.serial:
+        runs.append(("serial", ["--concurrency", "1"]))
     print(f"limits {limits}; floor = the needed requests as the server's model allows them (bucket: the "
-          f"published rate after one full burst; window: a full window per N), the last export start + one render")
-    print(f"{'shape':<12} {'model':<7} {'exit':>4} {'wall':>7} {'floor':>7} {'wall/floor':>10} "
-          f"{'requests':>8} {'429s':>6} {'429 %':>6}  needed by category")
+          f"published rate after one full burst; window: a full window per N), the last export start + one render; "
+          f"load = the 1-minute load average when the run started")
+    print(f"{'shape':<12} {'model':<7} {'run':<8} {'exit':>4} {'wall':>7} {'floor':>7} {'wall/floor':>10} "
+          f"{'requests':>8} {'429s':>6} {'429 %':>6} {'load':>5}  needed by category")
     for name in names:
         shape = SHAPES[name]
         for model in models:
-            fake = FakeCoda(token=TOKEN, seed=1)
-            fake.start()
-            try:
-                build_large_workspace(fake, docs=int(shape["docs"]), pages=int(shape["pages"]),
-                                      tables=int(shape["tables"]), rows=int(shape["rows"]))
-                fake.latency = shape["latency"]
-                fake.export_delay = shape["export_delay"]
-                fake.rate_limits = limits
-                fake.rate_model = model
-                out = Path(tempfile.mkdtemp(prefix=f"coda-bench-{name}-"))
-                code, wall, _ = run_cli(["--output", str(out), "--api-url", fake.api_url, "--quiet",
-                                         *args.extra], cli_env())
-                needed = needed_requests(fake)
-                floor = lower_bound(needed, limits, shape["export_delay"], needed.get("write", 0), model)
-                total = len(fake.requests())
-                print(f"{name:<12} {model:<7} {code:>4} {wall:>6.1f}s {floor:>6.1f}s {wall / floor:>10.2f} "
-                      f"{total:>8} {fake.rate_limited:>6} {100.0 * fake.rate_limited / max(total, 1):>5.2f}%  "
-                      f"{dict(sorted(needed.items()))}", flush=True)
-            finally:
-                fake.stop()
+            walls: Dict[str, float] = {}
+            for label, extra in runs:
+                walls[label] = shape_run(name, shape, model, label, [*extra, *args.extra], limits)
+            if "serial" in walls:
+                print(f"{name:<12} {model:<7} serial / default wall: {walls['serial'] / walls['default']:.2f}x",
+                      flush=True)
+
+
+def shape_run(name: str, shape: Dict[str, float], model: str, label: str, extra: List[str],
+              limits: Dict[str, Tuple[int, float]]) -> float:
+    """One run of the CLI on a fresh fake of this shape; print its row and return its wall time."""
+    fake = FakeCoda(token=TOKEN, seed=1)
+    fake.start()
+    try:
+        build_large_workspace(fake, docs=int(shape["docs"]), pages=int(shape["pages"]),
+                              tables=int(shape["tables"]), rows=int(shape["rows"]))
+        fake.latency = shape["latency"]
+        fake.export_delay = shape["export_delay"]
+        fake.rate_limits = limits
+        fake.rate_model = model
+        out = Path(tempfile.mkdtemp(prefix=f"coda-bench-{name}-"))
+        load = os.getloadavg()[0]
+        code, wall, _ = run_cli(["--output", str(out), "--api-url", fake.api_url, "--quiet", *extra], cli_env())
+        shutil.rmtree(out, ignore_errors=True)
+        needed = needed_requests(fake)
+        floor = lower_bound(needed, limits, shape["export_delay"], needed.get("write", 0), model)
+        total = len(fake.requests())
+        print(f"{name:<12} {model:<7} {label:<8} {code:>4} {wall:>6.1f}s {floor:>6.1f}s {wall / floor:>10.2f} "
+              f"{total:>8} {fake.rate_limited:>6} {100.0 * fake.rate_limited / max(total, 1):>5.2f}% {load:>5.1f}  "
+              f"{dict(sorted(needed.items()))}", flush=True)
+        return wall
+    finally:
+        fake.stop()
 
 
 def run_cli(args: List[str], env: Dict[str, str], stdout: Any = subprocess.DEVNULL) -> Tuple[int, float, int]:
@@ -345,6 +365,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="with --mode shapes: how the fake counts the limits")
     parser.add_argument("--extra", action="append", default=[], metavar="FLAG",
                         help="with --mode shapes: one more CLI flag for every run (repeatable)")
+    parser.add_argument("--serial", action="store_true",
+                        help="with --mode shapes: also run each shape with --concurrency 1 and print serial / default")
     parser.add_argument("--docs", type=int, default=10)
     parser.add_argument("--pages", type=int, default=300)
     parser.add_argument("--tables", type=int, default=60)

@@ -75,22 +75,23 @@ class RateLimiterTest(unittest.TestCase):
 
     def test_the_probe_tells_a_window_server_from_a_bucket(self) -> None:
         window = 6.0 * cb.RATE_WINDOW_MARGIN
-        cases = [  # model, limit, what pacing learns, 429s, when the 1000th request goes at the latest
-            ("window", 100, "window", 1, 9 * window + 0.01),
-            ("bucket", 100, "bucket", 0, 900 * window / 100 + 0.01),
-            ("window", 1, "unknown", 0, 999 * window + 0.01),  # one per window: the models are one, no probe
-            ("bucket", 1, "unknown", 0, 999 * window + 0.01),
+        reserve = int(100 * cb.BUCKET_RESERVE)
+        cases = [  # model, limit, requests, what pacing learns, 429s, when the last request goes at the latest
+            ("window", 100, 950, "window", 1, 9 * window),  # the 901st to 950th wait for the 10th window
+            ("bucket", 100, 950, "bucket", 0, (850 + reserve) * window / 100),  # at the refill rate
+            ("window", 1, 30, "unknown", 0, 29 * window),  # one per window: the models are one, no probe
+            ("bucket", 1, 30, "unknown", 0, 29 * window),
         ]
-        for model, limit, learnt, refused, last in cases:
+        for model, limit, requests, learnt, refused, last in cases:
             with self.subTest(model=model, limit=limit):
                 clock = Clock()
                 limiter = cb.RateLimiter(limit, 6.0, clock)
                 server = Server(model, limit, 6.0)
-                serve(limiter, clock, server, 1000 if limit > 1 else 30)
+                serve(limiter, clock, server, requests)
                 self.assertEqual((limiter.model, server.refused), (learnt, refused))
                 self.assertEqual(limiter.allowed, float(limit))  # the probe's 429 slowed nothing down
-                if limit > 1:
-                    self.assertLessEqual(server.accepted[-1] - server.accepted[0], last)
+                self.assertEqual(len(server.accepted), requests)
+                self.assertLessEqual(server.accepted[-1] - server.accepted[0], last + 1e-6)
 
     def test_paced_to_the_window_no_window_holds_more_than_the_limit(self) -> None:
         clock = Clock()
