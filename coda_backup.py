@@ -727,17 +727,20 @@ class HttpClient:
 
     # Public calls -------------------------------------------------------------
 
-    def get_json(self, path: str, params: Optional[Dict[str, str]] = None, category: str = "read",
+    def get_json(self, path: str, params: Optional[Dict[str, str]] = None, *, category: str = "read",
                  doc_scoped: bool = False, final: Tuple[int, ...] = (), deadline: Optional[float] = None) -> Any:
         """GET an API path and return its JSON, retrying what a retry may cure (but no status in `final`)
-        until the `deadline` (time.monotonic()), if any."""
-        return self._call_api("GET", path, params, None, category, doc_scoped, final, deadline)
+        until the `deadline` (time.monotonic()), if any. The flags are keyword-only: a call says
+        which it sets."""
+        return self._call_api("GET", path, params, None, category=category, doc_scoped=doc_scoped, final=final,
+                              deadline=deadline)
 
-    def post_json(self, path: str, body: Dict[str, Any], doc_scoped: bool = False,
+    def post_json(self, path: str, body: Dict[str, Any], *, doc_scoped: bool = False,
                   deadline: Optional[float] = None, claimed: bool = False) -> Any:
         """POST to an API path (a write); `claimed`: the caller already holds the first attempt's
         write slot (see claim_slot), so it is not paced again."""
-        return self._call_api("POST", path, None, body, "write", doc_scoped, (), deadline, claimed)
+        return self._call_api("POST", path, None, body, category="write", doc_scoped=doc_scoped, final=(),
+                              deadline=deadline, claimed=claimed)
 
     def budget_delay(self, category: str) -> float:
         """How long a request of this category would wait for its rate budget now (0: it has room)."""
@@ -849,7 +852,7 @@ class HttpClient:
     # Retry loop ---------------------------------------------------------------
 
     def _call_api(self, method: str, path: str, params: Optional[Dict[str, str]], body: Optional[Dict[str, Any]],
-                  category: str, doc_scoped: bool, final: Tuple[int, ...], deadline: Optional[float],
+                  *, category: str, doc_scoped: bool, final: Tuple[int, ...], deadline: Optional[float],
                   claimed: bool = False) -> Any:
         url = self.settings.api_url + path
         if params:
@@ -1249,7 +1252,7 @@ class CodaApi:
     def download(self, url: str, deadline: Optional[float] = None) -> bytes:
         return self.http.download(url, deadline)
 
-    def _paginate(self, path: str, params: Dict[str, str], category: str = "read", doc_scoped: bool = False,
+    def _paginate(self, path: str, params: Dict[str, str], *, category: str = "read", doc_scoped: bool = False,
                   final: Tuple[int, ...] = (), max_pages: int = MAX_LIST_PAGES, expected: Any = None,
                   unique: bool = True) -> Iterator[Dict[str, Any]]:
         """Yield every item of a list endpoint, following nextPageToken.
@@ -1270,7 +1273,8 @@ class CodaApi:
         most = listing_bound(expected)
         count = stale = 0
         for _ in range(max_pages):
-            page = _expect_dict(self.http.get_json(path, query, category, doc_scoped, final), path)
+            page = _expect_dict(self.http.get_json(path, query, category=category, doc_scoped=doc_scoped, final=final),
+                                path)
             items = page.get("items")
             if not isinstance(items, list):
                 raise ListingIncomplete(f"{path}: answer has no items list")
