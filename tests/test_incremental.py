@@ -442,8 +442,26 @@ class FallbackTest(IncrementalTestCase):
             "rowCount not a number": text_row_count,
             "backslash path": windows_escape,
         }
+        # Each damage, at the reader the reuse path calls (what it catches is what it warns about
+        # and falls back on); then the whole fallback, end to end, for a missing manifest and for
+        # one whose path leaves the snapshot.
+        scratch = self.out.parent / "scratch"
+        shutil.copytree(template, scratch)
+        intact = (scratch / "manifest.json").read_text(encoding="utf-8")
+        self.assertEqual(coda_backup.read_manifest(scratch)["docs"][0]["id"], self.manifest(template)["docs"][0]["id"])
         for case, breaker in breakers.items():
-            with self.subTest(case=case):
+            with self.subTest(case=case, at="read_manifest"):
+                manifest_path = scratch / "manifest.json"
+                if breaker is None:
+                    manifest_path.unlink()
+                else:
+                    manifest_path.write_text(breaker(json.loads(intact)), encoding="utf-8")
+                with self.assertRaises((OSError, ValueError, KeyError, TypeError, AttributeError,
+                                        coda_backup.BackupError)):
+                    coda_backup.read_manifest(scratch)
+        for case in ("deleted", "path outside"):
+            breaker = breakers[case]
+            with self.subTest(case=case, at="a run"):
                 output = self.out.parent / f"broken-{case.replace(' ', '-')}"
                 shutil.copytree(self.out, output, symlinks=True)
                 first = output / template.name
