@@ -6,6 +6,7 @@ these helpers only start things, pass the flags that keep tests fast, and read r
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import io
@@ -17,6 +18,7 @@ import unittest
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 TESTS = Path(__file__).resolve().parent
@@ -222,3 +224,153 @@ def tree_bytes(root: Path, skip: tuple = SNAPSHOT_META) -> Dict[str, bytes]:
         for path in sorted(root.rglob("*"))
         if path.is_file() and path.name not in skip and path.relative_to(root).parts[0] not in skip
     }
+
+
+# --- a small workspace for the flag tests ------------------------------------------------------
+
+# Request paths of a doc's extras (formulas, controls, sharing), which --no-extras leaves out.
+EXTRA_PATHS = r"/docs/[^/]+/(formulas|controls|acl)(/|$)"
+
+
+def build_small_workspace(fake: FakeCoda, two_docs: bool = True) -> SimpleNamespace:
+    """One or two owned docs, small enough to back up in a blink, with everything the features touch.
+
+    alpha "Alpha Doc": pages Overview > Details, Notes; table Tasks (5 rows, list/dict/bool/null
+    values) on Overview, view "Open Tasks" (3 rows) on Details, table "Archive 2023" (2 rows) on
+    Notes; three formulas and two controls.  beta "Beta: Wiki" (only with two_docs): page Home,
+    table Glossary (1 row).  `pages` and `tables` list every page and table/view of the workspace.
+    """
+    alpha = fake.add_doc("Alpha Doc")
+    overview = alpha.add_page("Overview", content="# Overview\n\nWhere things stand.\n\n- one\n- two\n")
+    details = alpha.add_page("Details", parent=overview, content="# Details\n\nMore «detail» ✓.\n")
+    notes = alpha.add_page("Notes")
+    tasks = alpha.add_table("Tasks", parent_page=overview, columns=[
+        "Task",
+        {"name": "Points", "type": "number"},
+        {"name": "Tags", "type": "select", "isArray": True},
+        {"name": "Done", "type": "checkbox"},
+        {"name": "Meta", "type": "packObject"},
+        "Notes",
+    ])
+    for values in [
+        {"Task": "Plan", "Points": 5, "Tags": ["a", "b"], "Done": True, "Meta": {"owner": "Ana"},
+         "Notes": 'x, "y"'},
+        {"Task": "Build", "Points": 8.5, "Tags": [], "Done": False, "Meta": None, "Notes": "line1\nline2"},
+        {"Task": "Ünïcødé ✓", "Points": -3, "Tags": ["c"], "Done": False, "Meta": {"n": [1, None]},
+         "Notes": None},
+        {"Task": "Ship", "Points": 0, "Tags": ["launch"], "Done": True, "Meta": {}, "Notes": ""},
+        {"Task": "Review", "Points": 13, "Tags": ["z"], "Done": False, "Meta": {"k": True}, "Notes": "ok"},
+    ]:
+        tasks.add_row(values)
+    done = tasks.column("Done").id
+    open_view = alpha.add_view(tasks, "Open Tasks", parent_page=details,
+                               row_filter=lambda values: values.get(done) is False)
+    archive = alpha.add_table("Archive 2023", columns=["Name"], parent_page=notes,
+                              rows=[{"Name": "old"}, {"Name": "older"}])
+    formulas = [alpha.add_formula("Total Points", 42, parent=overview),
+                alpha.add_formula("Owners", ["Ana", "Bo"]),
+                alpha.add_formula("Launch Ready", True)]
+    controls = [alpha.add_control("Start Date", "2024-06-01", control_type="datePicker", parent=overview),
+                alpha.add_control("Budget", 7, control_type="slider")]
+    ws = SimpleNamespace(
+        alpha=alpha, overview=overview, details=details, notes=notes,
+        tasks=tasks, open_view=open_view, archive=archive, formulas=formulas, controls=controls,
+        pages=[overview, details, notes], tables=[tasks, open_view, archive],
+    )
+    if two_docs:
+        ws.beta = fake.add_doc("Beta: Wiki")
+        ws.home = ws.beta.add_page("Home", content="# Home\n\nWelcome.\n")
+        ws.glossary = ws.beta.add_table("Glossary", columns=["Term", "Meaning"], parent_page=ws.home,
+                                        rows=[{"Term": "API", "Meaning": "interface"}])
+        ws.pages.append(ws.home)
+        ws.tables.append(ws.glossary)
+    return ws
+
+
+def files_under(root: Path) -> Dict[str, Path]:
+    """Every regular file under root, by relative POSIX path."""
+    return {path.relative_to(root).as_posix(): path for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def manifest_owners(manifest: Dict[str, Any]) -> Dict[str, List[Tuple[str, Dict[str, Any], Dict[str, Any]]]]:
+    """Relative file path -> [(kind, entry, file record)] for every file the manifest lists."""
+    owners: Dict[str, List[Tuple[str, Dict[str, Any], Dict[str, Any]]]] = collections.defaultdict(list)
+    for doc in manifest["docs"]:
+        for record in doc["files"]:
+            owners[record["path"]].append(("doc", doc, record))
+        for kind in ("pages", "tables"):
+            for entry in doc[kind]:
+                for record in entry["files"]:
+                    owners[record["path"]].append((kind[:-1], entry, record))
+    for record in manifest.get("index", []):
+        owners[record["path"]].append(("index", {}, record))
+    return owners
+
+
+def manifest_entry(manifest: Dict[str, Any], kind: str, object_id: str) -> Dict[str, Any]:
+    """The manifest entry ("docs", "pages" or "tables") of one object id."""
+    for doc in manifest["docs"]:
+        if kind == "docs" and doc["id"] == object_id:
+            return doc
+        for entry in doc.get(kind, []) if kind != "docs" else []:
+            if entry["id"] == object_id:
+                return entry
+    raise AssertionError(f"no manifest entry for {kind} {object_id}")
+
+
+def item_list(data: Any) -> List[Dict[str, Any]]:
+    """formulas.json / controls.json items (a list, or an object holding `items`)."""
+    return data["items"] if isinstance(data, dict) else data
+
+
+class SmallWorkspaceTestCase(BackupTestCase):
+    """BackupTestCase with build_small_workspace loaded into the fake (one doc unless TWO_DOCS)."""
+
+    TWO_DOCS = False  # a second doc only where a test needs one
+    ws: SimpleNamespace
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.ws = self.make_workspace()
+
+    def make_workspace(self) -> SimpleNamespace:
+        return build_small_workspace(self.fake, self.TWO_DOCS)
+
+    def object_file(self, obj: Any, suffix: str, snapshot: Optional[Path] = None) -> Path:
+        """The one file of a page/table ending in `__<id><suffix>` in its doc folder."""
+        return self.find_one(self.doc_dir(obj.doc, snapshot), f"*__{obj.id}{suffix}")
+
+    def assert_page_files(self, snapshot: Path, pages: List[Any], formats: Tuple[str, ...]) -> None:
+        """Each page has exactly the files of `formats`, with the exported bytes, listed in the manifest."""
+        suffixes = {"markdown": ".md", "html": ".html"}
+        manifest = read_json(snapshot / "manifest.json")
+        for page in pages:
+            with self.subTest(page=page.name[:40], formats=formats):
+                chain, node = [], page  # pages/<Ancestor>__<id>/.../<Name>__<id>, whatever the format
+                while node is not None:
+                    chain.append(coda_backup.object_stem(node.name, node.id))
+                    node = node.parent
+                stem = self.doc_dir(page.doc, snapshot).joinpath("pages", *reversed(chain))
+                found = {fmt: list(self.doc_dir(page.doc, snapshot).rglob(f"*__{page.id}{suffix}"))
+                         for fmt, suffix in suffixes.items()}
+                for fmt, suffix in suffixes.items():
+                    if fmt not in formats:
+                        self.assertEqual(found[fmt], [], f"no {fmt} file expected")
+                        continue
+                    self.assertEqual(found[fmt], [stem.with_name(stem.name + suffix)], f"one {fmt} file")
+                    self.assertEqual(found[fmt][0].read_bytes(), page.render(fmt).encode("utf-8"), fmt)
+                if len(formats) == 2:  # the .html sits beside the .md, same name scheme
+                    md, html = found["markdown"][0], found["html"][0]
+                    self.assertEqual(md.parent, html.parent)
+                    self.assertEqual(md.name[:-len(".md")], html.name[:-len(".html")])
+                listed = {record["path"] for record in manifest_entry(manifest, "pages", page.id)["files"]}
+                self.assertEqual(listed, {found[fmt][0].relative_to(snapshot).as_posix() for fmt in formats})
+
+    def assert_exported_formats(self, page_count: int, formats: Tuple[str, ...]) -> None:
+        posted = collections.Counter(
+            record.body.get("outputFormat") for record in self.fake.requests("POST", r"/export$"))
+        self.assertEqual(posted, dict.fromkeys(formats, page_count))
+
+    def assert_verifies(self, output: Optional[Path] = None) -> None:
+        code = self.run_main(["--output", str(output or self.out), "--verify"])
+        self.assertEqual(code, 0, f"--verify: {self.stdout} {self.stderr}")

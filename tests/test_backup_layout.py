@@ -5,7 +5,7 @@ values come from the fake's dataset objects (Doc, Page, Table, Row, Column) or f
 own API answers, never from coda_backup's helpers, so a bug shared by writer and reader cannot
 hide. The tests of the whole sample workspace share one default run (SharedRunTestCase) and each
 checks one area (pages, names, tables, metadata, defaults, requests), labelled by subTest.
-Page formats are in test_page_formats, failed objects in test_resilience, hostile names and ids
+Page formats are in test_optional_outputs, failed objects in test_resilience, hostile names and ids
 in test_safety.
 """
 
@@ -19,10 +19,11 @@ import os
 import re
 import unittest
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Set
+from typing import Any, ClassVar, Dict, List, Set, Tuple
 
+import coda_backup
 from fake_coda import Doc, Page, Table, build_sample_workspace, display_text, iso_time
-from support import TOKEN, BackupTestCase, SharedRunTestCase, read_csv, read_json
+from support import TOKEN, BackupTestCase, SharedRunTestCase, SmallWorkspaceTestCase, files_under, read_csv, read_json
 
 META = ["_row_id", "_row_name", "_row_index", "_created_at", "_updated_at", "_browser_link"]
 SNAPSHOT_NAME = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{6}Z)(-\d+)?$")
@@ -46,10 +47,6 @@ def expected_cell(value: Any) -> str:
 def expected_values(table: Table) -> List[List[str]]:
     """The non-meta CSV cells of every row, from the fake's Row objects, in column order."""
     return [[expected_cell(row.values.get(column.id)) for column in table.columns] for row in table.rows]
-
-
-def files_under(root: Path) -> Set[str]:
-    return {path.relative_to(root).as_posix() for path in root.rglob("*") if path.is_file()}
 
 
 def sha256_of(path: Path) -> str:
@@ -291,7 +288,7 @@ class SampleWorkspaceTest(SharedRunTestCase, LayoutTestCase):
                 self.assertEqual(sha256_of(snapshot / record["path"]), record["sha256"], record["path"])
             paths = [r["path"] for r in records]
             self.assertEqual(len(paths), len(set(paths)), "a file listed twice")
-            self.assertEqual(set(paths), files_under(snapshot) - {"summary.json", "manifest.json"})
+            self.assertEqual(set(paths), set(files_under(snapshot)) - {"summary.json", "manifest.json"})
         summary = self.summary()
         with self.subTest("summary: status, times, counts, failures"):
             self.assertEqual(summary["status"], "completed")
@@ -466,6 +463,93 @@ class DocSelectionTest(LayoutTestCase):
         self.assertEqual(self.saved_doc_ids(), {self.elsewhere.id})
         self.assertEqual(self.page_file(self.elsewhere, self.welcome).read_text(encoding="utf-8"),
                          self.welcome.content)
+
+
+# --- --doc / --exclude-doc / --exclude-table ------------------------------------------------------
+
+
+class FilterTest(SmallWorkspaceTestCase):
+    TWO_DOCS = True
+
+    def doc_requests(self, doc: Any) -> List[str]:
+        return [record.path for record in self.fake.requests(None, rf"^/docs/{doc.id}(/|$)")]
+
+    def run_filtered(self, label: str, *flags: str, code: int = 0) -> Tuple[Path, List[str]]:
+        """One run into its own --output; returns the snapshot and the ids of the docs it holds."""
+        self.fake.clear_log()
+        output = self.out.parent / label
+        self.assertEqual(self.run_backup(*flags, "--no-extras", output=output), code, self.stderr)
+        snapshot = coda_backup.read_latest(output)
+        assert snapshot is not None
+        ids = sorted(doc["id"] for doc in read_json(snapshot / "manifest.json")["docs"])
+        self.assertEqual(sorted(p.name.rsplit("__", 1)[1] for p in (snapshot / "docs").iterdir()), ids)
+        return snapshot, ids
+
+    def test_doc_by_exact_name_and_an_unknown_value_is_a_filter_failure(self) -> None:
+        _, ids = self.run_filtered("by-name", "--doc", "Beta: Wiki", "--doc", "no-such-doc-42", code=1)
+        self.assertEqual(ids, [self.ws.beta.id])
+        self.assertEqual(self.doc_requests(self.ws.alpha), [], "Alpha Doc was not to be touched")
+        errors = [line for line in self.stderr.splitlines() if "no-such-doc-42" in line]
+        self.assertTrue(errors and all("ERROR" in line for line in errors), self.stderr)
+        summary = read_json(self.out.parent / "by-name" / "last-run.json")
+        self.assertEqual((summary["status"], summary["exit_code"]), ("completed_with_errors", 1))
+        snapshot = coda_backup.read_latest(self.out.parent / "by-name")
+        assert snapshot is not None
+        failures = read_json(snapshot / "summary.json")["failures"]
+        self.assertEqual([(f["kind"], "no-such-doc-42" in f["error"]) for f in failures], [("filter", True)])
+
+    def test_doc_by_id_repeated_and_exclude_doc_by_id(self) -> None:
+        ws = self.ws
+        _, ids = self.run_filtered("by-id", "--doc", ws.alpha.id, "--doc", "Beta: Wiki")
+        self.assertEqual(ids, sorted([ws.alpha.id, ws.beta.id]))
+        self.assertEqual(self.stderr.count("WARNING"), 0, self.stderr)
+        _, ids = self.run_filtered("exclude-id", "--doc", ws.alpha.id, "--doc", "Beta: Wiki",
+                                   "--exclude-doc", ws.beta.id)
+        self.assertEqual(ids, [ws.alpha.id])
+        self.assertEqual(self.doc_requests(ws.beta), [])
+
+    def test_exclude_doc_by_name(self) -> None:
+        _, ids = self.run_filtered("exclude-name", "--exclude-doc", "Alpha Doc")
+        self.assertEqual(ids, [self.ws.beta.id])
+        self.assertEqual(self.doc_requests(self.ws.alpha), [])
+
+    def test_exclude_table_globs(self) -> None:
+        ws = self.ws
+        cases = [
+            # "Arch*" names a table of Alpha Doc, so under Beta: Wiki it must leave Archive alone
+            ("name globs", ["Alpha Doc/Open*", "Beta: Wiki/Arch*"], {ws.open_view}),
+            ("ids and names", [f"{ws.alpha.id}/{ws.archive.id}", "Beta: Wiki/*"], {ws.archive, ws.glossary}),
+        ]
+        for label, patterns, excluded in cases:
+            with self.subTest(label):
+                flags = [arg for pattern in patterns for arg in ("--exclude-table", pattern)]
+                snapshot, _ = self.run_filtered(f"tables-{label.replace(' ', '-')}", *flags)
+                manifest = read_json(snapshot / "manifest.json")
+                kept = {entry["id"] for doc in manifest["docs"] for entry in doc["tables"]}
+                self.assertEqual(kept, {table.id for table in ws.tables} - {table.id for table in excluded})
+                for table in ws.tables:
+                    files = list((snapshot / "docs").rglob(f"*__{table.id}.csv"))
+                    requests = self.fake.requests("GET", rf"/tables/{table.id}(/|$)")
+                    if table in excluded:
+                        self.assertEqual(files, [], table.name)
+                        self.assertEqual(requests, [], f"{table.name} excluded but requested")
+                    else:
+                        self.assertEqual(len(files), 1, table.name)
+
+    def test_nothing_matched_is_exit_1(self) -> None:
+        cases = [("unknown id", "no-such-doc-42"), ("not the exact name", "alpha doc")]
+        for label, value in cases:
+            with self.subTest(label):
+                self.fake.clear_log()
+                output = self.out.parent / f"nomatch-{label.replace(' ', '-')}"
+                self.assertEqual(self.run_backup("--doc", value, output=output), 1, self.stderr)
+                self.assertIn(value, self.stderr)
+                snapshot = max(p for p in output.iterdir() if coda_backup.SNAPSHOT_NAME_RE.match(p.name))
+                summary = read_json(snapshot / "summary.json")
+                self.assertEqual([failure["kind"] for failure in summary["failures"]], ["filter"])
+                self.assertEqual(summary["status"], "failed")
+                self.assertIsNone(coda_backup.read_latest(output), "an empty run must not become latest")
+                self.assertEqual(self.doc_requests(self.ws.alpha) + self.doc_requests(self.ws.beta), [])
 
 
 # --- snapshots over several runs ---------------------------------------------------------------

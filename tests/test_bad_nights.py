@@ -263,6 +263,7 @@ class OutcomeTest(BadNightCase):
         summary = self.summary(snapshot)
         self.assertEqual(zipped["summary.json"], summary)
         self.assertEqual((summary["status"], summary["exit_code"]), ("completed_with_errors", 1))
+        self.assertEqual([failure["kind"] for failure in summary["failures"]], ["latest"])
         self.assertEqual(zipped["manifest.json"]["status"], "completed_with_errors")
         self.assertEqual(self.manifest(snapshot)["status"], "completed_with_errors")
         last = self.last_run()

@@ -1,4 +1,5 @@
-"""The command line: exit codes, one-line messages, where the token and the API URL come from.
+"""The command line: exit codes, one-line messages, where the token and the API URL come from,
+one home for each default, and --config files.
 
 Runs `coda_backup.main([...])` in-process against the fake (support.BackupTestCase). Most cases
 stop before any backup work; the ones that run use an empty or one-page workspace.
@@ -6,13 +7,15 @@ stop before any backup work; the ones that run use an empty or one-page workspac
 
 from __future__ import annotations
 
+import json
 import re
 import socket
+import sys
 import unittest
 from pathlib import Path
 from typing import List
 
-from support import FAST_FLAGS, TOKEN, BackupTestCase, coda_backup
+from support import EXTRA_PATHS, FAST_FLAGS, TOKEN, BackupTestCase, SmallWorkspaceTestCase, coda_backup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,6 +25,13 @@ SEED_FLAGS = ["--output", "--token-file", "--include-shared", "--workspace-id", 
 LATER_FLAGS = ["--page-format", "--dry-run", "--doc", "--exclude-doc", "--concurrency", "--quiet", "--zip", "--keep",
                "--retry-failed", "--list-runs", "--config", "--keep-last", "--keep-daily", "--keep-weekly",
                "--keep-monthly", "--keep-within", "--prune", "--diff", "--find"]
+
+
+HAVE_TOMLLIB = sys.version_info >= (3, 11)
+
+
+def toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string of plain text is a valid TOML basic string
 
 
 def closed_port_url() -> str:
@@ -226,6 +236,122 @@ class DefaultsTest(CliTestCase):
             with self.subTest(flag=flag):
                 shown = f"{value:g}" if isinstance(value, float) else str(value)
                 self.assertRegex(entries.get(flag, ""), rf"\(default:? {re.escape(shown)}[;)]")
+
+
+# --- --config ----------------------------------------------------------------------------------
+
+
+class ConfigTest(SmallWorkspaceTestCase):
+    """On Python 3.11+ the TOML file gives defaults; before 3.11 --config is a clear exit 2."""
+
+    TWO_DOCS = True
+
+    def run_config(self, text: str, *extra: str, output_flag: bool = True) -> int:
+        config = self.out.parent / "coda-backup.toml"
+        config.write_text(text, encoding="utf-8")
+        args = ["--config", str(config), "--api-url", self.fake.api_url, *FAST_FLAGS]
+        if output_flag:
+            args = ["--output", str(self.out), *args]
+        return self.run_main([*args, *extra])
+
+    def assert_old_python_refuses(self, code: int) -> None:
+        self.assertEqual(code, 2)
+        self.assertIn("3.11", self.stderr)
+        self.assertNotIn("Traceback", self.stderr)
+        self.assertFalse(self.out.exists())
+        self.assertEqual(self.fake.requests(), [])
+
+    def test_file_gives_defaults(self) -> None:
+        code = self.run_config("\n".join([
+            f"output = {toml_string(str(self.out))}",
+            'page-format = "html"',
+            "rows-json = true",
+            'exclude-table = ["Alpha Doc/Arch*"]',
+            "no-extras = true",
+            "",
+        ]), output_flag=False)
+        if not HAVE_TOMLLIB:
+            self.assert_old_python_refuses(code)
+            return
+        self.assertEqual(code, 0, self.stderr)
+        snapshot = self.latest()  # the output folder came from the file
+        self.assertTrue(self.object_file(self.ws.overview, ".html", snapshot).is_file())
+        self.assertEqual(list(snapshot.rglob("*.md")), [])
+        self.assertTrue(self.object_file(self.ws.tasks, ".rows.ndjson", snapshot).is_file())
+        self.assertEqual(list(snapshot.rglob(f"*__{self.ws.archive.id}.csv")), [])
+        self.assertEqual(self.fake.requests(None, EXTRA_PATHS), [])
+
+    def test_one_run_flags_and_commands_are_refused(self) -> None:
+        """A config key the command line could not undo: allow-vanished would disarm the deletion
+        guard every night, dry-run would make every night a dry run."""
+        for key in ("allow-vanished = true", "dry-run = true", "prune = true", "retry-failed = true"):
+            with self.subTest(key=key):
+                code = self.run_config(key + "\n")
+                if not HAVE_TOMLLIB:
+                    self.assert_old_python_refuses(code)
+                    continue
+                self.assertEqual(code, 2, self.stderr)
+                self.assertIn("is for one run", self.stderr)
+                self.assertEqual(self.fake.requests(), [])
+
+    def test_command_line_wins(self) -> None:
+        code = self.run_config('page-format = "html"\ndoc = ["Beta: Wiki"]\nkeep = 3\nno-extras = true\n',
+                               "--page-format", "markdown", "--doc", "Alpha Doc")
+        if not HAVE_TOMLLIB:
+            self.assert_old_python_refuses(code)
+            return
+        self.assertEqual(code, 0, self.stderr)
+        snapshot = self.latest()
+        self.assertEqual(list((snapshot / "docs").rglob("*.html")), [])
+        self.assertTrue(self.object_file(self.ws.overview, ".md", snapshot).is_file())
+        self.assertEqual([doc["id"] for doc in self.manifest(snapshot)["docs"]], [self.ws.alpha.id],
+                         "--doc on the command line replaces the file's doc list")
+
+    def test_a_switch_from_the_file_can_be_turned_off(self) -> None:
+        config = "incremental = true\nno-extras = true\n"
+        if not HAVE_TOMLLIB:
+            self.assert_old_python_refuses(self.run_config(config, "--no-incremental"))
+            return
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        self.fake.clear_log()
+        code = self.run_config(config, "--no-incremental")
+        self.assertEqual(code, 0, self.stderr)
+        self.assertEqual(len(self.fake.requests("POST", r"/export$")), len(self.ws.pages), "a full backup")
+
+    def test_unknown_key(self) -> None:
+        code = self.run_config('page-format = "html"\ncolour = "blue"\n')
+        if not HAVE_TOMLLIB:
+            self.assert_old_python_refuses(code)
+            return
+        self.assertEqual(code, 2)
+        self.assertIn("colour", self.stderr)
+        self.assertNotIn("Traceback", self.stderr)
+        self.assertFalse(self.out.exists())
+        self.assertEqual(self.fake.requests(), [])
+
+    def test_bad_values(self) -> None:
+        cases = [
+            ("keep", 'keep = "three"'),
+            ("page-format", "page-format = 5"),
+            ("page-format", 'page-format = "pdf"'),
+            ("include-shared", 'include-shared = "yes"'),
+            ("exclude-table", 'exclude-table = "Alpha Doc/*"'),
+            ("concurrency", "concurrency = 2.5"),
+            ("max-retries", "max-retries = true"),
+            ("not TOML", "page-format = "),
+        ]
+        for key, line in cases:
+            with self.subTest(line=line):
+                code = self.run_config(line + "\n")
+                if not HAVE_TOMLLIB:
+                    self.assert_old_python_refuses(code)
+                    continue
+                self.assertEqual(code, 2, self.stderr)
+                self.assertEqual(len(self.stderr.strip().splitlines()), 1, self.stderr)
+                if key != "not TOML":
+                    self.assertIn(key, self.stderr)
+                self.assertFalse(self.out.exists())
+        self.assertEqual(self.fake.requests(), [])
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""History: the change report in summary.json, --diff, retention (--keep-* and --prune), --find.
+"""History: the change report in summary.json, --diff, retention (--keep-* and --prune), --find,
+--list-runs, and read-only commands over damaged files.
 
-The end-to-end tests share one series of real runs against the fake, with changes made in
-Coda between them (see HistoryRunsTest.setUpClass); the retention planner is tested as a pure
-function over (name, time, status) records.
+The end-to-end tests of the change report, --diff, --find and --prune share one series of real
+runs against the fake, with changes made in Coda between them (see HistoryRunsTest.setUpClass);
+--list-runs and --keep run their own nights; the retention planner is tested as a pure function
+over (name, time, status) records.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import coda_backup
 from coda_backup import RetentionPolicy, SnapshotRecord, plan_retention
 from fake_coda import FakeCoda
-from support import FAST_FLAGS, TOKEN, BackupTestCase
+from support import FAST_FLAGS, TOKEN, BackupTestCase, SmallWorkspaceTestCase, files_under, read_json
 
 
 class HistoryRunsTest(BackupTestCase):
@@ -228,6 +230,160 @@ class HistoryRunsTest(BackupTestCase):
             self.assertEqual(self.cli("--prune", "--keep-last", "1", output=out), 4, "--prune takes the lock")
         self.assertEqual(self.cli("--prune", output=out), 2, "--prune without a rule")
         self.assertEqual(self.cli("--prune", "--keep-daily", "0", output=out), 2)
+
+
+# --- --list-runs -------------------------------------------------------------------------------
+
+
+class ListRunsTest(SmallWorkspaceTestCase):
+    def test_json_and_text(self) -> None:
+        self.ws.notes.export_fail_times = 1
+        self.assertEqual(self.run_backup("--no-extras"), 1, self.stderr)
+        first = self.latest()
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        second = self.latest()
+        self.assertNotEqual(first, second)
+        self.set_env("CODA_API_TOKEN", None)  # listing needs no token
+
+        self.assertEqual(self.run_main(["--output", str(self.out), "--list-runs", "--json"]), 0, self.stderr)
+        runs = json.loads(self.stdout)
+        self.assertIsInstance(runs, list)
+        self.assertEqual([run["snapshot"] for run in runs], [second.name, first.name], "newest first")
+        for run, snapshot, latest in ((runs[0], second, True), (runs[1], first, False)):
+            with self.subTest(snapshot=snapshot.name):
+                summary = read_json(snapshot / "summary.json")
+                self.assertLessEqual({"snapshot", "latest", "status", "started_at", "duration_s", "counts",
+                                      "failures", "size_bytes"}, set(run))
+                self.assertIs(run["latest"], latest)
+                self.assertEqual(run["status"], summary["status"])
+                self.assertEqual(run["started_at"], summary["started_at"])
+                self.assertEqual(run["duration_s"], summary["duration_s"])
+                self.assertEqual(run["counts"], summary["counts"])
+                failures = run["failures"] if isinstance(run["failures"], int) else len(run["failures"])
+                self.assertEqual(failures, len(summary["failures"]))
+                self.assertEqual(run["size_bytes"], sum(p.stat().st_size for p in files_under(snapshot).values()))
+        self.assertEqual((runs[0]["status"], runs[1]["status"]), ("completed", "completed_with_errors"))
+        self.assertEqual(runs[1]["counts"]["failures"], 1)
+
+        self.assertEqual(self.run_main(["--output", str(self.out), "--list-runs"]), 0, self.stderr)
+        lines = self.stdout.splitlines()
+        row = {snapshot.name: [i for i, line in enumerate(lines) if line.split()[:1] == [snapshot.name]]
+               for snapshot in (first, second)}
+        self.assertEqual([len(found) for found in row.values()], [1, 1], self.stdout)
+        first_line, second_line = lines[row[first.name][0]], lines[row[second.name][0]]
+        self.assertLess(row[second.name][0], row[first.name][0], "newest first")
+        self.assertIn("completed_with_errors", first_line)
+        self.assertRegex(second_line, r"\bcompleted\b")
+        self.assertNotIn("completed_with_errors", second_line)
+
+
+class DamagedFilesTest(SmallWorkspaceTestCase):
+    """Hand-edited or damaged local files give a clear answer, never a traceback."""
+
+    def test_list_runs_and_verify_survive_damaged_files(self) -> None:
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        snapshot = self.latest()
+        summary = read_json(snapshot / "summary.json")
+        summary["failures"], summary["counts"] = 3, "lots"
+        (snapshot / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+        self.assertEqual(self.run_main(["--list-runs", "--output", str(self.out)]), 0, self.stderr)
+        self.assertIn(snapshot.name, self.stdout)
+        self.assertNotIn("Traceback", self.stderr)
+
+        manifest = read_json(snapshot / "manifest.json")
+        manifest["docs"][0]["files"].append("not a record")
+        (snapshot / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+        self.assertEqual(self.run_main(["--verify", "--output", str(self.out)]), 1, self.stderr)
+        self.assertIn("not an object", self.stdout)
+        self.assertNotIn("Traceback", self.stderr)
+
+
+# --- --keep --------------------------------------------------------------------------------------
+
+
+class KeepTest(SmallWorkspaceTestCase):
+    def fake_snapshot(self, name: str, status: str) -> Path:
+        """A snapshot folder left by another (crashed, or clock-skewed) run."""
+        folder = self.out / name
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"status": status}), encoding="utf-8")
+        return folder
+
+    def test_prunes_oldest_finished_with_their_zip(self) -> None:
+        crashed = self.fake_snapshot("2000-01-01T000000Z", "running")
+        scratch = self.out / ".tmp-diff-dead1234"  # the change report's scratch folder of that dead run
+        scratch.mkdir()
+        (scratch / "rows.sqlite").write_bytes(b"x" * 100)
+        self.assertEqual(self.run_backup("--zip", "--no-extras"), 0, self.stderr)
+        self.assertEqual(self.summary(crashed)["status"], "abandoned", "the lock holder knows it is dead")
+        self.assertFalse(scratch.exists(), "the lock holder clears a dead run's scratch folder")
+        self.assertIn("abandoned", self.stderr)
+        oldest = self.latest()
+        self.assertTrue((self.out / f"{oldest.name}.zip").is_file())
+        # incremental runs hard-link oldest's files: pruning it must not hurt them
+        self.assertEqual(self.run_backup("--incremental", "--no-extras"), 0, self.stderr)
+        middle = self.latest()
+        self.assertEqual(self.summary(middle)["counts"]["skipped_unchanged"]["docs"], 1, "it did link")
+        self.assertEqual(self.run_backup("--incremental", "--no-extras", "--keep", "2"), 0, self.stderr)
+        newest = self.latest()
+        self.assertEqual(len({oldest, middle, newest}), 3)
+        self.assertFalse(oldest.exists(), "oldest finished snapshot beyond --keep 2")
+        self.assertFalse((self.out / f"{oldest.name}.zip").exists(), "its zip goes too")
+        self.assertTrue(middle.is_dir())
+        self.assertTrue(newest.is_dir())
+        self.assertFalse(crashed.exists(), "an abandoned snapshot older than the kept ones goes too")
+        self.assert_verifies()
+
+        self.set_env("CODA_API_TOKEN", "refused-token")  # a run that fails (exit 3) prunes nothing
+        self.assertEqual(self.run_backup("--incremental", "--no-extras", "--keep", "1"), 3, self.stderr)
+        self.assertTrue(middle.is_dir())
+        self.assertEqual(self.latest(), newest)
+
+    def test_nights_with_errors_never_push_out_the_last_good_backup(self) -> None:
+        self.assertEqual(self.run_backup("--no-extras", "--keep", "1"), 0, self.stderr)
+        good = self.latest()
+        for doc in self.fake.docs:  # the token loses access to every doc: each night "finishes" with errors
+            doc.forbidden = True
+        for _ in range(2):
+            self.assertEqual(self.run_backup("--no-extras", "--keep", "1"), 1, self.stderr)
+        self.assertTrue(good.is_dir(), "the last completed snapshot must survive --keep")
+        self.assertEqual(len(self.snapshots()), 3)
+        self.assertEqual(self.summary(good)["status"], "completed")
+
+    def test_a_later_snapshot_of_the_same_second_sorts_newest(self) -> None:
+        """Names order snapshots for --keep and --list-runs, also after pruning freed a name.
+
+        Three runs in one second are named S, S-2, S-3.  If S is pruned and a fourth run starts in
+        that same second, its name must still sort after S-3 (else --keep would delete the new run's
+        elder siblings wrongly and --list-runs would show it as the oldest).
+        """
+        self.out.mkdir(parents=True)
+        second = coda_backup.utc_now().replace(microsecond=0)
+        first = coda_backup.create_snapshot(self.out, second)
+        later = [coda_backup.create_snapshot(self.out, second) for _ in range(2)]
+        self.assertEqual([p.name for p in later], [f"{first.name}-2", f"{first.name}-3"])
+        first.rmdir()  # pruned
+        newest = coda_backup.create_snapshot(self.out, second)
+        self.assertEqual(coda_backup.snapshot_folders(self.out)[-1], newest,
+                         f"{newest.name} was made last but sorts before {later[-1].name}")
+
+    def test_a_prune_cut_short_is_finished_next_time(self) -> None:
+        self.assertEqual(self.run_backup("--no-extras"), 0, self.stderr)
+        leftover = self.out / ".deleting-2000-01-01T000000Z"
+        (leftover / "docs").mkdir(parents=True)
+        (leftover / "docs" / "x.csv").write_text("a,b\n", encoding="utf-8")
+        self.assertEqual(self.run_backup("--no-extras", "--keep", "3"), 0, self.stderr)
+        self.assertFalse(leftover.exists())
+
+    def test_never_removes_the_current_run(self) -> None:
+        # A finished snapshot dated in the future (clock skew) sorts as the newest one.
+        future = self.fake_snapshot("2999-01-01T000000Z", "completed")
+        self.assertEqual(self.run_backup("--keep", "1", "--no-extras"), 0, self.stderr)
+        current = self.latest()
+        self.assertNotEqual(current, future)
+        self.assertTrue(current.is_dir(), "the run just made must survive --keep")
+        self.assertEqual(self.summary(current)["status"], "completed")
+        self.assert_verifies()
 
 
 # --- the retention planner ---------------------------------------------------------------------

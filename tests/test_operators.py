@@ -1,7 +1,8 @@
 """For the people who run it and the people who open it.
 
 Monitoring pings (--ping-url) received by a local listener, the browsable index.html, the
-progress line, files stamped with Coda's updatedAt, --csv-bom, and the help and usage polish.
+progress line, files stamped with Coda's updatedAt, --csv-bom, the help and usage polish, the
+`running` summary.json a monitor reads during a run, --log-file and --quiet.
 End-to-end cases run the real CLI in-process against the fake Coda (support.BackupTestCase);
 the progress line, the ping body and the time parsing are pure functions with tables.
 """
@@ -9,6 +10,7 @@ the progress line, the ping body and the time parsing are pure functions with ta
 from __future__ import annotations
 
 import html.parser
+import os
 import posixpath
 import re
 import sys
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from fake_coda import PNG_HEAD, FakeCoda, PingReceiver, asset_bytes
-from support import TOKEN, BackupTestCase, coda_backup, read_csv
+from support import TOKEN, BackupTestCase, SmallWorkspaceTestCase, coda_backup, read_csv, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE_DOC = '<script>alert("doc")</script> & Co'
@@ -495,6 +497,77 @@ class HelpTest(BackupTestCase):
             self.assertIn("--log-file", line)
         for heading in ("## Monitoring", "## Browsing a snapshot"):
             self.assertIn(heading, readme)
+
+
+# --- summary.json while running -----------------------------------------------------------------
+
+
+class RunningSummaryTest(BackupTestCase):
+    def test_summary_says_running_during_the_run(self) -> None:
+        doc = self.fake.add_doc("Slow Doc")
+        pages = [doc.add_page(f"Page {number}") for number in range(2)]
+        # The fake holds the doc listing: the run is under way and no page can have been saved.
+        hold = self.fake.hold(r"^/docs$")
+        self.addCleanup(hold.release)
+        result: Dict[str, int] = {}
+        worker = threading.Thread(target=lambda: result.update(code=self.run_backup()))
+        worker.start()
+        self.addCleanup(worker.join, 30)
+        self.assertTrue(hold.reached.wait(20), "the run never listed the docs")
+        running = [read_json(path) for path in self.out.glob("*/summary.json")]
+        self.assertEqual([summary["status"] for summary in running], ["running"])
+        self.assertIsNone(running[0].get("finished_at"))
+        self.assertIn("started_at", running[0])
+        self.assertEqual(self.fake.requests("GET", None, host="download"), [], "a page was saved already")
+        hold.release()
+        worker.join(30)
+        self.assertFalse(worker.is_alive(), "the run did not end")
+        self.assertEqual(result.get("code"), 0, self.stderr)
+        final = self.summary()
+        self.assertEqual(final["status"], "completed")
+        self.assertEqual(final["counts"]["pages"], len(pages))
+
+
+# --- --log-file / --quiet -----------------------------------------------------------------------
+
+
+class LoggingTest(SmallWorkspaceTestCase):
+    def test_log_file_and_quiet(self) -> None:
+        log = self.out.parent / "backup.log"
+        spare = self.out.parent / "spare-token.txt"
+        spare.write_text("not-used\n", encoding="utf-8")
+        # ERRORs (a page export fails, a --doc that matches nothing), a WARNING (a token file beside
+        # CODA_API_TOKEN) and INFO/DEBUG lines
+        noisy = ("--no-extras", "--doc", "Alpha Doc", "--doc", "no-such-doc-42", "--log-file", str(log),
+                 "--token-file", str(spare))
+        self.ws.notes.export_fail_times = 1
+        self.assertEqual(self.run_backup(*noisy, "--log-level", "DEBUG"), 1)
+        text = log.read_text(encoding="utf-8")
+        for level, needle in (("ERROR", self.ws.notes.id), ("ERROR", "no-such-doc-42"), ("WARNING", spare.name)):
+            with self.subTest(level=level):
+                self.assertTrue(any(level in line and needle in line for line in text.splitlines()), text[-3000:])
+                self.assertTrue(any(level in line and needle in line for line in self.stderr.splitlines()),
+                                "the log still goes to stderr too")
+        self.assertIn(" DEBUG ", text)
+        self.assertIn(" INFO ", self.stderr)
+        self.assertNotIn(TOKEN, text)
+        self.assertNotIn(TOKEN, self.stderr)
+        if os.name == "posix":
+            self.assertEqual(log.stat().st_mode & 0o777, 0o600, "created 0600")
+
+        self.ws.notes.export_fail_times = 1
+        self.assertEqual(self.run_backup(*noisy, "--log-level", "INFO", "--quiet"), 1)
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        self.assertTrue(any("ERROR" in line and self.ws.notes.id in line for line in lines), self.stderr)
+        for line in lines:
+            self.assertNotIn(" INFO ", line)
+            self.assertNotIn(" WARNING ", line)
+        again = log.read_text(encoding="utf-8")
+        self.assertTrue(again.startswith(text), "the second run appends to the log file")
+        second = again[len(text):]
+        self.assertIn("no-such-doc-42", second, "--quiet quiets stderr, not the log file")
+        self.assertIn(" INFO ", second)
+        self.assertNotIn(TOKEN, again)
 
 
 if __name__ == "__main__":

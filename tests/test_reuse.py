@@ -1,5 +1,5 @@
 """--incremental you can trust: the one reuse policy, resuming from any snapshot, calculated
-columns, --max-age, checked links and read-only snapshot files.
+columns, --max-age, checked links, read-only snapshot files and --retry-failed.
 
 The policy is pure and gets table-driven tests without a server. The rest runs the real CLI
 against the fake (a subprocess where a signal is needed) and asserts on requests, inodes and the
@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List
 
 from test_incremental import IncrementalTestCase, build_small_workspace, flip_one_byte, manifest_entries
 
-from support import FAST_FLAGS, TOKEN, coda_backup, read_csv
+from support import FAST_FLAGS, TOKEN, SmallWorkspaceTestCase, coda_backup, manifest_entry, read_csv
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
 FRESH = NOW - dt.timedelta(days=1)
@@ -417,3 +417,49 @@ class ReadOnlyTest(ReuseCase):
                 if (second / relative).is_dir():
                     expected = 0o700
                 self.assertEqual(mode, expected or 0o400)
+
+
+# --- --retry-failed ----------------------------------------------------------------------------
+
+
+class RetryFailedTest(SmallWorkspaceTestCase):
+    def test_refetches_only_the_failed_page(self) -> None:
+        failing = self.ws.details
+        failing.export_fail_times = 1
+        self.assertEqual(self.run_backup("--rows-json", "--no-extras"), 1, self.stderr)
+        first = self.latest()
+        self.assertEqual([(f["kind"], f["id"]) for f in self.summary(first)["failures"]], [("page", failing.id)])
+        self.fake.clear_log()
+
+        self.assertEqual(self.run_backup("--rows-json", "--no-extras", "--retry-failed"), 0, self.stderr)
+        second = self.latest()
+        self.assertNotEqual(first, second)
+        posts = self.fake.requests("POST", r"/export$")
+        self.assertEqual([record.path for record in posts], [f"/docs/{self.ws.alpha.id}/pages/{failing.id}/export"])
+        self.assertEqual([record.path for record in self.fake.requests("GET", r"/rows")], [], "tables are linked")
+
+        summary = self.summary(second)
+        self.assertEqual((summary["status"], summary["failures"]), ("completed", []))
+        self.assertEqual(self.object_file(failing, ".md", second).read_bytes(),
+                         failing.render("markdown").encode("utf-8"))
+        manifest = self.manifest(second)
+        for page in self.ws.pages:
+            self.assertIn(manifest_entry(manifest, "pages", page.id)["status"], ("ok", "unchanged"), page.name)
+        linked = 0
+        for kind, objects in (("pages", self.ws.pages), ("tables", self.ws.tables)):
+            for obj in objects:
+                if obj is failing:
+                    continue
+                for record in manifest_entry(manifest, kind, obj.id)["files"]:
+                    with self.subTest(path=record["path"]):
+                        old, new = first / record["path"], second / record["path"]
+                        self.assertEqual(old.read_bytes(), new.read_bytes())
+                        if record["role"] == "table":
+                            continue  # the table object is fetched anyway, so it is written fresh
+                        if os.name == "posix":
+                            self.assertEqual(old.stat().st_ino, new.stat().st_ino, "hard-linked, not copied")
+                        linked += 1
+        self.assertGreaterEqual(linked, len(self.ws.pages) - 1 + 3 * len(self.ws.tables))
+        self.assert_verifies()
+
+
