@@ -59,8 +59,8 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
     Errors                        BackupError and its kinds: ConfigError (exit 2), FatalError,
                                   ApiError (status and body; 0: no answer), MalformedAnswer,
                                   RefusedRequest, DeadlineReached, listing, export and asset errors
-    Records                       typed records of what becomes JSON: Failure (summary.json
-                                  `failures`)
+    Records                       typed records of what becomes JSON, each serialised in one
+                                  place: Failure (summary.json `failures`), Summary (summary.json)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -142,7 +142,7 @@ import unicodedata
 import urllib.parse
 import zipfile
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, NoReturn, Optional, Set, Tuple, Union
 
@@ -407,6 +407,39 @@ class Failure:
         """The summary.json form; its keys and their order are what monitors and the README know."""
         return {"kind": self.kind, "doc_id": self.doc_id, "id": self.object_id, "name": self.name,
                 "error": self.error}
+
+
+@dataclass(frozen=True)
+class Summary:
+    """summary.json, the file a monitor reads: its fields, declared here once in the order they are
+    written (the README's table lists them in this order; fields are only ever added).
+
+    `exit_code` and `error` are None while the run goes on (status `running`), `finished_at` too;
+    `changes` is None for a run that did not finish. The inner objects (counts, requests, changes,
+    skipped and vanished entries) are built by the RunRecorder and RequestStats that count them.
+    """
+
+    tool: str
+    snapshot: str
+    status: str
+    exit_code: Optional[int]
+    error: Optional[str]
+    started_at: str
+    finished_at: Optional[str]
+    duration_s: float
+    counts: Dict[str, Any]
+    failures: List[Failure]
+    skipped: List[Dict[str, Any]]
+    vanished: List[Dict[str, Any]]
+    warnings: List[str]
+    requests: Dict[str, Any]
+    changes: Optional[Dict[str, Any]]
+
+    def as_json(self) -> Dict[str, Any]:
+        """The JSON object, keys in field order."""
+        record = {spec.name: getattr(self, spec.name) for spec in fields(self)}
+        record["failures"] = [failure.as_json() for failure in self.failures]
+        return record
 
 
 # --- HTTP client --------------------------------------------------------------
@@ -5673,25 +5706,26 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
 
 def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
                   snapshot: Path, outcome: "Optional[Outcome]" = None) -> Dict[str, Any]:
-    """summary.json: `running` while the run goes on (exit_code and error null), then its outcome."""
+    """summary.json (a Summary, as JSON): `running` while the run goes on (exit_code and error
+    null), then its outcome."""
     finished = utc_now()
-    return {
-        "tool": f"coda-backup {__version__}",
-        "snapshot": snapshot.name,
-        "status": status,
-        "exit_code": outcome.exit_code if outcome is not None else None,
-        "error": outcome.error if outcome is not None else None,
-        "started_at": iso(started),
-        "finished_at": None if status == "running" else iso(finished),
-        "duration_s": round((finished - started).total_seconds(), 3),
-        "counts": recorder.as_counts(),
-        "failures": [failure.as_json() for failure in recorder.failures],
-        "skipped": list(recorder.skipped),
-        "vanished": list(recorder.vanished),
-        "warnings": list(recorder.warnings),
-        "requests": stats.as_dict(),
-        "changes": recorder.changes,
-    }
+    return Summary(
+        tool=f"coda-backup {__version__}",
+        snapshot=snapshot.name,
+        status=status,
+        exit_code=outcome.exit_code if outcome is not None else None,
+        error=outcome.error if outcome is not None else None,
+        started_at=iso(started),
+        finished_at=None if status == "running" else iso(finished),
+        duration_s=round((finished - started).total_seconds(), 3),
+        counts=recorder.as_counts(),
+        failures=list(recorder.failures),
+        skipped=list(recorder.skipped),
+        vanished=list(recorder.vanished),
+        warnings=list(recorder.warnings),
+        requests=stats.as_dict(),
+        changes=recorder.changes,
+    ).as_json()
 
 
 def build_manifest(options: Options, started: dt.datetime, status: str, snapshot: Path,
