@@ -148,12 +148,11 @@ class SharedRunTestCase(BackupTestCase):
     """One backup for the whole class; its tests only read what that run wrote.
 
     A backup of a sample workspace costs a few tenths of a second; a class of read-only checks
-    (each one area, for clear failures) pays it once. `build(fake)` fills the fake, RUN_FLAGS are
-    the run's flags beyond FAST_FLAGS; the run's exit code, stdout and stderr are kept. Tests must
-    not change the fake, the output folder or the environment (`api_get` does not log).
+    (each one area, for clear failures) pays it once. `build(fake)` fills the fake, `run_flags(fake)`
+    gives the run's flags beyond FAST_FLAGS; the run's exit code, stdout and stderr are kept. Tests
+    must not change the fake, the output folder or the environment (`api_get` does not log).
     """
 
-    RUN_FLAGS: ClassVar[Tuple[str, ...]] = ()
     shared_fake: ClassVar[FakeCoda]
     shared_out: ClassVar[Path]
     data: ClassVar[Any]
@@ -167,6 +166,11 @@ class SharedRunTestCase(BackupTestCase):
         raise NotImplementedError
 
     @classmethod
+    def run_flags(cls, fake: FakeCoda) -> List[str]:
+        """The run's flags beyond FAST_FLAGS (the fake is started: its URLs are known)."""
+        return []
+
+    @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
         cls.shared_fake = FakeCoda(token=TOKEN, seed=7)
@@ -176,7 +180,8 @@ class SharedRunTestCase(BackupTestCase):
         cls.addClassCleanup(tmp.cleanup)
         cls.shared_out = Path(tmp.name) / "backups"
         cls.data = cls.build(cls.shared_fake)
-        args = ["--output", str(cls.shared_out), "--api-url", cls.shared_fake.api_url, *FAST_FLAGS, *cls.RUN_FLAGS]
+        args = ["--output", str(cls.shared_out), "--api-url", cls.shared_fake.api_url, *FAST_FLAGS,
+                *cls.run_flags(cls.shared_fake)]
         saved = {name: os.environ.get(name) for name in ("CODA_API_TOKEN", "CODA_API_URL")}
         os.environ["CODA_API_TOKEN"] = TOKEN
         os.environ.pop("CODA_API_URL", None)
