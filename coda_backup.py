@@ -60,7 +60,8 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   ApiError (status and body; 0: no answer), MalformedAnswer,
                                   RefusedRequest, DeadlineReached, listing, export and asset errors
     Records                       typed records of what becomes JSON, each serialised in one
-                                  place: Failure (summary.json `failures`), Summary (summary.json)
+                                  place: Failure (summary.json `failures`), Summary (summary.json),
+                                  LastRun (DIR/last-run.json)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -440,6 +441,29 @@ class Summary:
         record = {spec.name: getattr(self, spec.name) for spec in fields(self)}
         record["failures"] = [failure.as_json() for failure in self.failures]
         return record
+
+
+@dataclass(frozen=True)
+class LastRun:
+    """DIR/last-run.json, the one small file a monitor reads (the README's "Bad nights" shows it):
+    how the last backup run ended, whatever happened, even before it took the lock.
+
+    `snapshot` is None when the run has no snapshot folder; `counts` is summary.json's; `vanished`
+    counts the entries of summary.json's `vanished` list.
+    """
+
+    snapshot: Optional[str]
+    status: str
+    exit_code: int
+    error: Optional[str]
+    started_at: str
+    finished_at: str
+    counts: Dict[str, Any]
+    vanished: int
+
+    def as_json(self) -> Dict[str, Any]:
+        """The JSON object, keys in field order."""
+        return {spec.name: getattr(self, spec.name) for spec in fields(self)}
 
 
 # --- HTTP client --------------------------------------------------------------
@@ -6045,18 +6069,18 @@ def discard_snapshot(snapshot: Path) -> None:
 
 
 def last_run_record(run: RunState, outcome: Outcome) -> Dict[str, Any]:
-    """DIR/last-run.json: the one small file a monitor reads (see the README's "Bad nights")."""
+    """DIR/last-run.json (a LastRun, as JSON) for a run that took the lock."""
     kept = run.snapshot is not None and not outcome.discard_snapshot
-    return {
-        "snapshot": run.snapshot.name if kept and run.snapshot is not None else None,
-        "status": outcome.status,
-        "exit_code": outcome.exit_code,
-        "error": outcome.error,
-        "started_at": iso(run.started),
-        "finished_at": iso(utc_now()),
-        "counts": run.recorder.as_counts(),
-        "vanished": len(run.recorder.vanished),
-    }
+    return LastRun(
+        snapshot=run.snapshot.name if kept and run.snapshot is not None else None,
+        status=outcome.status,
+        exit_code=outcome.exit_code,
+        error=outcome.error,
+        started_at=iso(run.started),
+        finished_at=iso(utc_now()),
+        counts=run.recorder.as_counts(),
+        vanished=len(run.recorder.vanished),
+    ).as_json()
 
 
 def record_run_that_never_started(options: Options, started: dt.datetime, code: int, error: str, secret: str,
@@ -6065,9 +6089,9 @@ def record_run_that_never_started(options: Options, started: dt.datetime, code: 
     the lock: no token (a cron job without the variable is the classic), or another run holding
     the folder. A monitor sees that night's failure at once instead of yesterday's success.
     Only into an output folder that already exists: a usage error never creates one."""
-    record = {"snapshot": None, "status": "failed", "exit_code": code, "error": one_line(error, secret),
-              "started_at": iso(started), "finished_at": iso(utc_now()), "counts": RunRecorder().as_counts(),
-              "vanished": 0}
+    record = LastRun(snapshot=None, status="failed", exit_code=code, error=one_line(error, secret),
+                     started_at=iso(started), finished_at=iso(utc_now()), counts=RunRecorder().as_counts(),
+                     vanished=0).as_json()
     pinger = Pinger.for_options(options, secret) if ping else None
     if pinger is not None:
         pinger.finish(code, record)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
 import unittest
 from pathlib import Path
@@ -58,6 +59,14 @@ class ReadmeAgreesWithCodeTest(unittest.TestCase):
         for key in summary["requests"]:
             with self.subTest(request=key):
                 self.assertIn(f"`{key}`", requests_row)
+
+    def test_the_readme_shows_last_run_json_with_every_field_in_order(self) -> None:
+        section = readme_section("## Bad nights")
+        shown = re.search(r"DIR/last-run.json.*?```json\n(.*?)```", section, re.S)
+        assert shown is not None, "no last-run.json example under Bad nights"
+        example = json.loads(shown.group(1))
+        self.assertEqual(list(example), [spec.name for spec in dataclasses.fields(coda_backup.LastRun)])
+        self.assertEqual(list(example["counts"]), list(coda_backup.RunRecorder().as_counts()))
 
     def test_every_reuse_reason_is_in_the_readme_table(self) -> None:
         reasons = {value for name, value in vars(coda_backup).items() if name.startswith("REASON_")}
