@@ -61,7 +61,7 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   RefusedRequest, DeadlineReached, listing, export and asset errors
     Records                       typed records of what becomes JSON, each serialised in one
                                   place: Failure (summary.json `failures`), Summary (summary.json),
-                                  LastRun (DIR/last-run.json)
+                                  LastRun (DIR/last-run.json), Manifest (manifest.json's top level)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -460,6 +460,30 @@ class LastRun:
     finished_at: str
     counts: Dict[str, Any]
     vanished: int
+
+    def as_json(self) -> Dict[str, Any]:
+        """The JSON object, keys in field order."""
+        return {spec.name: getattr(self, spec.name) for spec in fields(self)}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json's top level, what --incremental, --verify and --diff read back: the run's
+    status and times, the options that shape its files, then every doc's entry (with its pages
+    and tables, as the exporters built them) and the files of the browsable index.
+
+    `index` is empty until index.html is written, once the outcome is known.
+    """
+
+    version: int
+    tool: str
+    snapshot: str
+    status: str
+    started_at: str
+    finished_at: str
+    options: Dict[str, Any]
+    docs: List[Dict[str, Any]]
+    index: List[Dict[str, Any]]
 
     def as_json(self) -> Dict[str, Any]:
         """The JSON object, keys in field order."""
@@ -5754,17 +5778,18 @@ def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stat
 
 def build_manifest(options: Options, started: dt.datetime, status: str, snapshot: Path,
                    docs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    return {
-        "version": MANIFEST_VERSION,
-        "tool": f"coda-backup {__version__}",
-        "snapshot": snapshot.name,
-        "status": status,
-        "started_at": iso(started),
-        "finished_at": iso(utc_now()),
-        "options": manifest_options(options),
-        "docs": docs,
-        "index": [],  # index.html and browse/, once written (RunState.write_records)
-    }
+    """manifest.json (a Manifest, as JSON); RunState.write_records adds the index files."""
+    return Manifest(
+        version=MANIFEST_VERSION,
+        tool=f"coda-backup {__version__}",
+        snapshot=snapshot.name,
+        status=status,
+        started_at=iso(started),
+        finished_at=iso(utc_now()),
+        options=manifest_options(options),
+        docs=docs,
+        index=[],
+    ).as_json()
 
 
 def manifest_options(options: Options) -> Dict[str, Any]:
