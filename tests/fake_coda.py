@@ -924,6 +924,10 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = True  # server_close() joins handler threads; stop() unblocks them first
+    # A run opens a connection per worker and export thread at once. socketserver's default
+    # backlog of 5 overflows then, and the kernel drops the SYNs beyond it: the client sends them
+    # again after a second, so about one run in fifteen stalled for a second.
+    request_queue_size = 128
 
     def __init__(self, fake: FakeCoda, kind: str) -> None:
         self.fake = fake
