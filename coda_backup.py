@@ -59,9 +59,11 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
     Errors                        BackupError and its kinds: ConfigError (exit 2), FatalError,
                                   ApiError (status and body; 0: no answer), MalformedAnswer,
                                   RefusedRequest, DeadlineReached, listing, export and asset errors
-    Records                       typed records of what becomes JSON, each serialised in one
-                                  place: Failure (summary.json `failures`), Summary (summary.json),
-                                  LastRun (DIR/last-run.json), Manifest (manifest.json's top level)
+    Options and records           the frozen Options (everything a run was asked to do, below the
+                                  CLI), RetentionPolicy, Credentials; typed records of what
+                                  becomes JSON, each serialised in one place: Failure (summary.json
+                                  `failures`), Summary (summary.json), LastRun (DIR/last-run.json),
+                                  Manifest (manifest.json's top level)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -74,8 +76,8 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
     Previous snapshots and reuse  SnapshotIndex (earlier manifests), Journal
                                   (manifest.partial.jsonl), ReusePolicy: the one pure reuse
                                   policy for the run and --dry-run
-    Exporters                     the frozen Options, RunRecorder (counts, failures, warnings),
-                                  Job; the ExportScheduler (page exports started as soon as
+    Exporters                     RunRecorder (counts, failures, warnings), Job; the
+                                  ExportScheduler (page exports started as soon as
                                   pages are listed, polled without holding a thread); pages,
                                   tables and views, doc extras, a doc linked whole
     Assets                        images and attachments: which URLs, AssetStore (its own
@@ -88,10 +90,15 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   the change report, --diff (rows in a scratch SQLite file),
                                   the pure retention planner and pruning, --find
     Snapshot index (index.html)   the offline index.html and browse/ pages of a snapshot
-    Run                           one backup's lifecycle: signals, progress line, --ping-url,
-                                  listing and selecting docs, --dry-run, summary.json, and the
-                                  one outcome path (decide_outcome, end_run, last-run.json)
-    CLI                           build_parser, Credentials and the token, options_from_args,
+    Run: progress and monitoring  the progress line, the periodic running summary (Monitor),
+                                  --ping-url (Pinger)
+    Run: outcome and exit codes   the one outcome path: RunFacts -> decide_outcome -> Outcome,
+                                  RunState, end_run (summary.json, manifest.json, latest, zip,
+                                  pruning), last-run.json, the change report
+    Run: lifecycle                one backup from start to end: signals, the token check,
+                                  listing and selecting docs, run_backup, --dry-run
+    CLI                           build_parser (its own table of flags for --config), reading
+                                  the token, options_from_args,
                                   --verify/--list-runs/--prune/--diff/--find, --config, logging,
                                   main()
 """
@@ -384,7 +391,96 @@ class AssetDiskError(BackupError):
     """Writing an asset failed on our side; kept apart from network errors so it is not retried."""
 
 
-# --- Records ------------------------------------------------------------------
+# --- Options and records ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a run was asked to do. The token is kept apart so no repr can leak it."""
+
+    output: Path
+    api_url: str = DEFAULT_API_URL
+    include_shared: bool = False
+    workspace_id: Optional[str] = None
+    skip_hidden_pages: bool = False
+    no_views: bool = False
+    incremental: bool = False
+    strict_latest: bool = False
+    page_formats: Tuple[str, ...] = (DEFAULT_PAGE_FORMAT,)
+    max_retries: int = DEFAULT_MAX_RETRIES
+    concurrency: int = DEFAULT_CONCURRENCY
+    timeout: float = DEFAULT_TIMEOUT
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    export_timeout: float = DEFAULT_EXPORT_TIMEOUT
+    retry_delay: float = DEFAULT_RETRY_DELAY
+    rate_limits: Optional[Dict[str, Tuple[int, float]]] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
+    rows_json: bool = False
+    extras: bool = True
+    docs: Tuple[str, ...] = ()
+    exclude_docs: Tuple[str, ...] = ()
+    exclude_tables: Tuple[str, ...] = ()
+    retry_failed: bool = False
+    retention: "Optional[RetentionPolicy]" = None  # after a clean run; None: keep every snapshot
+    zip: bool = False
+    max_vanished: float = DEFAULT_MAX_VANISHED
+    allow_vanished: bool = False
+    keep_vanished: int = DEFAULT_KEEP_VANISHED
+    assets: bool = True
+    asset_hosts: Tuple[str, ...] = DEFAULT_ASSET_HOSTS  # the allowed URL prefixes, default included
+    max_asset_mb: int = DEFAULT_MAX_ASSET_MB
+    max_age_days: float = DEFAULT_MAX_AGE_DAYS
+    csv_bom: bool = False
+    index: bool = True
+    ping_url: Optional[str] = None
+
+    def layout_key(self) -> Dict[str, Any]:
+        """The choices that change which files a doc has, or their bytes; a doc is reused only
+        when they match. A choice added later enters only when set, so manifests written before
+        it existed still match a run that does not use it."""
+        key: Dict[str, Any] = {
+            "page_formats": list(self.page_formats),
+            "skip_hidden_pages": self.skip_hidden_pages,
+            "no_views": self.no_views,
+            "rows_json": self.rows_json,
+            "extras": self.extras,
+            "exclude_tables": list(self.exclude_tables),
+            "assets": list(self.asset_hosts) if self.assets else None,
+        }
+        if self.csv_bom:
+            key["csv_bom"] = True
+        return key
+
+    @property
+    def reuses_previous(self) -> bool:
+        return self.incremental or self.retry_failed
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """restic-style keep rules; None leaves a rule out. Days, weeks and months are UTC."""
+
+    last: Optional[int] = None
+    daily: Optional[int] = None
+    weekly: Optional[int] = None
+    monthly: Optional[int] = None
+    within_days: Optional[int] = None
+
+    def __bool__(self) -> bool:
+        return any(value is not None for value in (self.last, self.daily, self.weekly, self.monthly,
+                                                   self.within_days))
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The API token, where it came from (for messages) and what a run should warn about it."""
+
+    token: str = field(repr=False)
+    source: str  # "CODA_API_TOKEN" or "--token-file PATH"
+    warnings: Tuple[str, ...] = ()
+    file_ignored: bool = False  # --token-file was given too, and CODA_API_TOKEN won
+
+    def describe(self) -> str:
+        return self.source + (" (--token-file was ignored)" if self.file_ignored else "")
 
 
 @dataclass(frozen=True)
@@ -1975,7 +2071,7 @@ class ReusePolicy:
     csv_bom: bool = False
 
     @classmethod
-    def for_run(cls, options: "Options", now: dt.datetime) -> "ReusePolicy":
+    def for_run(cls, options: Options, now: dt.datetime) -> "ReusePolicy":
         return cls(now=now, max_age_days=options.max_age_days, retry_failed=options.retry_failed,
                    page_formats=options.page_formats, rows_json=options.rows_json, layout=options.layout_key(),
                    csv_bom=options.csv_bom)
@@ -2191,7 +2287,7 @@ class SnapshotIndex:
         self.tables: Dict[Tuple[str, str], SavedCopy] = {}
 
     @classmethod
-    def load(cls, output: Path, options: "Options", current: Optional[Path] = None,
+    def load(cls, output: Path, options: Options, current: Optional[Path] = None,
              warn: Callable[[str], None] = LOG.warning) -> "SnapshotIndex":
         """All snapshots in `output` but `current`; --retry-failed: only `latest`."""
         index = cls()
@@ -2278,7 +2374,7 @@ def fetched_time(entry: Dict[str, Any], started: Optional[dt.datetime]) -> Optio
     return started if entry.get("status") == "ok" else None
 
 
-def selection_key(options: "Options") -> Dict[str, Any]:
+def selection_key(options: Options) -> Dict[str, Any]:
     """Which docs a run backs up; a completed run with the same selection holds them all."""
     return {"include_shared": options.include_shared, "workspace_id": options.workspace_id,
             "docs": list(options.docs), "exclude_docs": list(options.exclude_docs)}
@@ -2347,67 +2443,6 @@ PAGE_ROLES = ("markdown", "html")
 TABLE_ROLES = ("table", "columns", "csv", "rows")
 DOC_FILES = {"doc": "doc.json", "pages": "pages.json", "tables": "tables.json",
              "formulas": "formulas.json", "controls": "controls.json", "permissions": "permissions.json"}
-
-
-@dataclass(frozen=True)
-class Options:
-    """Everything a run was asked to do. The token is kept apart so no repr can leak it."""
-
-    output: Path
-    api_url: str = DEFAULT_API_URL
-    include_shared: bool = False
-    workspace_id: Optional[str] = None
-    skip_hidden_pages: bool = False
-    no_views: bool = False
-    incremental: bool = False
-    strict_latest: bool = False
-    page_formats: Tuple[str, ...] = (DEFAULT_PAGE_FORMAT,)
-    max_retries: int = DEFAULT_MAX_RETRIES
-    concurrency: int = DEFAULT_CONCURRENCY
-    timeout: float = DEFAULT_TIMEOUT
-    poll_interval: float = DEFAULT_POLL_INTERVAL
-    export_timeout: float = DEFAULT_EXPORT_TIMEOUT
-    retry_delay: float = DEFAULT_RETRY_DELAY
-    rate_limits: Optional[Dict[str, Tuple[int, float]]] = field(default_factory=lambda: dict(DEFAULT_RATE_LIMITS))
-    rows_json: bool = False
-    extras: bool = True
-    docs: Tuple[str, ...] = ()
-    exclude_docs: Tuple[str, ...] = ()
-    exclude_tables: Tuple[str, ...] = ()
-    retry_failed: bool = False
-    retention: "Optional[RetentionPolicy]" = None  # after a clean run; None: keep every snapshot
-    zip: bool = False
-    max_vanished: float = DEFAULT_MAX_VANISHED
-    allow_vanished: bool = False
-    keep_vanished: int = DEFAULT_KEEP_VANISHED
-    assets: bool = True
-    asset_hosts: Tuple[str, ...] = DEFAULT_ASSET_HOSTS  # the allowed URL prefixes, default included
-    max_asset_mb: int = DEFAULT_MAX_ASSET_MB
-    max_age_days: float = DEFAULT_MAX_AGE_DAYS
-    csv_bom: bool = False
-    index: bool = True
-    ping_url: Optional[str] = None
-
-    def layout_key(self) -> Dict[str, Any]:
-        """The choices that change which files a doc has, or their bytes; a doc is reused only
-        when they match. A choice added later enters only when set, so manifests written before
-        it existed still match a run that does not use it."""
-        key: Dict[str, Any] = {
-            "page_formats": list(self.page_formats),
-            "skip_hidden_pages": self.skip_hidden_pages,
-            "no_views": self.no_views,
-            "rows_json": self.rows_json,
-            "extras": self.extras,
-            "exclude_tables": list(self.exclude_tables),
-            "assets": list(self.asset_hosts) if self.assets else None,
-        }
-        if self.csv_bom:
-            key["csv_bom"] = True
-        return key
-
-    @property
-    def reuses_previous(self) -> bool:
-        return self.incremental or self.retry_failed
 
 
 class RunRecorder:
@@ -3969,7 +4004,7 @@ def describe_runs(output: Path, protected: Optional[Dict[str, str]] = None) -> L
     return runs
 
 
-def prune_snapshots(output: Path, policy: "RetentionPolicy", keep_vanished: int,
+def prune_snapshots(output: Path, policy: RetentionPolicy, keep_vanished: int,
                     current: Optional[Path] = None) -> List[str]:
     """Delete the snapshots the retention plan does not keep (see plan_retention and
     retention_plan); return their names. Only the lock holder calls this. A deletion that
@@ -4798,20 +4833,6 @@ def _row_examples(item: Dict[str, Any]) -> List[str]:
 
 # -- retention
 
-@dataclass(frozen=True)
-class RetentionPolicy:
-    """restic-style keep rules; None leaves a rule out. Days, weeks and months are UTC."""
-
-    last: Optional[int] = None
-    daily: Optional[int] = None
-    weekly: Optional[int] = None
-    monthly: Optional[int] = None
-    within_days: Optional[int] = None
-
-    def __bool__(self) -> bool:
-        return any(value is not None for value in (self.last, self.daily, self.weekly, self.monthly,
-                                                   self.within_days))
-
 
 @dataclass(frozen=True)
 class SnapshotRecord:
@@ -5181,45 +5202,7 @@ def write_snapshot_index(snapshot: Path, summary: Dict[str, Any], docs: List[Dic
     return records
 
 
-# --- Run ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def cancel_on_signals(cancel: threading.Event, on_cancel: Callable[[], None] = lambda: None) -> Iterator[List[int]]:
-    """Turn SIGINT/SIGTERM (and Ctrl+Break on Windows) into a cancel: workers stop at their next
-    request or sleep, and `on_cancel` cuts the requests in flight.
-
-    The handler only appends to a list: it runs between two bytecodes of the main thread, which
-    may hold any lock at that moment, so taking one there could hang the process. A watcher
-    thread notices within SIGNAL_POLL seconds and does the rest.
-    """
-    received: List[int] = []
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: Any) -> None:
-        received.append(signum)
-
-    def watch() -> None:
-        while not stop.wait(SIGNAL_POLL):
-            if received:
-                cancel.set()
-                on_cancel()
-                return
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGBREAK", None)):
-            if signum is not None:
-                previous[signum] = signal.signal(signum, handler)
-    watcher = threading.Thread(target=watch, name="coda-signals", daemon=True)
-    watcher.start()
-    try:
-        yield received
-    finally:
-        stop.set()
-        watcher.join()
-        for signum, old in previous.items():
-            signal.signal(signum, old)
+# --- Run: progress and monitoring ---------------------------------------------
 
 
 class StatusLine:
@@ -5502,6 +5485,115 @@ def ping_body(code: int, summary: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- Run: outcome and exit codes ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What decide_outcome decides from."""
+
+    failure_kinds: Tuple[str, ...] = ()
+    fatal: Optional[str] = None  # the token refused, the API unreachable, a bug
+    halt: Optional[Halt] = None  # the API lost, the disk full
+    signal: Optional[int] = None  # the first SIGINT/SIGTERM received
+    nothing_selected: bool = False  # --doc matched no doc
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended. Status, exit code and error go into summary.json, manifest.json, the
+    zip and last-run.json alike; the flags say what the end of the run may do."""
+
+    status: str
+    cause: str  # a key of EXIT_CODES
+    error: Optional[str] = None  # one line, for failed and cancelled runs
+    move_latest: bool = False  # `latest` may name this snapshot
+    may_prune: bool = False  # --keep may delete old snapshots after this run
+    discard_snapshot: bool = False  # remove what this run wrote (the disk refused it)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.cause]
+
+
+# Failure kinds after which `latest` stays where it was (the deletion guard's `vanished`).
+HOLD_LATEST_KINDS = frozenset({"vanished"})
+
+
+def decide_outcome(facts: RunFacts) -> Outcome:
+    """The one place that decides how a run ended: status, exit code (via EXIT_CODES), error,
+    whether `latest` may move and whether old snapshots may be pruned.
+
+    A halt (API lost, disk full) came before any signal (halt() keeps a cause only then); only a
+    run without any failure may prune, so a bad night never pushes good backups out.
+    """
+    if facts.halt is not None:
+        return Outcome("failed", facts.halt.kind, facts.halt.reason, discard_snapshot=facts.halt.kind == "disk")
+    if facts.signal is not None:
+        name = "SIGTERM" if facts.signal == signal.SIGTERM else "SIGINT"
+        return Outcome("cancelled", name.lower(), f"cancelled by {name}")
+    if facts.fatal is not None:
+        return Outcome("failed", "fatal", facts.fatal)
+    if facts.nothing_selected:
+        return Outcome("failed", "nothing_selected", "nothing to back up: no doc matched --doc")
+    if facts.failure_kinds:
+        held = HOLD_LATEST_KINDS.intersection(facts.failure_kinds)
+        return Outcome("completed_with_errors", "completed_with_errors", move_latest=not held)
+    return Outcome("completed", "completed", move_latest=True, may_prune=True)
+
+
+@dataclass
+class RunState:
+    """What the end of a run needs to know, filled in as the run goes."""
+
+    options: Options
+    recorder: RunRecorder
+    stats: RequestStats
+    started: dt.datetime
+    secret: str  # cut out of every error text
+    snapshot: Optional[Path] = None  # None until the folder exists
+    docs: List[Dict[str, Any]] = field(default_factory=list)
+    fatal: Optional[str] = None  # FatalError or a bug: the run cannot go on
+    before: Optional[Path] = None  # the snapshot `latest` named at the start, for `changes`
+    before_manifest: Any = None
+    journal: Optional[Journal] = None  # manifest.partial.jsonl, removed once manifest.json is written
+    pinger: Optional[Pinger] = None  # --ping-url: end_run sends the end ping
+
+    def facts(self, halt: Optional[Halt], signals: List[int]) -> RunFacts:
+        return RunFacts(
+            failure_kinds=tuple(failure.kind for failure in self.recorder.failures),
+            fatal=None if self.fatal is None else one_line(self.fatal, self.secret),
+            halt=None if halt is None else Halt(halt.kind, one_line(halt.reason, self.secret)),
+            signal=signals[0] if signals else None,
+            nothing_selected=nothing_selected(self.options, self.docs, self.recorder),
+        )
+
+    def summary(self, outcome: Optional[Outcome] = None) -> Dict[str, Any]:
+        assert self.snapshot is not None
+        status = "running" if outcome is None else outcome.status
+        return build_summary(status, self.started, self.recorder, self.stats, self.snapshot, outcome)
+
+    def write_running_summary(self) -> None:
+        assert self.snapshot is not None
+        write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary())
+
+    def write_records(self, outcome: Outcome) -> None:
+        """manifest.json, then summary.json (what says the run ended), both with the outcome."""
+        assert self.snapshot is not None
+        manifest = build_manifest(self.options, self.started, outcome.status, self.snapshot, self.docs)
+        write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
+        if self.journal is not None:
+            self.journal.close(remove=True)
+        if self.recorder.changes is None and outcome.status in ("completed", "completed_with_errors"):
+            self.recorder.changes = run_changes(self.before, self.before_manifest, manifest, self.snapshot,
+                                                self.recorder.vanished)
+        if self.options.index:  # once the outcome is known; the manifest lists its files, for --verify
+            manifest["index"] = write_index_or_warn(self.snapshot, self.summary(outcome), self.docs,
+                                                    self.recorder.warn)
+            write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
+        write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary(outcome))
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The exit code main() gives an error that ends a run early (for the end ping)."""
     for kind, code in ((ConfigError, EXIT_USAGE), (LockedError, EXIT_LOCKED), (KeyboardInterrupt, EXIT_SIGINT)):
@@ -5510,7 +5602,271 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_FATAL
 
 
-def run_with_pings(options: Options, credentials: "Credentials", status_line: Optional[StatusLine] = None) -> int:
+def nothing_selected(options: Options, docs: List[Dict[str, Any]], recorder: RunRecorder) -> bool:
+    """--doc matched no doc: the run did nothing, and must not become `latest`."""
+    return bool(options.docs) and not docs and any(failure.kind == "filter" for failure in recorder.failures)
+
+
+def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
+                  snapshot: Path, outcome: Optional[Outcome] = None) -> Dict[str, Any]:
+    """summary.json (a Summary, as JSON): `running` while the run goes on (exit_code and error
+    null), then its outcome."""
+    finished = utc_now()
+    return Summary(
+        tool=f"coda-backup {__version__}",
+        snapshot=snapshot.name,
+        status=status,
+        exit_code=outcome.exit_code if outcome is not None else None,
+        error=outcome.error if outcome is not None else None,
+        started_at=iso(started),
+        finished_at=None if status == "running" else iso(finished),
+        duration_s=round((finished - started).total_seconds(), 3),
+        counts=recorder.as_counts(),
+        failures=list(recorder.failures),
+        skipped=list(recorder.skipped),
+        vanished=list(recorder.vanished),
+        warnings=list(recorder.warnings),
+        requests=stats.as_dict(),
+        changes=recorder.changes,
+    ).as_json()
+
+
+def build_manifest(options: Options, started: dt.datetime, status: str, snapshot: Path,
+                   docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """manifest.json (a Manifest, as JSON); RunState.write_records adds the index files."""
+    return Manifest(
+        version=MANIFEST_VERSION,
+        tool=f"coda-backup {__version__}",
+        snapshot=snapshot.name,
+        status=status,
+        started_at=iso(started),
+        finished_at=iso(utc_now()),
+        options=manifest_options(options),
+        docs=docs,
+        index=[],
+    ).as_json()
+
+
+def manifest_options(options: Options) -> Dict[str, Any]:
+    return {"layout": options.layout_key(), "include_shared": options.include_shared,
+            "workspace_id": options.workspace_id, "incremental": options.incremental,
+            "docs": list(options.docs), "exclude_docs": list(options.exclude_docs),
+            "max_age_days": options.max_age_days}
+
+
+def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
+                vanished: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The change report, computed in a scratch folder inside --output (we hold its lock);
+    `removed` is this run's `vanished`, counted alike. A report that cannot be made is a
+    warning, never the run's failure."""
+    if before is not None and not isinstance(before_manifest, dict):
+        LOG.warning("no change report: the manifest of %s is unreadable", before.name)
+        return None
+    try:
+        changes = change_report(before, before_manifest, manifest, snapshot, snapshot.parent)
+    except (OSError, ValueError, sqlite3.Error, BackupError) as exc:
+        LOG.warning("no change report: %s", exc)
+        return None
+    for kind, count in vanished_counts(vanished).items():
+        changes[kind]["removed"] = count
+    return changes
+
+
+def write_index_or_warn(snapshot: Path, summary: Dict[str, Any], docs: List[Dict[str, Any]],
+                        warn: Callable[[str], None]) -> List[Dict[str, Any]]:
+    """write_snapshot_index; the index is a convenience, so trouble writing it is a warning."""
+    try:
+        return write_snapshot_index(snapshot, summary, docs)
+    except Exception as exc:  # the disk, a strange manifest entry: the backup itself is whole
+        LOG.debug("index failed", exc_info=True)
+        warn(f"could not write {INDEX_NAME}: {exc}")
+        return []
+
+
+def end_run(run: RunState, halt: Optional[Halt], signals: List[int]) -> int:
+    """The one outcome path at the end of every run that took the lock, whatever happened:
+    decide the outcome once, write it into the snapshot, move `latest`, zip, write
+    DIR/last-run.json, prune; return the exit code.
+
+    A step that fails here (latest, zip) is a recorded failure: the outcome is decided again
+    from the same facts and rewritten before anything else reads it, so summary.json,
+    manifest.json, the zip's copy and last-run.json always agree.
+    """
+    outcome = decide_outcome(run.facts(halt, signals))
+    if run.snapshot is not None:
+        outcome = settle_snapshot(run, run.snapshot, outcome, halt, signals)
+    write_last_run(run, outcome)
+    if outcome.may_prune and run.options.retention and run.snapshot is not None:
+        try:
+            prune_snapshots(run.options.output, run.options.retention, run.options.keep_vanished, run.snapshot)
+        except OSError as exc:
+            LOG.warning("retention: could not remove an old snapshot: %s", exc)
+    if run.recorder.changes is not None:
+        LOG.info("%s", describe_changes(run.recorder.changes))
+    log_outcome(outcome, run)
+    if run.pinger is not None:
+        run.pinger.finish(outcome.exit_code,
+                          run.summary(outcome) if run.snapshot is not None else last_run_record(run, outcome))
+    return outcome.exit_code
+
+
+def settle_snapshot(run: RunState, snapshot: Path, outcome: Outcome, halt: Optional[Halt],
+                    signals: List[int]) -> Outcome:
+    """Write the outcome into the snapshot, move `latest`, zip; return the final outcome."""
+    if not outcome.discard_snapshot:
+        try:
+            run.write_records(outcome)
+        except OSError as exc:
+            reason = disk_trouble(exc)
+            halt = halt or (Halt("disk", reason) if reason else None)
+            run.fatal = run.fatal or f"cannot write {SUMMARY_NAME}: {exc}"
+            outcome = decide_outcome(run.facts(halt, signals))
+    if outcome.discard_snapshot:
+        if run.journal is not None:
+            run.journal.close(remove=True)
+        discard_snapshot(snapshot)
+        return outcome
+
+    def failed_step(kind: str, name: str, error: str) -> Outcome:
+        run.recorder.fail(kind, error, name=name)
+        again = decide_outcome(run.facts(halt, signals))
+        try:
+            run.write_records(again)
+        except OSError as exc:
+            LOG.error("cannot rewrite %s: %s", SUMMARY_NAME, exc)
+        return again
+
+    if outcome.move_latest:
+        try:
+            point_latest(run.options.output, snapshot)
+        except OSError as exc:
+            outcome = failed_step("latest", "latest", f"the backup is complete, but latest did not move: {exc}")
+    if run.options.zip and outcome.status in ("completed", "completed_with_errors"):
+        try:
+            LOG.info("wrote %s", zip_snapshot(snapshot))
+        except OSError as exc:
+            outcome = failed_step("zip", f"{snapshot.name}.zip", str(exc))
+    return outcome
+
+
+def discard_snapshot(snapshot: Path) -> None:
+    """Remove this run's own snapshot folder, and only it (hard links leave other snapshots'
+    files alone). Renamed away first, as prune does, so a removal cut short never leaves a half
+    snapshot behind; a read-only disk may refuse even that."""
+    doomed = snapshot.parent / f".deleting-{snapshot.name}"
+    try:
+        os.replace(snapshot, doomed)
+        remove_tree(doomed)  # clears read-only files on Windows, as pruning does
+        LOG.error("removed the unfinished snapshot %s", snapshot.name)
+    except OSError as exc:
+        LOG.error("could not remove the unfinished snapshot %s: %s", snapshot.name, exc)
+
+
+def last_run_record(run: RunState, outcome: Outcome) -> Dict[str, Any]:
+    """DIR/last-run.json (a LastRun, as JSON) for a run that took the lock."""
+    kept = run.snapshot is not None and not outcome.discard_snapshot
+    return LastRun(
+        snapshot=run.snapshot.name if kept and run.snapshot is not None else None,
+        status=outcome.status,
+        exit_code=outcome.exit_code,
+        error=outcome.error,
+        started_at=iso(run.started),
+        finished_at=iso(utc_now()),
+        counts=run.recorder.as_counts(),
+        vanished=len(run.recorder.vanished),
+    ).as_json()
+
+
+def write_last_run(run: RunState, outcome: Outcome) -> None:
+    """Rewrite DIR/last-run.json atomically; a disk that refuses even this is only logged."""
+    try:
+        write_json_atomic(run.options.output / LAST_RUN_NAME, last_run_record(run, outcome))
+    except OSError as exc:
+        LOG.error("cannot write %s: %s", run.options.output / LAST_RUN_NAME, exc)
+
+
+def record_run_that_never_started(options: Options, started: dt.datetime, code: int, error: str, secret: str,
+                                  ping: bool = False) -> None:
+    """DIR/last-run.json (and, with `ping`, the end ping) for a backup that ended before it took
+    the lock: no token (a cron job without the variable is the classic), or another run holding
+    the folder. A monitor sees that night's failure at once instead of yesterday's success.
+    Only into an output folder that already exists: a usage error never creates one."""
+    record = LastRun(snapshot=None, status="failed", exit_code=code, error=one_line(error, secret),
+                     started_at=iso(started), finished_at=iso(utc_now()), counts=RunRecorder().as_counts(),
+                     vanished=0).as_json()
+    pinger = Pinger.for_options(options, secret) if ping else None
+    if pinger is not None:
+        pinger.finish(code, record)
+    if not options.output.is_dir():
+        return
+    try:
+        write_json_atomic(options.output / LAST_RUN_NAME, record)
+    except OSError as exc:
+        LOG.error("cannot write %s: %s", options.output / LAST_RUN_NAME, exc)
+
+
+def one_line(text: str, secret: str = "") -> str:
+    """An error for summary.json and last-run.json: one printable line, never the token."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return printable(" ".join(text.split()))[:500]
+
+
+def log_outcome(outcome: Outcome, run: RunState) -> None:
+    counts = run.recorder.as_counts()
+    unchanged = sum(counts["skipped_unchanged"].values())
+    requests = run.stats.as_dict()
+    duration = (utc_now() - run.started).total_seconds()
+    where = "(removed)" if outcome.discard_snapshot else str(run.snapshot)
+    reason = f" ({outcome.error})" if outcome.error else ""
+    line = (f"backup {outcome.status}{reason}: {counts['docs']} docs, {counts['pages']} pages, "
+            f"{counts['tables']} tables, {counts['views']} views, {counts['rows']} rows, {unchanged} unchanged, "
+            f"{counts['failures']} failures, {requests['total']} requests in {duration:.1f}s -> {where}")
+    (LOG.warning if counts["failures"] or outcome.status != "completed" else LOG.info)("%s", line)
+
+
+# --- Run: lifecycle -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def cancel_on_signals(cancel: threading.Event, on_cancel: Callable[[], None] = lambda: None) -> Iterator[List[int]]:
+    """Turn SIGINT/SIGTERM (and Ctrl+Break on Windows) into a cancel: workers stop at their next
+    request or sleep, and `on_cancel` cuts the requests in flight.
+
+    The handler only appends to a list: it runs between two bytecodes of the main thread, which
+    may hold any lock at that moment, so taking one there could hang the process. A watcher
+    thread notices within SIGNAL_POLL seconds and does the rest.
+    """
+    received: List[int] = []
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        received.append(signum)
+
+    def watch() -> None:
+        while not stop.wait(SIGNAL_POLL):
+            if received:
+                cancel.set()
+                on_cancel()
+                return
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGBREAK", None)):
+            if signum is not None:
+                previous[signum] = signal.signal(signum, handler)
+    watcher = threading.Thread(target=watch, name="coda-signals", daemon=True)
+    watcher.start()
+    try:
+        yield received
+    finally:
+        stop.set()
+        watcher.join()
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def run_with_pings(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None) -> int:
     """run_backup with --ping-url: run_backup sends the start ping and end_run the end ping; the
     end ping also goes out here for a run that ended before taking the lock (the output folder
     locked by another run, or not writable)."""
@@ -5576,6 +5932,21 @@ def _fatal_message(action: str, exc: ApiError, token_source: str = "") -> str:
     return f"{action} failed: {exc}"
 
 
+def list_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> Optional[DocWork]:
+    """backup_doc on a lister thread; None when the doc failed (recorded: the run goes on)."""
+    job.api.http.check_cancelled()
+    LOG.info("doc %s (%s)", printable(doc["id"]), printable(doc.get("name")))
+    try:
+        return backup_doc(job, doc, workers)
+    except Cancelled:
+        raise
+    except Exception as exc:  # one bad doc must never stop the run (a full disk does)
+        stop_on_disk_trouble(job, exc)
+        LOG.debug("doc %s failed", doc["id"], exc_info=True)
+        job.recorder.fail("doc", exc, doc_id=doc["id"], object_id=doc["id"], name=doc.get("name"))
+        return None
+
+
 def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """List docs a few at a time (DOC_LISTERS) while the export scheduler exports their pages and a
     pool reads their tables; every thread's requests share the --concurrency bound."""
@@ -5601,22 +5972,87 @@ def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         return [work.finish() for work in works]
 
 
-def list_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> Optional[DocWork]:
-    """backup_doc on a lister thread; None when the doc failed (recorded: the run goes on)."""
-    job.api.http.check_cancelled()
-    LOG.info("doc %s (%s)", printable(doc["id"]), printable(doc.get("name")))
+def run_backup(options: Options, credentials: Credentials, status_line: Optional[StatusLine] = None,
+               pinger: Optional[Pinger] = None) -> int:
+    """One whole run: lock, snapshot, back up; then end_run, the one outcome path, whatever happened."""
     try:
-        return backup_doc(job, doc, workers)
-    except Cancelled:
-        raise
-    except Exception as exc:  # one bad doc must never stop the run (a full disk does)
-        stop_on_disk_trouble(job, exc)
-        LOG.debug("doc %s failed", doc["id"], exc_info=True)
-        job.recorder.fail("doc", exc, doc_id=doc["id"], object_id=doc["id"], name=doc.get("name"))
-        return None
+        make_private_dir(options.output)
+    except OSError as exc:
+        raise ConfigError(f"cannot create --output {options.output}: {exc.strerror or exc}") from None
+    cancel = threading.Event()
+    recorder, stats = RunRecorder(), RequestStats()
+    if pinger is not None:
+        started_ping = pinger.start()
+        if started_ping is not None:
+            recorder.warn(started_ping)
+    http = HttpClient(client_settings(options), credentials.token, cancel, stats)
+    asset_http = HttpClient(asset_client_settings(options), "", cancel)  # never holds the token
+
+    def abort() -> None:
+        http.abort()
+        asset_http.abort()
+
+    with RunLock(options.output), cancel_on_signals(cancel, abort) as received:
+        run = RunState(options, recorder, stats, utc_now(), credentials.token, pinger=pinger)
+        for text in credentials.warnings:
+            recorder.warn(text)
+        try:
+            mark_abandoned(options.output, recorder.warn)
+            run.before = vanished_baseline(options.output, options, read_latest(options.output))
+            run.before_manifest = load_manifest(run.before) if run.before is not None else None
+            run.snapshot = create_snapshot(options.output, run.started)
+            index = None
+            if options.reuses_previous:
+                index = SnapshotIndex.load(options.output, options, run.snapshot, recorder.warn)
+            assets = AssetStore(options, asset_http, run.snapshot, recorder, index) if options.assets else None
+            run.journal = Journal.start(run.snapshot, manifest_options(options), run.started)
+            job = Job(options, CodaApi(http, recorder.warn), run.snapshot, PathAllocator(), recorder, index,
+                      ReusePolicy.for_run(options, run.started), assets, run.journal)
+            LOG.info("writing snapshot %s", run.snapshot)
+            with Monitor(run.write_running_summary, recorder, stats, status_line):
+                try:
+                    check_access(job.api, credentials.describe())
+                    run.docs = back_up_docs(job, list_docs(job.api, options, recorder))
+                finally:
+                    if assets is not None:
+                        assets.close(cancel.is_set())
+                    http.close()
+        except FatalError as exc:
+            LOG.error("%s", exc)
+            run.fatal = str(exc)
+        except Cancelled:
+            pass
+        except Exception as exc:  # the disk, or a bug: still leave an honest outcome behind
+            LOG.debug("run failed", exc_info=True)
+            reason = disk_trouble(exc)
+            if reason is not None:
+                http.halt("disk", reason)
+            else:
+                recorder.fail("run", exc)
+                run.fatal = f"the run stopped: {exc}"
+        halt = run_halt(run, http, asset_http, received)
+        if halt is None and run.fatal is None and not cancel.is_set() and run.snapshot is not None:
+            try:
+                check_vanished(options, recorder, run.started)  # a tripped guard is a `vanished` failure
+            except Exception as exc:  # a bug must not skip end_run; without the check nothing is pruned
+                LOG.debug("vanished check failed", exc_info=True)
+                recorder.fail("run", exc, name="vanished check")
+        return end_run(run, halt, received)
 
 
-def dry_run(options: Options, credentials: "Credentials") -> int:
+def run_halt(run: RunState, http: HttpClient, asset_http: HttpClient, signals: List[int]) -> Optional[Halt]:
+    """Why the run stopped at once, if it did (the API lost, the disk full); or an API that had
+    stopped answering when the work ran out, before the breaker's bounds were reached (a small
+    run, or one that lost the API before it listed everything)."""
+    halt = http.halted or asset_http.halted
+    unanswered = http.breaker.unanswered()
+    if halt is None and run.fatal is None and not signals and unanswered:
+        halt = Halt("api_lost", f"lost the API: its last {unanswered} request(s) got no answer "
+                                "and it did not answer again before the run ran out of work")
+    return halt
+
+
+def dry_run(options: Options, credentials: Credentials) -> int:
     """--dry-run: say what a run would back up and what --incremental would link, and why.
 
     Lists docs, pages and tables and reads each table's metadata for its row
@@ -5750,415 +6186,6 @@ def plan_doc(api: CodaApi, options: Options, policy: ReusePolicy, index: Optiona
         totals["unchanged"] += int(decision is not None and decision.reuse)
         print(f"  {kind:<5} {printable(table.get('name'))} ({printable(table_id)}): {rows} rows, "
               f"{plan_text(decision, 'read')}")
-
-
-def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stats: RequestStats,
-                  snapshot: Path, outcome: "Optional[Outcome]" = None) -> Dict[str, Any]:
-    """summary.json (a Summary, as JSON): `running` while the run goes on (exit_code and error
-    null), then its outcome."""
-    finished = utc_now()
-    return Summary(
-        tool=f"coda-backup {__version__}",
-        snapshot=snapshot.name,
-        status=status,
-        exit_code=outcome.exit_code if outcome is not None else None,
-        error=outcome.error if outcome is not None else None,
-        started_at=iso(started),
-        finished_at=None if status == "running" else iso(finished),
-        duration_s=round((finished - started).total_seconds(), 3),
-        counts=recorder.as_counts(),
-        failures=list(recorder.failures),
-        skipped=list(recorder.skipped),
-        vanished=list(recorder.vanished),
-        warnings=list(recorder.warnings),
-        requests=stats.as_dict(),
-        changes=recorder.changes,
-    ).as_json()
-
-
-def build_manifest(options: Options, started: dt.datetime, status: str, snapshot: Path,
-                   docs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """manifest.json (a Manifest, as JSON); RunState.write_records adds the index files."""
-    return Manifest(
-        version=MANIFEST_VERSION,
-        tool=f"coda-backup {__version__}",
-        snapshot=snapshot.name,
-        status=status,
-        started_at=iso(started),
-        finished_at=iso(utc_now()),
-        options=manifest_options(options),
-        docs=docs,
-        index=[],
-    ).as_json()
-
-
-def manifest_options(options: Options) -> Dict[str, Any]:
-    return {"layout": options.layout_key(), "include_shared": options.include_shared,
-            "workspace_id": options.workspace_id, "incremental": options.incremental,
-            "docs": list(options.docs), "exclude_docs": list(options.exclude_docs),
-            "max_age_days": options.max_age_days}
-
-
-def run_backup(options: Options, credentials: "Credentials", status_line: Optional[StatusLine] = None,
-               pinger: Optional[Pinger] = None) -> int:
-    """One whole run: lock, snapshot, back up; then end_run, the one outcome path, whatever happened."""
-    try:
-        make_private_dir(options.output)
-    except OSError as exc:
-        raise ConfigError(f"cannot create --output {options.output}: {exc.strerror or exc}") from None
-    cancel = threading.Event()
-    recorder, stats = RunRecorder(), RequestStats()
-    if pinger is not None:
-        started_ping = pinger.start()
-        if started_ping is not None:
-            recorder.warn(started_ping)
-    http = HttpClient(client_settings(options), credentials.token, cancel, stats)
-    asset_http = HttpClient(asset_client_settings(options), "", cancel)  # never holds the token
-
-    def abort() -> None:
-        http.abort()
-        asset_http.abort()
-
-    with RunLock(options.output), cancel_on_signals(cancel, abort) as received:
-        run = RunState(options, recorder, stats, utc_now(), credentials.token, pinger=pinger)
-        for text in credentials.warnings:
-            recorder.warn(text)
-        try:
-            mark_abandoned(options.output, recorder.warn)
-            run.before = vanished_baseline(options.output, options, read_latest(options.output))
-            run.before_manifest = load_manifest(run.before) if run.before is not None else None
-            run.snapshot = create_snapshot(options.output, run.started)
-            index = None
-            if options.reuses_previous:
-                index = SnapshotIndex.load(options.output, options, run.snapshot, recorder.warn)
-            assets = AssetStore(options, asset_http, run.snapshot, recorder, index) if options.assets else None
-            run.journal = Journal.start(run.snapshot, manifest_options(options), run.started)
-            job = Job(options, CodaApi(http, recorder.warn), run.snapshot, PathAllocator(), recorder, index,
-                      ReusePolicy.for_run(options, run.started), assets, run.journal)
-            LOG.info("writing snapshot %s", run.snapshot)
-            with Monitor(run.write_running_summary, recorder, stats, status_line):
-                try:
-                    check_access(job.api, credentials.describe())
-                    run.docs = back_up_docs(job, list_docs(job.api, options, recorder))
-                finally:
-                    if assets is not None:
-                        assets.close(cancel.is_set())
-                    http.close()
-        except FatalError as exc:
-            LOG.error("%s", exc)
-            run.fatal = str(exc)
-        except Cancelled:
-            pass
-        except Exception as exc:  # the disk, or a bug: still leave an honest outcome behind
-            LOG.debug("run failed", exc_info=True)
-            reason = disk_trouble(exc)
-            if reason is not None:
-                http.halt("disk", reason)
-            else:
-                recorder.fail("run", exc)
-                run.fatal = f"the run stopped: {exc}"
-        halt = run_halt(run, http, asset_http, received)
-        if halt is None and run.fatal is None and not cancel.is_set() and run.snapshot is not None:
-            try:
-                check_vanished(options, recorder, run.started)  # a tripped guard is a `vanished` failure
-            except Exception as exc:  # a bug must not skip end_run; without the check nothing is pruned
-                LOG.debug("vanished check failed", exc_info=True)
-                recorder.fail("run", exc, name="vanished check")
-        return end_run(run, halt, received)
-
-
-def run_halt(run: "RunState", http: HttpClient, asset_http: HttpClient, signals: List[int]) -> Optional[Halt]:
-    """Why the run stopped at once, if it did (the API lost, the disk full); or an API that had
-    stopped answering when the work ran out, before the breaker's bounds were reached (a small
-    run, or one that lost the API before it listed everything)."""
-    halt = http.halted or asset_http.halted
-    unanswered = http.breaker.unanswered()
-    if halt is None and run.fatal is None and not signals and unanswered:
-        halt = Halt("api_lost", f"lost the API: its last {unanswered} request(s) got no answer "
-                                "and it did not answer again before the run ran out of work")
-    return halt
-
-
-def write_index_or_warn(snapshot: Path, summary: Dict[str, Any], docs: List[Dict[str, Any]],
-                        warn: Callable[[str], None]) -> List[Dict[str, Any]]:
-    """write_snapshot_index; the index is a convenience, so trouble writing it is a warning."""
-    try:
-        return write_snapshot_index(snapshot, summary, docs)
-    except Exception as exc:  # the disk, a strange manifest entry: the backup itself is whole
-        LOG.debug("index failed", exc_info=True)
-        warn(f"could not write {INDEX_NAME}: {exc}")
-        return []
-
-
-def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
-                vanished: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The change report, computed in a scratch folder inside --output (we hold its lock);
-    `removed` is this run's `vanished`, counted alike. A report that cannot be made is a
-    warning, never the run's failure."""
-    if before is not None and not isinstance(before_manifest, dict):
-        LOG.warning("no change report: the manifest of %s is unreadable", before.name)
-        return None
-    try:
-        changes = change_report(before, before_manifest, manifest, snapshot, snapshot.parent)
-    except (OSError, ValueError, sqlite3.Error, BackupError) as exc:
-        LOG.warning("no change report: %s", exc)
-        return None
-    for kind, count in vanished_counts(vanished).items():
-        changes[kind]["removed"] = count
-    return changes
-
-
-@dataclass
-class RunState:
-    """What the end of a run needs to know, filled in as the run goes."""
-
-    options: Options
-    recorder: RunRecorder
-    stats: RequestStats
-    started: dt.datetime
-    secret: str  # cut out of every error text
-    snapshot: Optional[Path] = None  # None until the folder exists
-    docs: List[Dict[str, Any]] = field(default_factory=list)
-    fatal: Optional[str] = None  # FatalError or a bug: the run cannot go on
-    before: Optional[Path] = None  # the snapshot `latest` named at the start, for `changes`
-    before_manifest: Any = None
-    journal: Optional[Journal] = None  # manifest.partial.jsonl, removed once manifest.json is written
-    pinger: Optional[Pinger] = None  # --ping-url: end_run sends the end ping
-
-    def facts(self, halt: Optional[Halt], signals: List[int]) -> "RunFacts":
-        return RunFacts(
-            failure_kinds=tuple(failure.kind for failure in self.recorder.failures),
-            fatal=None if self.fatal is None else one_line(self.fatal, self.secret),
-            halt=None if halt is None else Halt(halt.kind, one_line(halt.reason, self.secret)),
-            signal=signals[0] if signals else None,
-            nothing_selected=nothing_selected(self.options, self.docs, self.recorder),
-        )
-
-    def summary(self, outcome: "Optional[Outcome]" = None) -> Dict[str, Any]:
-        assert self.snapshot is not None
-        status = "running" if outcome is None else outcome.status
-        return build_summary(status, self.started, self.recorder, self.stats, self.snapshot, outcome)
-
-    def write_running_summary(self) -> None:
-        assert self.snapshot is not None
-        write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary())
-
-    def write_records(self, outcome: "Outcome") -> None:
-        """manifest.json, then summary.json (what says the run ended), both with the outcome."""
-        assert self.snapshot is not None
-        manifest = build_manifest(self.options, self.started, outcome.status, self.snapshot, self.docs)
-        write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
-        if self.journal is not None:
-            self.journal.close(remove=True)
-        if self.recorder.changes is None and outcome.status in ("completed", "completed_with_errors"):
-            self.recorder.changes = run_changes(self.before, self.before_manifest, manifest, self.snapshot,
-                                                self.recorder.vanished)
-        if self.options.index:  # once the outcome is known; the manifest lists its files, for --verify
-            manifest["index"] = write_index_or_warn(self.snapshot, self.summary(outcome), self.docs,
-                                                    self.recorder.warn)
-            write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
-        write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary(outcome))
-
-
-@dataclass(frozen=True)
-class RunFacts:
-    """What decide_outcome decides from."""
-
-    failure_kinds: Tuple[str, ...] = ()
-    fatal: Optional[str] = None  # the token refused, the API unreachable, a bug
-    halt: Optional[Halt] = None  # the API lost, the disk full
-    signal: Optional[int] = None  # the first SIGINT/SIGTERM received
-    nothing_selected: bool = False  # --doc matched no doc
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a run ended. Status, exit code and error go into summary.json, manifest.json, the
-    zip and last-run.json alike; the flags say what the end of the run may do."""
-
-    status: str
-    cause: str  # a key of EXIT_CODES
-    error: Optional[str] = None  # one line, for failed and cancelled runs
-    move_latest: bool = False  # `latest` may name this snapshot
-    may_prune: bool = False  # --keep may delete old snapshots after this run
-    discard_snapshot: bool = False  # remove what this run wrote (the disk refused it)
-
-    @property
-    def exit_code(self) -> int:
-        return EXIT_CODES[self.cause]
-
-
-# Failure kinds after which `latest` stays where it was (the deletion guard's `vanished`).
-HOLD_LATEST_KINDS = frozenset({"vanished"})
-
-
-def decide_outcome(facts: RunFacts) -> Outcome:
-    """The one place that decides how a run ended: status, exit code (via EXIT_CODES), error,
-    whether `latest` may move and whether old snapshots may be pruned.
-
-    A halt (API lost, disk full) came before any signal (halt() keeps a cause only then); only a
-    run without any failure may prune, so a bad night never pushes good backups out.
-    """
-    if facts.halt is not None:
-        return Outcome("failed", facts.halt.kind, facts.halt.reason, discard_snapshot=facts.halt.kind == "disk")
-    if facts.signal is not None:
-        name = "SIGTERM" if facts.signal == signal.SIGTERM else "SIGINT"
-        return Outcome("cancelled", name.lower(), f"cancelled by {name}")
-    if facts.fatal is not None:
-        return Outcome("failed", "fatal", facts.fatal)
-    if facts.nothing_selected:
-        return Outcome("failed", "nothing_selected", "nothing to back up: no doc matched --doc")
-    if facts.failure_kinds:
-        held = HOLD_LATEST_KINDS.intersection(facts.failure_kinds)
-        return Outcome("completed_with_errors", "completed_with_errors", move_latest=not held)
-    return Outcome("completed", "completed", move_latest=True, may_prune=True)
-
-
-def end_run(run: RunState, halt: Optional[Halt], signals: List[int]) -> int:
-    """The one outcome path at the end of every run that took the lock, whatever happened:
-    decide the outcome once, write it into the snapshot, move `latest`, zip, write
-    DIR/last-run.json, prune; return the exit code.
-
-    A step that fails here (latest, zip) is a recorded failure: the outcome is decided again
-    from the same facts and rewritten before anything else reads it, so summary.json,
-    manifest.json, the zip's copy and last-run.json always agree.
-    """
-    outcome = decide_outcome(run.facts(halt, signals))
-    if run.snapshot is not None:
-        outcome = settle_snapshot(run, run.snapshot, outcome, halt, signals)
-    write_last_run(run, outcome)
-    if outcome.may_prune and run.options.retention and run.snapshot is not None:
-        try:
-            prune_snapshots(run.options.output, run.options.retention, run.options.keep_vanished, run.snapshot)
-        except OSError as exc:
-            LOG.warning("retention: could not remove an old snapshot: %s", exc)
-    if run.recorder.changes is not None:
-        LOG.info("%s", describe_changes(run.recorder.changes))
-    log_outcome(outcome, run)
-    if run.pinger is not None:
-        run.pinger.finish(outcome.exit_code,
-                          run.summary(outcome) if run.snapshot is not None else last_run_record(run, outcome))
-    return outcome.exit_code
-
-
-def settle_snapshot(run: RunState, snapshot: Path, outcome: Outcome, halt: Optional[Halt],
-                    signals: List[int]) -> Outcome:
-    """Write the outcome into the snapshot, move `latest`, zip; return the final outcome."""
-    if not outcome.discard_snapshot:
-        try:
-            run.write_records(outcome)
-        except OSError as exc:
-            reason = disk_trouble(exc)
-            halt = halt or (Halt("disk", reason) if reason else None)
-            run.fatal = run.fatal or f"cannot write {SUMMARY_NAME}: {exc}"
-            outcome = decide_outcome(run.facts(halt, signals))
-    if outcome.discard_snapshot:
-        if run.journal is not None:
-            run.journal.close(remove=True)
-        discard_snapshot(snapshot)
-        return outcome
-
-    def failed_step(kind: str, name: str, error: str) -> Outcome:
-        run.recorder.fail(kind, error, name=name)
-        again = decide_outcome(run.facts(halt, signals))
-        try:
-            run.write_records(again)
-        except OSError as exc:
-            LOG.error("cannot rewrite %s: %s", SUMMARY_NAME, exc)
-        return again
-
-    if outcome.move_latest:
-        try:
-            point_latest(run.options.output, snapshot)
-        except OSError as exc:
-            outcome = failed_step("latest", "latest", f"the backup is complete, but latest did not move: {exc}")
-    if run.options.zip and outcome.status in ("completed", "completed_with_errors"):
-        try:
-            LOG.info("wrote %s", zip_snapshot(snapshot))
-        except OSError as exc:
-            outcome = failed_step("zip", f"{snapshot.name}.zip", str(exc))
-    return outcome
-
-
-def discard_snapshot(snapshot: Path) -> None:
-    """Remove this run's own snapshot folder, and only it (hard links leave other snapshots'
-    files alone). Renamed away first, as prune does, so a removal cut short never leaves a half
-    snapshot behind; a read-only disk may refuse even that."""
-    doomed = snapshot.parent / f".deleting-{snapshot.name}"
-    try:
-        os.replace(snapshot, doomed)
-        remove_tree(doomed)  # clears read-only files on Windows, as pruning does
-        LOG.error("removed the unfinished snapshot %s", snapshot.name)
-    except OSError as exc:
-        LOG.error("could not remove the unfinished snapshot %s: %s", snapshot.name, exc)
-
-
-def last_run_record(run: RunState, outcome: Outcome) -> Dict[str, Any]:
-    """DIR/last-run.json (a LastRun, as JSON) for a run that took the lock."""
-    kept = run.snapshot is not None and not outcome.discard_snapshot
-    return LastRun(
-        snapshot=run.snapshot.name if kept and run.snapshot is not None else None,
-        status=outcome.status,
-        exit_code=outcome.exit_code,
-        error=outcome.error,
-        started_at=iso(run.started),
-        finished_at=iso(utc_now()),
-        counts=run.recorder.as_counts(),
-        vanished=len(run.recorder.vanished),
-    ).as_json()
-
-
-def record_run_that_never_started(options: Options, started: dt.datetime, code: int, error: str, secret: str,
-                                  ping: bool = False) -> None:
-    """DIR/last-run.json (and, with `ping`, the end ping) for a backup that ended before it took
-    the lock: no token (a cron job without the variable is the classic), or another run holding
-    the folder. A monitor sees that night's failure at once instead of yesterday's success.
-    Only into an output folder that already exists: a usage error never creates one."""
-    record = LastRun(snapshot=None, status="failed", exit_code=code, error=one_line(error, secret),
-                     started_at=iso(started), finished_at=iso(utc_now()), counts=RunRecorder().as_counts(),
-                     vanished=0).as_json()
-    pinger = Pinger.for_options(options, secret) if ping else None
-    if pinger is not None:
-        pinger.finish(code, record)
-    if not options.output.is_dir():
-        return
-    try:
-        write_json_atomic(options.output / LAST_RUN_NAME, record)
-    except OSError as exc:
-        LOG.error("cannot write %s: %s", options.output / LAST_RUN_NAME, exc)
-
-
-def write_last_run(run: RunState, outcome: Outcome) -> None:
-    """Rewrite DIR/last-run.json atomically; a disk that refuses even this is only logged."""
-    try:
-        write_json_atomic(run.options.output / LAST_RUN_NAME, last_run_record(run, outcome))
-    except OSError as exc:
-        LOG.error("cannot write %s: %s", run.options.output / LAST_RUN_NAME, exc)
-
-
-def nothing_selected(options: Options, docs: List[Dict[str, Any]], recorder: RunRecorder) -> bool:
-    """--doc matched no doc: the run did nothing, and must not become `latest`."""
-    return bool(options.docs) and not docs and any(failure.kind == "filter" for failure in recorder.failures)
-
-
-def one_line(text: str, secret: str = "") -> str:
-    """An error for summary.json and last-run.json: one printable line, never the token."""
-    if secret:
-        text = text.replace(secret, "[redacted]")
-    return printable(" ".join(text.split()))[:500]
-
-
-def log_outcome(outcome: Outcome, run: RunState) -> None:
-    counts = run.recorder.as_counts()
-    unchanged = sum(counts["skipped_unchanged"].values())
-    requests = run.stats.as_dict()
-    duration = (utc_now() - run.started).total_seconds()
-    where = "(removed)" if outcome.discard_snapshot else str(run.snapshot)
-    reason = f" ({outcome.error})" if outcome.error else ""
-    line = (f"backup {outcome.status}{reason}: {counts['docs']} docs, {counts['pages']} pages, "
-            f"{counts['tables']} tables, {counts['views']} views, {counts['rows']} rows, {unchanged} unchanged, "
-            f"{counts['failures']} failures, {requests['total']} requests in {duration:.1f}s -> {where}")
-    (LOG.warning if counts["failures"] or outcome.status != "completed" else LOG.info)("%s", line)
 
 
 # --- CLI ----------------------------------------------------------------------
@@ -6394,19 +6421,6 @@ def build_parser() -> OneLineParser:
     logs.add_argument("-q", "--quiet", **SWITCH, help="only errors on stderr (for cron); no progress line")
     logs.add_argument("--log-file", metavar="PATH", help="also write the log to this file")
     return parser
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """The API token, where it came from (for messages) and what a run should warn about it."""
-
-    token: str = field(repr=False)
-    source: str  # "CODA_API_TOKEN" or "--token-file PATH"
-    warnings: Tuple[str, ...] = ()
-    file_ignored: bool = False  # --token-file was given too, and CODA_API_TOKEN won
-
-    def describe(self) -> str:
-        return self.source + (" (--token-file was ignored)" if self.file_ignored else "")
 
 
 def read_token(token_file: Optional[str]) -> Credentials:
