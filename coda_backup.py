@@ -803,8 +803,18 @@ class ConnectionBreaker:
         self._requests: Set[str] = set()  # which requests failed in this streak (two are enough)
         self._lock = threading.Lock()
 
-    def answered(self) -> None:
+    def now(self) -> float:
+        """The breaker's clock: when a request goes out, for `answered`."""
+        return self._clock()
+
+    def answered(self, sent: float) -> None:
+        """An HTTP answer came to a request sent at `sent` (self.now()). It ends the streak only
+        if the request went out after the streak began: a late answer to a request sent before
+        the first failure says the API was there then, not that it is back (an API gone for good
+        would otherwise go unnoticed whenever such an answer came last)."""
         with self._lock:
+            if self._failures and sent < self._since:
+                return
             self._failures = 0
             self._requests.clear()
 
@@ -1162,6 +1172,7 @@ class HttpClient:
             with self._in_flight:
                 self.check_cancelled()
                 self._sending()
+                sent = self.breaker.now()
                 conn.request(method, target, body=body, headers=headers)
                 raw = conn.getresponse()
                 data = raw.read()
@@ -1177,7 +1188,7 @@ class HttpClient:
             raise
         self._answered(raw.status, raw.getheader("retry-after"))
         if to_api:
-            self.breaker.answered()
+            self.breaker.answered(sent)
         reply = Response(raw.status, {k.lower(): v for k, v in raw.getheaders()}, data)
         if raw.will_close:
             self._drop_connection(parts.scheme, parts.netloc)

@@ -95,9 +95,10 @@ class ApiLostTest(BadNightCase):
         docs = [self.fake.add_doc(f"Doc {n}") for n in range(3)]
         for doc in docs:
             doc.add_page("Home", content="# Home\n")
-        # Gone (the port refuses) once the first doc's tables are listed: the other docs are
-        # never listed, and too few requests are left to reach API_LOST_FAILURES.
-        self.lose_api_when(lambda request, reply: request.path == f"/docs/{docs[0].id}/tables", refuse=True)
+        # Gone (the port refuses) once the docs are listed, before any doc's pages are: too few
+        # requests are left to reach API_LOST_FAILURES. (Later, the outcome would hang on which
+        # doc's listing the threads had finished first.)
+        self.lose_api_when(lambda request, reply: request.path == "/docs", refuse=True)
         self.assertEqual(self.run_backup("--no-extras"), 3, self.stderr)
         self.assert_failed_everywhere(self.snapshots()[-1], 3, "lost the API")
         self.assertIsNone(coda_backup.read_latest(self.out), "latest moved to a partial snapshot")
@@ -105,11 +106,13 @@ class ApiLostTest(BadNightCase):
 
 class BreakerTest(unittest.TestCase):
     def test_only_an_unbroken_streak_trips_it(self) -> None:
-        # events: a letter is a connection failure of that request, "a" an HTTP answer, "+N" N seconds pass
+        # events: a letter is a connection failure of that request, "a" an HTTP answer to a request
+        # sent then, "l" a late answer to a request sent before the streak began, "+N" N seconds pass
         cases = [
             ("three failures of two requests", "xyx", 3),
             ("one request failing alone is that object's failure", "xxxxxx", None),
             ("an answer between resets the count", "xyaxy", None),
+            ("a late answer to an earlier request does not", "xylx", 3),
             ("the time bound", "x +9 y", 2),
             ("time alone, one failure", "+20 x", None),
             ("an answer ends the streak's clock", "x +4 a y +4 x", None),
@@ -122,7 +125,9 @@ class BreakerTest(unittest.TestCase):
                 failures = 0
                 for token in tokenize(events):
                     if token == "a":
-                        breaker.answered()
+                        breaker.answered(sent=now[0])
+                    elif token == "l":
+                        breaker.answered(sent=-1.0)
                     elif token.isalpha():
                         failures += 1
                         if breaker.failed(token) is not None:
