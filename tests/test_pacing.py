@@ -75,7 +75,7 @@ class RateLimiterTest(unittest.TestCase):
 
     def test_the_probe_tells_a_window_server_from_a_bucket(self) -> None:
         window = 6.0 * cb.RATE_WINDOW_MARGIN
-        reserve = int(100 * cb.BUCKET_RESERVE)
+        reserve = int(cb.BUCKET_RESERVE / (window / 100))
         cases = [  # model, limit, requests, what pacing learns, 429s, when the last request goes at the latest
             ("window", 100, 950, "window", 1, 9 * window),  # the 901st to 950th wait for the 10th window
             ("bucket", 100, 950, "bucket", 0, (850 + reserve) * window / 100),  # at the refill rate
