@@ -12,6 +12,8 @@ import csv
 import io
 import json
 import os
+import re
+import socket
 import sys
 import tempfile
 import unittest
@@ -19,7 +21,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Set, Tuple
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent))
@@ -93,6 +95,13 @@ class BackupTestCase(unittest.TestCase):
     def run_main(self, args: List[str]) -> int:
         code, self.stdout, self.stderr = run_cli(args)
         return code
+
+    def token_file(self, text: str) -> Path:
+        """A token file beside --output holding `text`, readable by its owner only."""
+        path = self.out.parent / "token.txt"
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o600)
+        return path
 
     def api_get(self, path: str, **params: str) -> Any:
         """GET the fake's API directly (what Coda says, to compare with what the backup kept).
@@ -198,6 +207,13 @@ class SharedRunTestCase(BackupTestCase):
         self.fake = self.shared_fake
         self.out = self.shared_out
         self.stdout, self.stderr = self.run_stdout, self.run_stderr
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (it was free a moment ago): connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def run_cli(args: List[str]) -> Tuple[int, str, str]:
@@ -379,3 +395,226 @@ class SmallWorkspaceTestCase(BackupTestCase):
     def assert_verifies(self, output: Optional[Path] = None) -> None:
         code = self.run_main(["--output", str(output or self.out), "--verify"])
         self.assertEqual(code, 0, f"--verify: {self.stdout} {self.stderr}")
+
+
+# --- incremental runs: a two-doc workspace and readers of what a run linked ------------------------
+
+def build_incremental_workspace(fake: FakeCoda) -> SimpleNamespace:
+    """Two owned docs: Alpha (3 pages, 2 tables, 1 view of "Items") and Beta (1 page, 1 table).
+
+    Four exportable pages, three base tables, one view.
+    """
+    alpha = fake.add_doc("Alpha Doc")
+    overview = alpha.add_page("Overview", content="# Overview\n\nAlpha overview.\n")
+    details = alpha.add_page("Details", parent=overview, content="# Details\n\nA nested page.\n")
+    scratch = alpha.add_page("Scratch", content="# Scratch\n\nWill be deleted.\n")
+    items = alpha.add_table(
+        "Items", parent_page=overview,
+        columns=["Name", {"name": "Qty", "type": "number"}, {"name": "Open", "type": "checkbox"}],
+        rows=[{"Name": "apple", "Qty": 3, "Open": True}, {"Name": "pear", "Qty": 5, "Open": False},
+              {"Name": "plum", "Qty": 7, "Open": True}],
+    )
+    open_id = items.column("Open").id
+    open_items = alpha.add_view(items, "Open Items", row_filter=lambda values: values.get(open_id) is True)
+    plain = alpha.add_table("Plain", columns=["Key", "Value"], parent_page=overview,
+                            rows=[{"Key": "a", "Value": "1"}])
+    beta = fake.add_doc("Beta Doc")
+    home = beta.add_page("Home", content="# Home\n\nBeta home.\n")
+    glossary = beta.add_table("Glossary", columns=["Term", "Meaning"], parent_page=home,
+                              rows=[{"Term": "API", "Meaning": "Application programming interface"}])
+    return SimpleNamespace(
+        alpha=alpha, overview=overview, details=details, scratch=scratch, items=items,
+        open_items=open_items, plain=plain, beta=beta, home=home, glossary=glossary,
+        docs=[alpha, beta], pages=[overview, details, scratch, home],
+    )
+
+
+def manifest_entries(manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Doc, page and table entries of a manifest by object id."""
+    found: Dict[str, Dict[str, Any]] = {}
+    for doc in manifest["docs"]:
+        found[doc["id"]] = doc
+        for child in doc["pages"] + doc["tables"]:
+            found[child["id"]] = child
+    return found
+
+
+def flip_one_byte(path: Path) -> None:
+    """Change one byte in place (same size, same inode), as an editor run by the owner could:
+    snapshot files are read-only, so the owner makes it writable first."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    mode = path.stat().st_mode
+    path.chmod(0o600)
+    path.write_bytes(bytes(data))
+    path.chmod(mode)
+
+
+class IncrementalTestCase(BackupTestCase):
+    def tearDown(self) -> None:
+        self.assertEqual(self.fake.errors, [], "the fake hit an internal error")
+
+    # -- running -----------------------------------------------------------------------
+
+    def backup(self, *flags: str, expect: int = 0, output: Optional[Path] = None, extras: bool = False) -> Path:
+        """Run a backup that must end with `expect`; return the new latest snapshot.
+
+        Formulas, controls and sharing add five sequential requests per doc and are not what
+        most of these tests are about, so runs pass --no-extras unless `extras` (every run of a
+        test alike: the flag is part of the layout an incremental run compares).
+        """
+        code = self.run_backup(*flags, *([] if extras else ["--no-extras"]), output=output)
+        self.assertEqual(code, expect, f"exit code; stderr:\n{self.stderr}")
+        latest = coda_backup.read_latest(output or self.out)
+        assert latest is not None
+        return latest
+
+    def verify(self, snapshot_name: Optional[str] = None) -> int:
+        which = [snapshot_name] if snapshot_name else []
+        return self.run_main(["--verify", *which, "--output", str(self.out)])
+
+    def assert_stdout_names(self, word: str, relative: str) -> None:
+        lines = self.stdout.splitlines()
+        self.assertTrue(any(word in line and relative in line for line in lines),
+                        f"no line names {relative} as {word}:\n{self.stdout}")
+
+    # -- the request log ----------------------------------------------------------------
+
+    def export_posts(self) -> List[str]:
+        return [record.path for record in self.fake.requests("POST", r"/export$")]
+
+    def rows_gets(self) -> List[str]:
+        return [record.path for record in self.fake.requests("GET", r"/rows$")]
+
+    def doc_requests(self, doc: Any) -> List[str]:
+        pattern = rf"^/docs/{re.escape(doc.id)}(/|$)"
+        return [f"{record.method} {record.path}" for record in self.fake.requests(None, pattern)]
+
+    @staticmethod
+    def export_path(page: Any) -> str:
+        return f"/docs/{page.doc.id}/pages/{page.id}/export"
+
+    @staticmethod
+    def rows_path(table: Any) -> str:
+        return f"/docs/{table.doc.id}/tables/{table.id}/rows"
+
+    # -- files ---------------------------------------------------------------------------
+
+    def page_file(self, snapshot: Path, page: Any, suffix: str = ".md") -> Path:
+        return self.find_one(snapshot / "docs", f"*__{page.id}{suffix}")
+
+    def table_csv(self, snapshot: Path, table: Any) -> Path:
+        return self.find_one(snapshot / "docs", f"*__{table.id}.csv")
+
+    def assert_linked(self, new: Path, old: Path) -> None:
+        """Same file: a hard link on POSIX (same inode, two or more links), same bytes everywhere."""
+        self.assertEqual(new.read_bytes(), old.read_bytes(), new)
+        if os.name == "posix":
+            self.assertEqual(new.stat().st_ino, old.stat().st_ino, f"{new} is not a hard link of {old}")
+            self.assertGreaterEqual(new.stat().st_nlink, 2, new)
+
+    def assert_not_linked(self, new: Path, old: Path) -> None:
+        if os.name == "posix":
+            self.assertNotEqual(new.stat().st_ino, old.stat().st_ino, f"{new} was linked, not downloaded")
+
+    def assert_no_file_of(self, snapshot: Path, object_id: str) -> None:
+        self.assertEqual(list(snapshot.rglob(f"*{object_id}*")), [], f"files of deleted {object_id} remain")
+
+
+# --- nights with faults: a small nightly doc and snapshot bookkeeping ---------------------------
+
+ENOUGH_RETRIES = ["--max-retries", "8"]  # a 10 % fault rate cannot exhaust nine attempts
+TEMP_PREFIXES = (".tmp-", ".latest-")  # atomic_file's temp files and point_latest's temp symlink
+
+
+def build_nightly(fake: FakeCoda, second_doc: bool = False, big_rows: int = 12) -> Dict[str, Any]:
+    """One small doc (about 28 requests per run), optionally a second one.
+
+    Pages: Home > Runbook, and the leaf Notes.  Tables: Tasks (on Home, `big_rows` rows), its view
+    Big Tasks, People (on Notes).  One formula, so the extras fetch an item too.
+    """
+    doc = fake.add_doc("Nightly Ops", owned=True)
+    home = doc.add_page("Home", content="# Home\n\nStart here.\n")
+    runbook = doc.add_page("Runbook", parent=home, content="# Runbook\n\n1. Check the backup.\n")
+    notes = doc.add_page("Notes", content="# Notes\n\nA leaf page with *markdown*.\n")
+    tasks = doc.add_table("Tasks", parent_page=home, columns=[
+        "Task", {"name": "Points", "type": "number"}, {"name": "Tags", "type": "select", "isArray": True},
+    ])
+    for i in range(big_rows):
+        tasks.add_row({"Task": f"Task {i:02d}", "Points": i, "Tags": ["a", f"t{i % 3}"]})
+    points = tasks.column("Points").id
+    view = doc.add_view(tasks, "Big Tasks", row_filter=lambda values: (values.get(points) or 0) >= 5)
+    people = doc.add_table("People", parent_page=notes, columns=["Name"], rows=[{"Name": "Ana"}, {"Name": "Bo"}])
+    doc.add_formula("Total", 42, parent=home)
+    data: Dict[str, Any] = {"doc": doc, "home": home, "runbook": runbook, "notes": notes,
+                            "tasks": tasks, "view": view, "people": people}
+    if second_doc:
+        doc2 = fake.add_doc("Second Doc", owned=True)
+        welcome = doc2.add_page("Welcome", content="# Welcome\n")
+        glossary = doc2.add_table("Glossary", parent_page=welcome, columns=["Term"], rows=[{"Term": "API"}])
+        data.update(doc2=doc2, welcome=welcome, glossary=glossary)
+    return data
+
+
+def snapshot_dirs(out: Path) -> Set[str]:
+    if not out.is_dir():
+        return set()
+    return {p.name for p in out.iterdir() if coda_backup.SNAPSHOT_NAME_RE.match(p.name) and not p.is_symlink()}
+
+
+def leftovers(root: Path) -> List[str]:
+    """Temp files and temp symlinks anywhere under root (none may survive a run)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            if name.startswith(TEMP_PREFIXES):
+                found.append(os.path.join(folder, name))
+    return found
+
+
+def rows_path(table: Any) -> str:
+    return rf"/docs/{re.escape(table.doc.id)}/tables/{re.escape(table.id)}/rows$"
+
+
+class ResilienceCase(BackupTestCase):
+    """BackupTestCase plus snapshot bookkeeping shared by the tests below."""
+
+    def tearDown(self) -> None:
+        self.assertEqual(self.fake.errors, [], "the fake hit an internal error")
+
+    def run_new(self, *extra: str) -> tuple[int, Path]:
+        """Run the CLI; return the exit code and the snapshot folder this run created."""
+        before = snapshot_dirs(self.out)
+        code = self.run_backup(*extra)
+        created = snapshot_dirs(self.out) - before
+        self.assertEqual(len(created), 1, f"expected one new snapshot, got {created}; stderr:\n{self.stderr}")
+        return code, self.out / created.pop()
+
+    def clean_snapshot(self, *extra: str) -> Path:
+        code, snapshot = self.run_new(*extra)
+        self.assertEqual(code, 0, f"clean run failed:\n{self.stderr}")
+        self.assertEqual(self.summary(snapshot)["status"], "completed")
+        return snapshot
+
+    def assertSameTree(self, expected: Path, actual: Path) -> None:
+        want, got = tree_bytes(expected), tree_bytes(actual)
+        self.assertEqual(sorted(got), sorted(want), "different files")
+        differing = [name for name in want if want[name] != got[name]]
+        self.assertEqual(differing, [], "files whose bytes differ from the clean run")
+
+    def assertNoLeftovers(self) -> None:
+        self.assertEqual(leftovers(self.out), [], "temp files left behind")
+
+    def failure_for(self, summary: Dict[str, Any], object_id: str) -> Dict[str, Any]:
+        matches = [f for f in summary["failures"] if f.get("id") == object_id]
+        self.assertEqual(len(matches), 1, f"one failure for {object_id}: {summary['failures']}")
+        return matches[0]
+
+    def manifest_entry(self, snapshot: Path, object_id: str) -> Dict[str, Any]:
+        for doc in self.manifest(snapshot)["docs"]:
+            if doc["id"] == object_id:
+                return doc
+            for child in doc["pages"] + doc["tables"]:
+                if child["id"] == object_id:
+                    return child
+        self.fail(f"{object_id} not in the manifest")

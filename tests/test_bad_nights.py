@@ -353,21 +353,15 @@ class SmallCasesTest(BadNightCase):
         super().setUp()
         self.fake.add_doc("Small").add_page("Home", content="# Home\n")
 
-    def token_file(self, text: str) -> str:
-        path = self.out.parent / "token.txt"
-        path.write_text(text, encoding="utf-8")
-        os.chmod(path, 0o600)
-        return str(path)
-
     def test_an_empty_token_file_says_so(self) -> None:
         self.set_env("CODA_API_TOKEN", None)
-        self.assertEqual(self.run_backup("--token-file", self.token_file("")), 2)
+        self.assertEqual(self.run_backup("--token-file", str(self.token_file(""))), 2)
         self.assertIn("is empty", self.stderr)
         self.assertEqual(len(self.stderr.strip().splitlines()), 1, self.stderr)
 
     def test_both_token_sources_warn_and_the_refusal_names_the_one_used(self) -> None:
         self.set_env("CODA_API_TOKEN", "wrong-token-Qp7")
-        self.assertEqual(self.run_backup("--token-file", self.token_file(TOKEN + "\n")), 3)
+        self.assertEqual(self.run_backup("--token-file", str(self.token_file(TOKEN + "\n"))), 3)
         self.assertRegex(self.stderr, r"WARNING both CODA_API_TOKEN and --token-file .* using CODA_API_TOKEN")
         self.assertIn("the API token from CODA_API_TOKEN (--token-file was ignored) was refused", self.stderr)
         self.assertNotIn("wrong-token-Qp7", self.stderr)

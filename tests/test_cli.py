@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import sys
 import unittest
 from pathlib import Path
 from typing import List
 
-from support import EXTRA_PATHS, FAST_FLAGS, TOKEN, BackupTestCase, SmallWorkspaceTestCase, coda_backup
+from support import EXTRA_PATHS, FAST_FLAGS, TOKEN, BackupTestCase, SmallWorkspaceTestCase, closed_port, coda_backup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,11 +34,8 @@ def toml_string(text: str) -> str:
 
 
 def closed_port_url() -> str:
-    """An API URL on 127.0.0.1 where nothing listens (the port was free a moment ago)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/apis/v1"
+    """An API URL on 127.0.0.1 where nothing listens."""
+    return f"http://127.0.0.1:{closed_port()}/apis/v1"
 
 
 class CliTestCase(BackupTestCase):
@@ -58,11 +54,7 @@ class CliTestCase(BackupTestCase):
         snapshots = [p for p in self.out.iterdir() if re.match(r"\d{4}-", p.name)] if self.out.exists() else []
         self.assertEqual(snapshots, [])
 
-    def token_file(self, text: str) -> Path:
-        path = self.out.parent / "token.txt"
-        path.write_text(text, encoding="utf-8")
-        path.chmod(0o600)
-        return path
+
 
 
 class TokenTest(CliTestCase):

@@ -5,7 +5,7 @@ is not contacted at all and its files are hard-linked from the latest snapshot; 
 doc only the changed pages and tables are downloaded again. Anything doubtful (a broken manifest,
 a failed object, a file deleted by hand, other flags) means downloading, never reusing.
 
-Most tests use the small workspace below (fast); the change-detection test uses the fake's sample
+Most tests use support.build_incremental_workspace (fast); the change-detection test uses the fake's sample
 workspace, whose "Wide Table" has no view (a view's updatedAt follows its base table's in the fake,
 so editing a table that has a view changes the view too).
 """
@@ -15,57 +15,24 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import re
 import shutil
-import types
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-from fake_coda import FakeCoda, build_sample_workspace
-from support import BackupTestCase, coda_backup, read_csv, read_json, tree_bytes
+from fake_coda import build_sample_workspace
+from support import (
+    IncrementalTestCase,
+    build_incremental_workspace,
+    coda_backup,
+    flip_one_byte,
+    manifest_entries,
+    read_csv,
+    read_json,
+    tree_bytes,
+)
 
 SNAPSHOT_TIME_FORMAT = "%Y-%m-%dT%H%M%SZ"
-
-
-def build_small_workspace(fake: FakeCoda) -> types.SimpleNamespace:
-    """Two owned docs: Alpha (3 pages, 2 tables, 1 view of "Items") and Beta (1 page, 1 table).
-
-    Four exportable pages, three base tables, one view.
-    """
-    alpha = fake.add_doc("Alpha Doc")
-    overview = alpha.add_page("Overview", content="# Overview\n\nAlpha overview.\n")
-    details = alpha.add_page("Details", parent=overview, content="# Details\n\nA nested page.\n")
-    scratch = alpha.add_page("Scratch", content="# Scratch\n\nWill be deleted.\n")
-    items = alpha.add_table(
-        "Items", parent_page=overview,
-        columns=["Name", {"name": "Qty", "type": "number"}, {"name": "Open", "type": "checkbox"}],
-        rows=[{"Name": "apple", "Qty": 3, "Open": True}, {"Name": "pear", "Qty": 5, "Open": False},
-              {"Name": "plum", "Qty": 7, "Open": True}],
-    )
-    open_id = items.column("Open").id
-    open_items = alpha.add_view(items, "Open Items", row_filter=lambda values: values.get(open_id) is True)
-    plain = alpha.add_table("Plain", columns=["Key", "Value"], parent_page=overview,
-                            rows=[{"Key": "a", "Value": "1"}])
-    beta = fake.add_doc("Beta Doc")
-    home = beta.add_page("Home", content="# Home\n\nBeta home.\n")
-    glossary = beta.add_table("Glossary", columns=["Term", "Meaning"], parent_page=home,
-                              rows=[{"Term": "API", "Meaning": "Application programming interface"}])
-    return types.SimpleNamespace(
-        alpha=alpha, overview=overview, details=details, scratch=scratch, items=items,
-        open_items=open_items, plain=plain, beta=beta, home=home, glossary=glossary,
-        docs=[alpha, beta], pages=[overview, details, scratch, home],
-    )
-
-
-def manifest_entries(manifest: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """Doc, page and table entries of a manifest by object id."""
-    found: Dict[str, Dict[str, Any]] = {}
-    for doc in manifest["docs"]:
-        found[doc["id"]] = doc
-        for child in doc["pages"] + doc["tables"]:
-            found[child["id"]] = child
-    return found
 
 
 def manifest_records(manifest: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -84,91 +51,9 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def flip_one_byte(path: Path) -> None:
-    """Change one byte in place (same size, same inode), as an editor run by the owner could:
-    snapshot files are read-only, so the owner makes it writable first."""
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    mode = path.stat().st_mode
-    path.chmod(0o600)
-    path.write_bytes(bytes(data))
-    path.chmod(mode)
-
-
-class IncrementalTestCase(BackupTestCase):
-    def tearDown(self) -> None:
-        self.assertEqual(self.fake.errors, [], "the fake hit an internal error")
-
-    # -- running -----------------------------------------------------------------------
-
-    def backup(self, *flags: str, expect: int = 0, output: Optional[Path] = None, extras: bool = False) -> Path:
-        """Run a backup that must end with `expect`; return the new latest snapshot.
-
-        Formulas, controls and sharing add five sequential requests per doc and are not what
-        most of these tests are about, so runs pass --no-extras unless `extras` (every run of a
-        test alike: the flag is part of the layout an incremental run compares).
-        """
-        code = self.run_backup(*flags, *([] if extras else ["--no-extras"]), output=output)
-        self.assertEqual(code, expect, f"exit code; stderr:\n{self.stderr}")
-        latest = coda_backup.read_latest(output or self.out)
-        assert latest is not None
-        return latest
-
-    def verify(self, snapshot_name: Optional[str] = None) -> int:
-        which = [snapshot_name] if snapshot_name else []
-        return self.run_main(["--verify", *which, "--output", str(self.out)])
-
-    def assert_stdout_names(self, word: str, relative: str) -> None:
-        lines = self.stdout.splitlines()
-        self.assertTrue(any(word in line and relative in line for line in lines),
-                        f"no line names {relative} as {word}:\n{self.stdout}")
-
-    # -- the request log ----------------------------------------------------------------
-
-    def export_posts(self) -> List[str]:
-        return [record.path for record in self.fake.requests("POST", r"/export$")]
-
-    def rows_gets(self) -> List[str]:
-        return [record.path for record in self.fake.requests("GET", r"/rows$")]
-
-    def doc_requests(self, doc: Any) -> List[str]:
-        pattern = rf"^/docs/{re.escape(doc.id)}(/|$)"
-        return [f"{record.method} {record.path}" for record in self.fake.requests(None, pattern)]
-
-    @staticmethod
-    def export_path(page: Any) -> str:
-        return f"/docs/{page.doc.id}/pages/{page.id}/export"
-
-    @staticmethod
-    def rows_path(table: Any) -> str:
-        return f"/docs/{table.doc.id}/tables/{table.id}/rows"
-
-    # -- files ---------------------------------------------------------------------------
-
-    def page_file(self, snapshot: Path, page: Any, suffix: str = ".md") -> Path:
-        return self.find_one(snapshot / "docs", f"*__{page.id}{suffix}")
-
-    def table_csv(self, snapshot: Path, table: Any) -> Path:
-        return self.find_one(snapshot / "docs", f"*__{table.id}.csv")
-
-    def assert_linked(self, new: Path, old: Path) -> None:
-        """Same file: a hard link on POSIX (same inode, two or more links), same bytes everywhere."""
-        self.assertEqual(new.read_bytes(), old.read_bytes(), new)
-        if os.name == "posix":
-            self.assertEqual(new.stat().st_ino, old.stat().st_ino, f"{new} is not a hard link of {old}")
-            self.assertGreaterEqual(new.stat().st_nlink, 2, new)
-
-    def assert_not_linked(self, new: Path, old: Path) -> None:
-        if os.name == "posix":
-            self.assertNotEqual(new.stat().st_ino, old.stat().st_ino, f"{new} was linked, not downloaded")
-
-    def assert_no_file_of(self, snapshot: Path, object_id: str) -> None:
-        self.assertEqual(list(snapshot.rglob(f"*{object_id}*")), [], f"files of deleted {object_id} remain")
-
-
 class SnapshotTest(IncrementalTestCase):
     def test_incremental_snapshot_equals_a_fresh_full_backup_and_outlives_its_predecessor(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         ws.overview.content = "# Overview\n\nQ3: ship the API.\n"
         ws.overview.touch()
@@ -265,7 +150,7 @@ class ChangeDetectionTest(IncrementalTestCase):
         self.assertEqual(self.verify(), 0, self.stdout)
 
     def test_no_change_rerun_downloads_nothing_and_says_so(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         self.fake.clear_log()
         second = self.backup("--incremental", "--log-level", "WARNING")
@@ -291,7 +176,7 @@ class ChangeDetectionTest(IncrementalTestCase):
         self.assertEqual(tree_bytes(second), tree_bytes(first))
 
     def test_new_objects_are_fetched_and_deleted_ones_are_gone(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         gamma = self.fake.add_doc("Gamma Doc")
         welcome = gamma.add_page("Welcome")
         first = self.backup()
@@ -334,7 +219,7 @@ class ManifestAndVerifyTest(IncrementalTestCase):
         return {record["path"]: record for record in records}
 
     def test_manifest_lists_every_file_with_size_and_sha256(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         first_records = self.assert_manifest_matches_files(first)
         ws.overview.content = "# Overview\n\nRewritten.\n"
@@ -347,7 +232,7 @@ class ManifestAndVerifyTest(IncrementalTestCase):
         self.assertEqual(second_records[glossary_csv], first_records[glossary_csv])
 
     def test_verify_passes_then_names_altered_and_missing_files(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         snapshot = self.backup()
         self.assertEqual(self.verify(), 0, self.stdout)
 
@@ -368,7 +253,7 @@ class ManifestAndVerifyTest(IncrementalTestCase):
         self.assertNotIn(csv_relative, self.stdout)
 
     def test_verify_snapshot_name_checks_that_snapshot(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         second = self.backup("--incremental")
         gone = self.table_csv(first, ws.glossary)
@@ -381,7 +266,7 @@ class ManifestAndVerifyTest(IncrementalTestCase):
         self.assertTrue(self.table_csv(second, ws.glossary).is_file())
 
     def test_linked_files_keep_the_hashes_of_the_run_that_downloaded_them(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         original_path = self.table_csv(first, ws.glossary)
         original = original_path.read_bytes()
@@ -403,7 +288,7 @@ class ManifestAndVerifyTest(IncrementalTestCase):
 
 class FallbackTest(IncrementalTestCase):
     def test_broken_or_missing_previous_manifest_means_a_full_backup(self) -> None:
-        build_small_workspace(self.fake)
+        build_incremental_workspace(self.fake)
         template = self.backup()
         self.assertEqual(len(self.export_posts()), 4)
 
@@ -485,7 +370,7 @@ class FallbackTest(IncrementalTestCase):
                 self.assertEqual(self.summary(second)["status"], "completed")
 
     def test_failed_objects_are_fetched_again_and_end_ok(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         ws.details.export_fail_times = 10
         self.fake.add_fault(rf"/tables/{ws.plain.id}/rows$", status=403, times=None)
         first = self.backup(expect=1)
@@ -514,7 +399,7 @@ class FallbackTest(IncrementalTestCase):
         self.assertEqual(self.verify(), 0, self.stdout)
 
     def test_changing_page_format_exports_pages_again(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         self.backup()
         self.fake.clear_log()
         second = self.backup("--incremental", "--page-format", "html")
@@ -534,7 +419,7 @@ class FallbackTest(IncrementalTestCase):
         self.assertEqual(self.export_posts(), [])
 
     def test_toggling_no_views_reevaluates_views(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         view_csv = self.table_csv(first, ws.open_items).read_bytes()
 
@@ -553,7 +438,7 @@ class FallbackTest(IncrementalTestCase):
         self.assertEqual(self.verify(), 0, self.stdout)
 
     def test_files_deleted_by_hand_are_downloaded_again(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         self.page_file(first, ws.overview).unlink()
         self.table_csv(first, ws.items).unlink()
@@ -599,7 +484,7 @@ class TablesShownOnPagesTest(IncrementalTestCase):
                     self.assertEqual(said.get(child["id"]), child["status"] == "unchanged", child["name"])
 
     def test_page_showing_a_changed_table_is_exported_again(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         page_updated = ws.overview.updated_at
         ws.plain.set_cell(0, "Value", "2")  # touches the table and the doc, not the page
@@ -617,7 +502,7 @@ class TablesShownOnPagesTest(IncrementalTestCase):
 
     def test_view_is_read_again_when_only_its_base_table_changed(self) -> None:
         self.fake.views_follow_base = False
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         view_updated = ws.open_items.updated_at
         ws.items.set_cell(0, "Qty", 30)  # apple, an open item: it shows in the view
@@ -633,7 +518,7 @@ class TablesShownOnPagesTest(IncrementalTestCase):
 
     def test_unchanged_base_table_keeps_the_view_linked(self) -> None:
         self.fake.views_follow_base = False
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         ws.plain.set_cell(0, "Value", "2")
         self.fake.clear_log()
@@ -663,7 +548,7 @@ class ReuseGuardTest(IncrementalTestCase):
             self.assertEqual(read_csv(self.find_one(folder, "*__grid-same.csv"))[1][6:], [text])
 
     def test_asking_for_rows_json_later_writes_it_for_unchanged_tables(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         self.backup()
         ws.alpha.touch()  # doc changed, tables not: table-level reuse must still add the NDJSON
         self.fake.clear_log()
@@ -676,7 +561,7 @@ class ReuseGuardTest(IncrementalTestCase):
         self.assertEqual(self.verify(), 0, self.stdout)
 
     def test_failed_extras_are_fetched_again(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         ws.alpha.add_formula("Total", 42)
         self.fake.add_fault(r"/formulas$", status=500, times=None)
         first = self.backup("--max-retries", "0", expect=1, extras=True)
@@ -688,7 +573,7 @@ class ReuseGuardTest(IncrementalTestCase):
         self.assertEqual(self.summary(second)["status"], "completed")
 
     def test_renamed_table_gets_a_fresh_table_json(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         self.backup()
         ws.plain.name = "Plain Renamed"  # a rename that leaves updatedAt alone
         ws.alpha.touch()
@@ -699,7 +584,7 @@ class ReuseGuardTest(IncrementalTestCase):
         self.assertNotIn(self.rows_path(ws.plain), self.rows_gets())
 
     def test_a_page_whose_manifest_lists_no_file_is_exported_again(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         manifest = self.manifest(first)
         page = next(p for d in manifest["docs"] for p in d["pages"] if p["id"] == ws.details.id)

@@ -7,13 +7,12 @@ number of requests no fixed run comes near, so such a test fails instead of hang
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any
 
 from fake_coda import FakeCoda
-from support import TOKEN, BackupTestCase, coda_backup
+from support import TOKEN, BackupTestCase, closed_port, coda_backup
 
 RUNAWAY = 60  # requests to one endpoint after which the hook turns the fault off
 
@@ -25,13 +24,6 @@ def stop_after(fake: FakeCoda, switch: str, path_end: str, most: int = RUNAWAY) 
             setattr(fake, switch, None)
 
     fake.after_api.append(hook)
-
-
-def closed_port() -> int:
-    """A port nothing listens on: connecting to it is refused at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class MisbehavingServerTest(BackupTestCase):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from fake_coda import PNG_HEAD, FakeCoda, PingReceiver, asset_bytes
-from support import TOKEN, BackupTestCase, SmallWorkspaceTestCase, coda_backup, read_csv, read_json
+from support import TOKEN, BackupTestCase, SmallWorkspaceTestCase, closed_port, coda_backup, read_csv, read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE_DOC = '<script>alert("doc")</script> & Co'
@@ -42,14 +42,6 @@ def operator_workspace(fake: FakeCoda) -> Any:
     table.fill_rows(150, lambda index: [f"<row {index}> Ünï", index])
     doc.add_view(table, "Evens", row_filter=lambda values: True)
     return doc
-
-
-def closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- --ping-url --------------------------------------------------------------------------

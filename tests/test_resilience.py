@@ -3,7 +3,8 @@
 Every test runs the real CLI in-process (through `support.BackupTestCase`) over HTTP against the
 fake and asserts on exit codes, files, summary.json and the fake's request log.  "Ridden through"
 always means: exit 0 and a snapshot byte-identical to a clean run against the same fake.
-Signals, the lock, token leaks, permissions and hostile names are in test_safety.py.
+Signals, the lock, token leaks, permissions and hostile names are in test_safety.py; the nightly
+workspace and ResilienceCase are in support.py.
 """
 
 from __future__ import annotations
@@ -13,113 +14,14 @@ import re
 import sys
 import unittest
 from pathlib import Path
-from typing import Any, Dict, List, Set
+from typing import Any, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import coda_backup
 from fake_coda import FAULT_KINDS, FakeCoda
-from support import TOKEN, BackupTestCase, read_csv, tree_bytes
-
-ENOUGH_RETRIES = ["--max-retries", "8"]  # a 10 % fault rate cannot exhaust nine attempts
-TEMP_PREFIXES = (".tmp-", ".latest-")  # atomic_file's temp files and point_latest's temp symlink
-
-
-# --- dataset and helpers -------------------------------------------------------------------
-
-def build_nightly(fake: FakeCoda, second_doc: bool = False, big_rows: int = 12) -> Dict[str, Any]:
-    """One small doc (about 28 requests per run), optionally a second one.
-
-    Pages: Home > Runbook, and the leaf Notes.  Tables: Tasks (on Home, `big_rows` rows), its view
-    Big Tasks, People (on Notes).  One formula, so the extras fetch an item too.
-    """
-    doc = fake.add_doc("Nightly Ops", owned=True)
-    home = doc.add_page("Home", content="# Home\n\nStart here.\n")
-    runbook = doc.add_page("Runbook", parent=home, content="# Runbook\n\n1. Check the backup.\n")
-    notes = doc.add_page("Notes", content="# Notes\n\nA leaf page with *markdown*.\n")
-    tasks = doc.add_table("Tasks", parent_page=home, columns=[
-        "Task", {"name": "Points", "type": "number"}, {"name": "Tags", "type": "select", "isArray": True},
-    ])
-    for i in range(big_rows):
-        tasks.add_row({"Task": f"Task {i:02d}", "Points": i, "Tags": ["a", f"t{i % 3}"]})
-    points = tasks.column("Points").id
-    view = doc.add_view(tasks, "Big Tasks", row_filter=lambda values: (values.get(points) or 0) >= 5)
-    people = doc.add_table("People", parent_page=notes, columns=["Name"], rows=[{"Name": "Ana"}, {"Name": "Bo"}])
-    doc.add_formula("Total", 42, parent=home)
-    data: Dict[str, Any] = {"doc": doc, "home": home, "runbook": runbook, "notes": notes,
-                            "tasks": tasks, "view": view, "people": people}
-    if second_doc:
-        doc2 = fake.add_doc("Second Doc", owned=True)
-        welcome = doc2.add_page("Welcome", content="# Welcome\n")
-        glossary = doc2.add_table("Glossary", parent_page=welcome, columns=["Term"], rows=[{"Term": "API"}])
-        data.update(doc2=doc2, welcome=welcome, glossary=glossary)
-    return data
-
-
-def snapshot_dirs(out: Path) -> Set[str]:
-    if not out.is_dir():
-        return set()
-    return {p.name for p in out.iterdir() if coda_backup.SNAPSHOT_NAME_RE.match(p.name) and not p.is_symlink()}
-
-
-def leftovers(root: Path) -> List[str]:
-    """Temp files and temp symlinks anywhere under root (none may survive a run)."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            if name.startswith(TEMP_PREFIXES):
-                found.append(os.path.join(folder, name))
-    return found
-
-
-def rows_path(table: Any) -> str:
-    return rf"/docs/{re.escape(table.doc.id)}/tables/{re.escape(table.id)}/rows$"
-
-
-class ResilienceCase(BackupTestCase):
-    """BackupTestCase plus snapshot bookkeeping shared by the tests below."""
-
-    def tearDown(self) -> None:
-        self.assertEqual(self.fake.errors, [], "the fake hit an internal error")
-
-    def run_new(self, *extra: str) -> tuple[int, Path]:
-        """Run the CLI; return the exit code and the snapshot folder this run created."""
-        before = snapshot_dirs(self.out)
-        code = self.run_backup(*extra)
-        created = snapshot_dirs(self.out) - before
-        self.assertEqual(len(created), 1, f"expected one new snapshot, got {created}; stderr:\n{self.stderr}")
-        return code, self.out / created.pop()
-
-    def clean_snapshot(self, *extra: str) -> Path:
-        code, snapshot = self.run_new(*extra)
-        self.assertEqual(code, 0, f"clean run failed:\n{self.stderr}")
-        self.assertEqual(self.summary(snapshot)["status"], "completed")
-        return snapshot
-
-    def assertSameTree(self, expected: Path, actual: Path) -> None:
-        want, got = tree_bytes(expected), tree_bytes(actual)
-        self.assertEqual(sorted(got), sorted(want), "different files")
-        differing = [name for name in want if want[name] != got[name]]
-        self.assertEqual(differing, [], "files whose bytes differ from the clean run")
-
-    def assertNoLeftovers(self) -> None:
-        self.assertEqual(leftovers(self.out), [], "temp files left behind")
-
-    def failure_for(self, summary: Dict[str, Any], object_id: str) -> Dict[str, Any]:
-        matches = [f for f in summary["failures"] if f.get("id") == object_id]
-        self.assertEqual(len(matches), 1, f"one failure for {object_id}: {summary['failures']}")
-        return matches[0]
-
-    def manifest_entry(self, snapshot: Path, object_id: str) -> Dict[str, Any]:
-        for doc in self.manifest(snapshot)["docs"]:
-            if doc["id"] == object_id:
-                return doc
-            for child in doc["pages"] + doc["tables"]:
-                if child["id"] == object_id:
-                    return child
-        self.fail(f"{object_id} not in the manifest")
-
+from support import ENOUGH_RETRIES, TOKEN, ResilienceCase, build_nightly, read_csv, rows_path, tree_bytes
 
 # --- faults it must ride through -----------------------------------------------------------
 

@@ -20,9 +20,18 @@ import unittest
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
-from test_incremental import IncrementalTestCase, build_small_workspace, flip_one_byte, manifest_entries
-
-from support import FAST_FLAGS, TOKEN, SmallWorkspaceTestCase, coda_backup, manifest_entry, read_csv
+from support import (
+    FAST_FLAGS,
+    TOKEN,
+    IncrementalTestCase,
+    SmallWorkspaceTestCase,
+    build_incremental_workspace,
+    coda_backup,
+    flip_one_byte,
+    manifest_entries,
+    manifest_entry,
+    read_csv,
+)
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
 FRESH = NOW - dt.timedelta(days=1)
@@ -177,7 +186,7 @@ class ReuseCase(IncrementalTestCase):
 
 class DryRunAgreesTest(ReuseCase):
     def test_a_page_showing_a_table_that_failed_is_exported_by_the_run_and_the_dry_run(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         self.fake.add_fault(rf"/tables/{ws.plain.id}/rows$", status=403, times=None)
         first = self.backup(expect=1)
         self.fake.clear_faults()
@@ -199,7 +208,7 @@ class DryRunAgreesTest(ReuseCase):
 class ResumeTest(ReuseCase):
     @unittest.skipUnless(os.name == "posix", "POSIX signals")
     def test_after_ctrl_c_or_kill_only_what_was_not_saved_is_fetched(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         saved_objects = ws.pages[:3] + [ws.items, ws.open_items, ws.plain, ws.glossary]
         for signum, status in ((signal.SIGINT, "cancelled"), (signal.SIGKILL, "abandoned")):
             with self.subTest(signal=signum.name):
@@ -262,7 +271,7 @@ class ResumeTest(ReuseCase):
         return False
 
     def test_after_a_failed_run_and_past_a_damaged_manifest(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         # The fake holds the exports of Scratch and Home until Alpha's tables, Overview and Details
         # are saved; then the API is lost for good (neither export ever finishes: two requests go
         # unanswered), and the run ends `failed`.
@@ -305,7 +314,7 @@ class ResumeTest(ReuseCase):
 
 class CalculatedColumnsTest(ReuseCase):
     def test_a_formula_result_that_changed_without_updatedAt_is_caught_by_the_doc(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         scores = ws.beta.add_table("Scores", parent_page=ws.home, columns=[
             "Player", {"name": "Total", "type": "number", "calculated": True, "formula": "thisRow.Points * 2"}],
             rows=[{"Player": "ann", "Total": 4}, {"Player": "bob", "Total": 6}])
@@ -335,7 +344,7 @@ class CalculatedColumnsTest(ReuseCase):
 
 class MaxAgeTest(ReuseCase):
     def test_reuse_carries_the_download_time_and_max_age_refetches_into_hard_links(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         ws.alpha.touch()  # Alpha is decided object by object, Beta is linked whole
         second = self.backup("--incremental")
@@ -369,7 +378,7 @@ class MaxAgeTest(ReuseCase):
 
 class CheckedLinksTest(ReuseCase):
     def test_a_same_size_edit_of_a_saved_file_is_not_linked_forward(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         first = self.backup()
         damaged = self.table_csv(first, ws.glossary)
         original = damaged.read_bytes()
@@ -390,7 +399,7 @@ class CheckedLinksTest(ReuseCase):
 @unittest.skipUnless(os.name == "posix", "POSIX permissions")
 class ReadOnlyTest(ReuseCase):
     def test_content_is_0400_from_the_start_the_run_records_0600_and_pruning_deletes(self) -> None:
-        ws = build_small_workspace(self.fake)
+        ws = build_incremental_workspace(self.fake)
         seen: Dict[str, int] = {}
 
         def look(_request: Any) -> None:  # mid-run: every saved file is already read-only

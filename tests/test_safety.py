@@ -19,11 +19,18 @@ import unittest
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from test_resilience import ENOUGH_RETRIES, ResilienceCase, build_nightly, rows_path, snapshot_dirs
-
 import coda_backup
 from fake_coda import FAULT_KINDS
-from support import FAST_FLAGS, TOKEN, read_json
+from support import (
+    ENOUGH_RETRIES,
+    FAST_FLAGS,
+    TOKEN,
+    ResilienceCase,
+    build_nightly,
+    read_json,
+    rows_path,
+    snapshot_dirs,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
