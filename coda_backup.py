@@ -63,7 +63,8 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   CLI), RetentionPolicy, Credentials; typed records of what
                                   becomes JSON, each serialised in one place: Failure (summary.json
                                   `failures`), Summary (summary.json), LastRun (DIR/last-run.json),
-                                  Manifest (manifest.json's top level)
+                                  Manifest (manifest.json's top level) and its DocEntry, PageEntry
+                                  and TableEntry (also the lines of manifest.partial.jsonl)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -119,6 +120,7 @@ import contextlib
 import csv
 import datetime as dt
 import email.utils
+import enum
 import errno
 import fnmatch
 import functools
@@ -150,9 +152,24 @@ import unicodedata
 import urllib.parse
 import zipfile
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Callable, Collection, Deque, Dict, Iterator, List, NoReturn, Optional, Set, Tuple, Union
+from typing import (
+    IO,
+    Any,
+    Callable,
+    Collection,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    NoReturn,
+    Optional,
+    Set,
+    Tuple,
+    TypeVar,
+    Union,
+)
 
 __version__ = "0.1.0"
 
@@ -562,6 +579,153 @@ class LastRun:
         return {spec.name: getattr(self, spec.name) for spec in fields(self)}
 
 
+class Omitted(enum.Enum):
+    """The value of a manifest key that an entry leaves out altogether, where None is written as
+    null. Readers can tell the two apart: a table whose GET failed has no `rowCount` or
+    `parentTableId` at all, a base table's `parentTableId` is null; a page that failed has no
+    `fetchedAt`, one linked from a copy of unknown age has `"fetchedAt": null`."""
+
+    KEY = "omitted"
+
+
+OMITTED = Omitted.KEY
+_T = TypeVar("_T")
+Omittable = Union[_T, Omitted]  # Omittable[str]: a str, or the key left out
+
+
+def json_key(name: str) -> str:
+    """A manifest key from a record's field name: `parent_table_id` -> `parentTableId`."""
+    first, *rest = name.split("_")
+    return first + "".join(part.capitalize() for part in rest)
+
+
+@dataclass
+class ManifestEntry:
+    """What a doc's, page's and table's entry in manifest.json share: one as_json for all three.
+
+    The entries are mutable, unlike the other records: an object's entry is filled in as it goes
+    (its files as they are written, then `status`, `fetchedAt` ...) by its exporter, and its
+    `assets` by the asset finisher when its downloads end. Only writing goes through them: what
+    reuse, --verify and --diff read from disk (this version's manifests, or any older one's)
+    stays plain JSON.
+    """
+
+    def as_json(self) -> Dict[str, Any]:
+        """The JSON object: keys in field order, spelt camelCase; an OMITTED field is left out,
+        None is written as null. Lists are copied (a journal line is written while the asset
+        finisher may still add to an entry); a doc's pages and tables become their JSON too."""
+        record: Dict[str, Any] = {}
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if value is OMITTED:
+                continue
+            if isinstance(value, list):
+                value = [item.as_json() if isinstance(item, ManifestEntry) else item for item in value]
+            record[json_key(spec.name)] = value
+        return record
+
+
+@dataclass
+class PageEntry(ManifestEntry):
+    """A page in manifest.json (and in a line of manifest.partial.jsonl): what the page listing
+    said, where its files are, and what became of it. `status` is ok, unchanged (linked),
+    skipped (the API cannot export it: `reason` says why) or failed (`error`); `fetchedAt` is
+    set once its bytes are downloaded (or carried over when it is linked), `reusedFrom` only for
+    a linked page, `reason` only when a run could reuse (see Job.fetched)."""
+
+    id: str
+    name: Any
+    parent_id: Optional[str]
+    browser_link: Any
+    updated_at: Any
+    content_type: Any
+    is_hidden: Any
+    path: str
+    formats: List[str]
+    status: str = "ok"
+    files: List[Dict[str, Any]] = field(default_factory=list)
+    fetched_at: Omittable[Optional[str]] = OMITTED
+    reused_from: Omittable[str] = OMITTED
+    reason: Omittable[str] = OMITTED
+    assets: Omittable[List[Dict[str, Any]]] = OMITTED
+    asset_errors: Omittable[List[str]] = OMITTED
+    error: Omittable[str] = OMITTED
+
+    @classmethod
+    def from_json(cls, saved: Dict[str, Any]) -> "PageEntry":
+        """A page entry as an earlier manifest holds it (a doc linked whole carries its pages
+        over): the keys it has, none it lacks; keys this version does not know are dropped."""
+        return cls(**_fields_from_json(cls, saved))
+
+
+@dataclass
+class TableEntry(ManifestEntry):
+    """A table or view in manifest.json (and in manifest.partial.jsonl), like a PageEntry.
+    `updatedAt`, `rowCount` and `parentTableId` come from the table's own GET (left out when
+    that failed); `calculatedColumns` once its columns are read (or carried over, null when the
+    copy did not say)."""
+
+    id: str
+    name: Any
+    table_type: str
+    parent_page_id: Optional[str]
+    parent_page_name: Optional[str]
+    browser_link: Any
+    path: str
+    status: str = "ok"
+    files: List[Dict[str, Any]] = field(default_factory=list)
+    updated_at: Omittable[Any] = OMITTED
+    row_count: Omittable[Optional[int]] = OMITTED
+    parent_table_id: Omittable[Optional[str]] = OMITTED
+    calculated_columns: Omittable[Optional[int]] = OMITTED
+    fetched_at: Omittable[Optional[str]] = OMITTED
+    reused_from: Omittable[str] = OMITTED
+    reason: Omittable[str] = OMITTED
+    assets: Omittable[List[Dict[str, Any]]] = OMITTED
+    asset_errors: Omittable[List[str]] = OMITTED
+    error: Omittable[str] = OMITTED
+
+    @classmethod
+    def from_json(cls, saved: Dict[str, Any]) -> "TableEntry":
+        """See PageEntry.from_json."""
+        return cls(**_fields_from_json(cls, saved))
+
+
+@dataclass
+class DocEntry(ManifestEntry):
+    """A doc in manifest.json: its facts, its own files (doc.json, pages.json, tables.json and
+    the extras), and its pages and tables. `status` is ok, unchanged (linked whole) or failed
+    (`error`: a listing or an extra that failed); manifest.partial.jsonl has a line of its
+    id, name, path, updatedAt and fetchedAt."""
+
+    id: str
+    name: Any
+    browser_link: Any
+    updated_at: Any
+    path: str
+    status: str = "ok"
+    files: List[Dict[str, Any]] = field(default_factory=list)
+    pages: List[PageEntry] = field(default_factory=list)
+    tables: List[TableEntry] = field(default_factory=list)
+    fetched_at: Omittable[Optional[str]] = OMITTED
+    reused_from: Omittable[str] = OMITTED
+    reason: Omittable[str] = OMITTED
+    error: Omittable[str] = OMITTED
+
+
+def _fields_from_json(cls: type[ManifestEntry], saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A record's fields from a saved entry's keys (a key missing stays OMITTED, or None where
+    the field cannot be left out)."""
+    values: Dict[str, Any] = {}
+    for spec in fields(cls):
+        key = json_key(spec.name)
+        if key in saved:
+            values[spec.name] = list(saved[key]) if isinstance(saved[key], list) else saved[key]
+        elif spec.default is MISSING and spec.default_factory is MISSING:
+            values[spec.name] = None
+    return values
+
+
 @dataclass(frozen=True)
 class Manifest:
     """manifest.json's top level, what --incremental, --verify and --diff read back: the run's
@@ -578,12 +742,14 @@ class Manifest:
     started_at: str
     finished_at: str
     options: Dict[str, Any]
-    docs: List[Dict[str, Any]]
+    docs: List[DocEntry]
     index: List[Dict[str, Any]]
 
     def as_json(self) -> Dict[str, Any]:
         """The JSON object, keys in field order."""
-        return {spec.name: getattr(self, spec.name) for spec in fields(self)}
+        record = {spec.name: getattr(self, spec.name) for spec in fields(self)}
+        record["docs"] = [doc.as_json() for doc in self.docs]
+        return record
 
 
 # --- HTTP client --------------------------------------------------------------
@@ -2230,14 +2396,14 @@ class Journal:
         journal._write({"version": MANIFEST_VERSION, "started_at": iso(started), "options": options_record})
         return journal
 
-    def doc(self, entry: Dict[str, Any]) -> None:
-        self._write({"doc": {key: entry.get(key) for key in ("id", "name", "path", "updatedAt", "fetchedAt")}})
+    def doc(self, entry: DocEntry) -> None:
+        record = entry.as_json()
+        self._write({"doc": {key: record.get(key) for key in ("id", "name", "path", "updatedAt", "fetchedAt")}})
 
-    def saved(self, doc_id: str, kind: str, entry: Dict[str, Any]) -> None:
+    def saved(self, doc_id: str, kind: str, entry: Union[PageEntry, TableEntry]) -> None:
         """A page or table that ended saved (ok or unchanged); anything else is not worth a line."""
-        if entry.get("status") in REUSABLE_STATUSES:
-            # dict() copies at once (the asset finisher may still add to the entry).
-            self._write({"docId": doc_id, "kind": kind, "entry": dict(entry, files=list(entry["files"]))})
+        if entry.status in REUSABLE_STATUSES:  # as_json copies at once (the asset finisher may still add to it)
+            self._write({"docId": doc_id, "kind": kind, "entry": entry.as_json()})
 
     def close(self, remove: bool) -> None:
         with self._lock:
@@ -2569,20 +2735,22 @@ class Job:
             linked.append(dict(record, path=str(target)))
         return linked
 
-    def fetched(self, entry: Dict[str, Any], decision: Decision) -> None:
+    def fetched(self, entry: Union[DocEntry, PageEntry, TableEntry], decision: Decision) -> None:
         """Mark an entry downloaded now, saying why when this run could have reused it."""
-        entry["fetchedAt"] = iso(utc_now())
+        entry.fetched_at = iso(utc_now())
         if self.index is not None:
-            entry["reason"] = decision.reason
+            entry.reason = decision.reason
 
     @staticmethod
-    def reused(entry: Dict[str, Any], decision: Decision) -> None:
+    def reused(entry: Union[DocEntry, PageEntry, TableEntry], decision: Decision) -> None:
         """Mark an entry linked from `decision.source`: its download time travels with it."""
         assert decision.source is not None
         before = decision.source
-        entry.update(status="unchanged", updatedAt=before.entry.get("updatedAt"),
-                     fetchedAt=iso(before.fetched_at) if before.fetched_at else None,
-                     reusedFrom=before.snapshot.name, reason=decision.reason)
+        entry.status = "unchanged"
+        entry.updated_at = before.entry.get("updatedAt")
+        entry.fetched_at = iso(before.fetched_at) if before.fetched_at else None
+        entry.reused_from = before.snapshot.name
+        entry.reason = decision.reason
 
 
 def disk_trouble(exc: BaseException) -> Optional[str]:
@@ -2663,9 +2831,9 @@ class PageExport:
     doc_id: str
     page: Dict[str, Any]
     stem: PurePosixPath
-    entry: Dict[str, Any]
+    entry: PageEntry
     decision: Decision
-    done: concurrent.futures.Future[Dict[str, Any]]
+    done: concurrent.futures.Future[PageEntry]
     formats: List[str]
     request_id: str = ""
     deadline: float = 0.0  # of the current format: --export-timeout from its first start, download included
@@ -2825,7 +2993,7 @@ class ExportScheduler:
             self.render.done(polled - export.answered, export.rendering_after)
         output_format = export.formats.pop(0)
         relative = with_suffix(export.stem, ROLE_SUFFIXES[output_format])
-        export.entry["files"].append(export.job.write_bytes(relative, data, output_format, export.decision.source))
+        export.entry.files.append(export.job.write_bytes(relative, data, output_format, export.decision.source))
         stamp_with_coda_time(inside(export.job.root, relative), export.page.get("updatedAt"))
         if export.formats:
             export.starts = 0
@@ -2837,25 +3005,16 @@ class ExportScheduler:
         return True
 
 
-def page_entry(page: Dict[str, Any], stem: PurePosixPath, formats: Tuple[str, ...]) -> Dict[str, Any]:
-    return {
-        "id": page["id"],
-        "name": page.get("name"),
-        "parentId": _ref_id(page.get("parent")),
-        "browserLink": page.get("browserLink"),
-        "updatedAt": page.get("updatedAt"),
-        "contentType": page.get("contentType"),
-        "isHidden": page.get("isHidden"),
-        "path": str(with_suffix(stem, ROLE_SUFFIXES[formats[0]])),
-        "formats": list(formats),
-        "status": "ok",
-        "files": [],
-    }
+def page_entry(page: Dict[str, Any], stem: PurePosixPath, formats: Tuple[str, ...]) -> PageEntry:
+    return PageEntry(id=page["id"], name=page.get("name"), parent_id=_ref_id(page.get("parent")),
+                     browser_link=page.get("browserLink"), updated_at=page.get("updatedAt"),
+                     content_type=page.get("contentType"), is_hidden=page.get("isHidden"),
+                     path=str(with_suffix(stem, ROLE_SUFFIXES[formats[0]])), formats=list(formats))
 
 
 def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath,
-                shown_tables: List[concurrent.futures.Future[Dict[str, Any]]],
-                done: concurrent.futures.Future[Dict[str, Any]]) -> Optional[PageExport]:
+                shown_tables: List[concurrent.futures.Future[TableEntry]],
+                done: concurrent.futures.Future[PageEntry]) -> Optional[PageExport]:
     """Decide one page: link it from an earlier snapshot, skip it (not exportable), or return it
     as a PageExport for the ExportScheduler, which saves it in every requested format. A page that
     ends here ends through end_page (a failure recorded, never raised; `done` gets the entry).
@@ -2876,14 +3035,14 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
         if decision.reuse and linked is None:
             decision = Decision(False, REASON_DAMAGED)
         if linked is not None and decision.source is not None:
-            entry["files"] = linked
+            entry.files = linked
             job.reused(entry, decision)
             carry_assets(job, doc_id, entry, decision.source.entry)
             job.recorder.unchanged("pages")
             job.recorder.count("pages")
         elif (page.get("contentType") or "canvas") != "canvas":
-            entry["status"] = "skipped"
-            entry["reason"] = f"the API cannot export {page.get('contentType')} pages"
+            entry.status = "skipped"
+            entry.reason = f"the API cannot export {page.get('contentType')} pages"
             job.recorder.count("pages_not_exportable")
         else:
             return PageExport(job, doc_id, page, stem, entry, decision, done, list(formats))
@@ -2894,8 +3053,8 @@ def export_page(job: Job, doc_id: str, page: Dict[str, Any], stem: PurePosixPath
     return None
 
 
-def end_page(job: Job, doc_id: str, page: Dict[str, Any], entry: Dict[str, Any],
-             done: concurrent.futures.Future[Dict[str, Any]], exc: Optional[Exception] = None) -> None:
+def end_page(job: Job, doc_id: str, page: Dict[str, Any], entry: PageEntry,
+             done: concurrent.futures.Future[PageEntry], exc: Optional[Exception] = None) -> None:
     """The one way a page ends: a failure recorded in its entry and the summary (a cancel, or a
     full disk, which stops the run, ends it as cancelled instead), counted as settled for the
     progress line, journalled, and handed to `done`."""
@@ -2911,57 +3070,51 @@ def end_page(job: Job, doc_id: str, page: Dict[str, Any], entry: Dict[str, Any],
         return
     if exc is not None:
         LOG.debug("page %s failed", page["id"], exc_info=exc)
-        entry["status"] = "failed"
-        entry["error"] = str(exc)
+        entry.status = "failed"
+        entry.error = str(exc)
         job.recorder.fail("page", exc, doc_id=doc_id, object_id=page["id"], name=page.get("name"))
     job.journal.saved(doc_id, "page", entry)
     done.set_result(entry)
 
 
 def decide_page_later(job: Job, exports: ExportScheduler, doc_id: str, page: Dict[str, Any], stem: PurePosixPath,
-                      shown_tables: List[concurrent.futures.Future[Dict[str, Any]]],
-                      done: concurrent.futures.Future[Dict[str, Any]]) -> None:
+                      shown_tables: List[concurrent.futures.Future[TableEntry]],
+                      done: concurrent.futures.Future[PageEntry]) -> None:
     """export_page on a pool worker, for a page whose decision may wait for its tables."""
     export = export_page(job, doc_id, page, stem, shown_tables, done)
     if export is not None:
         exports.add([export])
 
 
-def hosted_tables(tables: List[concurrent.futures.Future[Dict[str, Any]]]) -> Dict[str, Optional[str]]:
+def hosted_tables(tables: List[concurrent.futures.Future[TableEntry]]) -> Dict[str, Optional[str]]:
     """The CSV sha256 this run saved for each table shown on a page (waits for them)."""
-    return {entry["id"]: csv_sha256(entry) for entry in (future.result() for future in tables)}
+    return {entry.id: csv_sha256(entry.as_json()) for entry in (future.result() for future in tables)}
 
 
-def table_entry(ref: Dict[str, Any], stem: PurePosixPath) -> Dict[str, Any]:
-    return {
-        "id": ref["id"],
-        "name": ref.get("name"),
-        "tableType": "view" if ref.get("tableType") == "view" else "table",
-        "parentPageId": _ref_id(ref.get("parent")),
-        "parentPageName": _ref_name(ref.get("parent")) or None,
-        "browserLink": ref.get("browserLink"),
-        "path": str(with_suffix(stem, ROLE_SUFFIXES["csv"])),
-        "status": "ok",
-        "files": [],
-    }
+def table_entry(ref: Dict[str, Any], stem: PurePosixPath) -> TableEntry:
+    return TableEntry(id=ref["id"], name=ref.get("name"),
+                      table_type="view" if ref.get("tableType") == "view" else "table",
+                      parent_page_id=_ref_id(ref.get("parent")), parent_page_name=_ref_name(ref.get("parent")) or None,
+                      browser_link=ref.get("browserLink"), path=str(with_suffix(stem, ROLE_SUFFIXES["csv"])))
 
 
-def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath, doc_updated: Any) -> Dict[str, Any]:
+def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath, doc_updated: Any) -> TableEntry:
     """Save one table or view: .table.json, .columns.json and the rows as CSV.
 
     The table list lacks updatedAt and rowCount, so the table is always
     fetched; with --incremental one the policy calls unchanged is linked, not re-read.
     """
     entry = table_entry(ref, stem)
-    kind = "views" if entry["tableType"] == "view" else "tables"
+    kind = "views" if entry.table_type == "view" else "tables"
     api = job.api
     try:
         table = api.get_table(doc_id, ref["id"])
         parent_table = table.get("parentTable")
-        entry.update(updatedAt=table.get("updatedAt"), rowCount=table.get("rowCount"),
-                     parentTableId=_ref_id(parent_table), browserLink=table.get("browserLink", entry["browserLink"]))
+        entry.updated_at, entry.row_count = table.get("updatedAt"), table.get("rowCount")
+        entry.parent_table_id = _ref_id(parent_table)
+        entry.browser_link = table.get("browserLink", entry.browser_link)
         saved = job.index.tables.get((doc_id, ref["id"])) if job.index is not None else None
-        entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table", saved))
+        entry.files.append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["table"]), table, "table", saved))
         decision = job.policy.table(table, saved, doc_updated, lambda: base_updated(job, doc_id, table))
         if decision.reuse and decision.source is not None and not assets_reusable(
                 job.assets.prefixes if job.assets else None, decision.source, None):
@@ -2972,22 +3125,23 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
         if decision.reuse and linked is None:
             decision = Decision(False, REASON_DAMAGED)
         if linked is not None and source is not None:
-            entry["files"].extend(linked)
+            entry.files.extend(linked)
             carry_assets(job, doc_id, entry, source.entry)
             job.reused(entry, decision)
-            entry.update(rowCount=source.entry.get("rowCount"), calculatedColumns=source.entry.get("calculatedColumns"))
+            entry.row_count = source.entry.get("rowCount")
+            entry.calculated_columns = source.entry.get("calculatedColumns")
             job.recorder.unchanged(kind)
         else:
             read_table(job, doc_id, table, stem, entry, decision)
         job.recorder.count(kind)
-        job.recorder.count("rows", entry.get("rowCount") or 0)
+        job.recorder.count("rows", entry.row_count if isinstance(entry.row_count, int) else 0)
     except Cancelled:
         raise
     except Exception as exc:  # one bad table must never stop the run (a full disk does)
         stop_on_disk_trouble(job, exc)
         LOG.debug("table %s failed", ref["id"], exc_info=True)
-        entry["status"] = "failed"
-        entry["error"] = str(exc)
+        entry.status = "failed"
+        entry.error = str(exc)
         job.recorder.fail(kind[:-1], exc, doc_id=doc_id, object_id=ref["id"], name=ref.get("name"))
     finally:
         job.recorder.settle()
@@ -2995,13 +3149,13 @@ def export_table(job: Job, doc_id: str, ref: Dict[str, Any], stem: PurePosixPath
     return entry
 
 
-def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath, entry: Dict[str, Any],
+def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath, entry: TableEntry,
                decision: Decision) -> None:
     """Read a table's columns and rows into the snapshot; files identical to the saved copy's
     become hard links of it. Raises when the rows could not all be read."""
     columns = list_all(job.api.iter_columns(doc_id, table["id"]))
-    entry["calculatedColumns"] = sum(1 for column in columns if column.get("calculated") is True)
-    entry["files"].append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns",
+    entry.calculated_columns = sum(1 for column in columns if column.get("calculated") is True)
+    entry.files.append(job.write_json(with_suffix(stem, ROLE_SUFFIXES["columns"]), columns, "columns",
                                          decision.source))
     csv_path = with_suffix(stem, ROLE_SUFFIXES["csv"])
     ndjson_path = with_suffix(stem, ROLE_SUFFIXES["rows"]) if job.options.rows_json else None
@@ -3009,10 +3163,10 @@ def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath
     count, problem, records = read_rows(job, doc_id, table, columns, csv_path, ndjson_path, decision.source, found)
     if found is not None:
         found.save(entry)
-    entry["files"].extend(records)
+    entry.files.extend(records)
     for record in records:  # the table's own time in Coda, not the time of this run
         stamp_with_coda_time(inside(job.root, PurePosixPath(record["path"])), table.get("updatedAt"))
-    entry["rowCount"] = count
+    entry.row_count = count
     job.fetched(entry, decision)
     if problem is not None:
         raise problem
@@ -3059,19 +3213,19 @@ def base_updated(job: Job, doc_id: str, table: Dict[str, Any]) -> Any:
 class DocWork:
     """A doc whose listings are done and whose pages and tables are in the pool."""
 
-    entry: Dict[str, Any]
-    pages: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
-    tables: List[concurrent.futures.Future[Dict[str, Any]]] = field(default_factory=list)
+    entry: DocEntry
+    pages: List[concurrent.futures.Future[PageEntry]] = field(default_factory=list)
+    tables: List[concurrent.futures.Future[TableEntry]] = field(default_factory=list)
     extras: "List[concurrent.futures.Future[DocExtras]]" = field(default_factory=list)
 
-    def finish(self) -> Dict[str, Any]:
+    def finish(self) -> DocEntry:
         """Wait for the doc's objects; leave out the ones a cancellation stopped."""
-        self.entry["pages"].extend(_finished(self.pages))
-        self.entry["tables"].extend(_finished(self.tables))
+        self.entry.pages.extend(_finished(self.pages))
+        self.entry.tables.extend(_finished(self.tables))
         for extras in _finished(self.extras):
-            self.entry["files"].extend(extras.files)
+            self.entry.files.extend(extras.files)
             if extras.errors:
-                self.entry.update(status="failed", error="; ".join(extras.errors))
+                self.entry.status, self.entry.error = "failed", "; ".join(extras.errors)
         return self.entry
 
 
@@ -3091,18 +3245,9 @@ def _finished(futures: List[concurrent.futures.Future[Any]]) -> List[Any]:
     return results
 
 
-def doc_entry(doc: Dict[str, Any], folder: PurePosixPath) -> Dict[str, Any]:
-    return {
-        "id": doc["id"],
-        "name": doc.get("name"),
-        "browserLink": doc.get("browserLink"),
-        "updatedAt": doc.get("updatedAt"),
-        "path": str(folder),
-        "status": "ok",
-        "files": [],
-        "pages": [],
-        "tables": [],
-    }
+def doc_entry(doc: Dict[str, Any], folder: PurePosixPath) -> DocEntry:
+    return DocEntry(id=doc["id"], name=doc.get("name"), browser_link=doc.get("browserLink"),
+                    updated_at=doc.get("updatedAt"), path=str(folder))
 
 
 @dataclass(frozen=True)
@@ -3137,25 +3282,23 @@ def backup_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> DocWork:
             return work
         decision = Decision(False, REASON_DAMAGED)
     if saved is not None and job.policy.retry_failed:
-        entry["updatedAt"] = saved.entry.get("updatedAt")  # not looked at: the next run must still compare
-    if job.index is not None:
-        entry["reason"] = decision.reason
-    entry["fetchedAt"] = iso(utc_now())
+        entry.updated_at = saved.entry.get("updatedAt")  # not looked at: the next run must still compare
+    job.fetched(entry, decision)
     job.journal.doc(entry)
-    entry["files"].append(job.write_json(folder / DOC_FILES["doc"], doc, "doc"))
+    entry.files.append(job.write_json(folder / DOC_FILES["doc"], doc, "doc"))
     pages, problem = read_all(job.api.iter_pages(doc))
     job.recorder.listed.pages[doc_id] = listed_ids(pages, problem)
     if isinstance(problem, ApiError):
-        entry.update(status="failed", error=str(problem))
+        entry.status, entry.error = "failed", str(problem)
         job.recorder.fail("doc", problem, doc_id=doc_id, object_id=doc_id, name=doc.get("name"))
         return work
-    entry["files"].append(job.write_json(folder / DOC_FILES["pages"], pages, "pages"))
+    entry.files.append(job.write_json(folder / DOC_FILES["pages"], pages, "pages"))
     stems = page_stems(pages)
     fresh: List[PageExport] = []
-    later: List[Tuple[Dict[str, Any], PurePosixPath, concurrent.futures.Future[Dict[str, Any]]]] = []
+    later: List[Tuple[Dict[str, Any], PurePosixPath, concurrent.futures.Future[PageEntry]]] = []
     for page in selected_pages(job.options, pages):
         stem = job.paths.claim(folder / stems[page["id"]])
-        done: concurrent.futures.Future[Dict[str, Any]] = concurrent.futures.Future()
+        done: concurrent.futures.Future[PageEntry] = concurrent.futures.Future()
         work.pages.append(done)
         job.recorder.queue()
         if job.index is not None and (doc_id, page["id"]) in job.index.pages:
@@ -3169,14 +3312,14 @@ def backup_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> DocWork:
         work.extras.append(workers.pool.submit(export_doc_extras, job, doc_id, folder, workers.items))
     tables, table_problem = read_all(job.api.iter_tables(doc))
     job.recorder.listed.tables[doc_id] = listed_ids(tables, table_problem)
-    entry["files"].append(job.write_json(folder / DOC_FILES["tables"], tables, "tables"))
+    entry.files.append(job.write_json(folder / DOC_FILES["tables"], tables, "tables"))
     for listing_problem in (problem, table_problem):
         if listing_problem is not None:
-            entry.update(status="failed", error=str(listing_problem))
+            entry.status, entry.error = "failed", str(listing_problem)
             job.recorder.fail("doc", listing_problem, doc_id=doc_id, object_id=doc_id, name=doc.get("name"))
     # Tables go to the pool before the pages that wait for them: a page may wait for the tables it
     # shows (see export_page), and the queue is first in, first out, so those are already running.
-    hosted: Dict[str, List[concurrent.futures.Future[Dict[str, Any]]]] = {}
+    hosted: Dict[str, List[concurrent.futures.Future[TableEntry]]] = {}
     for table in selected_tables(job.options, doc, tables):
         stem = job.paths.claim(folder / table_stem(table))
         job.recorder.queue()
@@ -3252,7 +3395,7 @@ class DocExtras:
     errors: List[str] = field(default_factory=list)
 
 
-def link_whole_doc(job: Job, decision: Decision, entry: Dict[str, Any]) -> bool:
+def link_whole_doc(job: Job, decision: Decision, entry: DocEntry) -> bool:
     """Carry an unchanged doc over from an earlier snapshot, file by file, after checking every
     file against its manifest; False (nothing linked) if one does not match."""
     saved = decision.source
@@ -3261,22 +3404,24 @@ def link_whole_doc(job: Job, decision: Decision, entry: Dict[str, Any]) -> bool:
         return False
     recorder = job.recorder
     before = saved.entry
-    recorder.listed.pages[entry["id"]] = {page["id"] for page in before["pages"]}
-    recorder.listed.tables[entry["id"]] = {table["id"] for table in before["tables"]}
-    entry.update(files=job.link_files(saved, before["files"], checked=True) or [], path=before["path"])
+    recorder.listed.pages[entry.id] = {page["id"] for page in before["pages"]}
+    recorder.listed.tables[entry.id] = {table["id"] for table in before["tables"]}
+    entry.files, entry.path = job.link_files(saved, before["files"], checked=True) or [], before["path"]
     Job.reused(entry, decision)
-    entry["fetchedAt"] = before.get("fetchedAt") or entry["fetchedAt"]
+    entry.fetched_at = before.get("fetchedAt") or entry.fetched_at
     link_doc_assets(job, saved)
     for page in before["pages"]:
-        page_copy = dict(page, files=job.link_files(saved, page["files"], checked=True) or [])
+        page_copy = PageEntry.from_json(page)
+        page_copy.files = job.link_files(saved, page["files"], checked=True) or []
         if page["status"] != "skipped":
             Job.reused(page_copy, Decision(True, decision.reason, replace_entry(saved, page)))
-        entry["pages"].append(page_copy)
+        entry.pages.append(page_copy)
         recorder.count("pages" if page["status"] != "skipped" else "pages_not_exportable")
     for table in before["tables"]:
-        table_copy = dict(table, files=job.link_files(saved, table["files"], checked=True) or [])
+        table_copy = TableEntry.from_json(table)
+        table_copy.files = job.link_files(saved, table["files"], checked=True) or []
         Job.reused(table_copy, Decision(True, decision.reason, replace_entry(saved, table)))
-        entry["tables"].append(table_copy)
+        entry.tables.append(table_copy)
         kind = "views" if table.get("tableType") == "view" else "tables"
         recorder.count(kind)
         recorder.count("rows", table.get("rowCount") or 0)
@@ -3284,9 +3429,10 @@ def link_whole_doc(job: Job, decision: Decision, entry: Dict[str, Any]) -> bool:
     recorder.unchanged("pages", sum(1 for page in before["pages"] if page["status"] != "skipped"))
     recorder.unchanged("docs")
     job.journal.doc(entry)
-    for kind in ("page", "table"):
-        for child in entry[kind + "s"]:
-            job.journal.saved(entry["id"], kind, child)
+    for page_copy in entry.pages:
+        job.journal.saved(entry.id, "page", page_copy)
+    for table_copy in entry.tables:
+        job.journal.saved(entry.id, "table", table_copy)
     return True
 
 
@@ -3570,12 +3716,13 @@ class AssetStore:
                 self._requested[(str(folder), url)] = future
             return future
 
-    def follow(self, job: Job, doc_id: str, entry: Dict[str, Any], urls: List[str], rewrite: bool) -> None:
+    def follow(self, job: Job, doc_id: str, entry: Union[PageEntry, TableEntry], urls: List[str],
+               rewrite: bool) -> None:
         """Save these URLs for a page or table entry; its `assets` are filled in when they are done."""
         if not urls:
-            entry["assets"] = []
+            entry.assets = []
             return
-        folder = doc_folder_of(PurePosixPath(entry["path"]))
+        folder = doc_folder_of(PurePosixPath(entry.path))
         futures = [(url, self.request(folder, doc_id, url)) for url in urls]
         self._finisher.submit(finish_assets, job, doc_id, entry, futures, rewrite)
 
@@ -3667,11 +3814,11 @@ def earlier_assets(index: Optional[SnapshotIndex]) -> Dict[Tuple[str, str], Tupl
     return found
 
 
-def finish_assets(job: Job, doc_id: str, entry: Dict[str, Any],
+def finish_assets(job: Job, doc_id: str, entry: Union[PageEntry, TableEntry],
                   futures: List[Tuple[str, concurrent.futures.Future[AssetOutcome]]], rewrite: bool) -> None:
     """Once an object's downloads are done: rewrite a page's links, fill `assets`, and record
     what was skipped (gone, too large) or failed (which the next --incremental run retries)."""
-    kind = "page" if rewrite else ("view" if entry.get("tableType") == "view" else "table")
+    kind = "page" if rewrite else ("view" if isinstance(entry, TableEntry) and entry.table_type == "view" else "table")
     saved: Dict[str, Dict[str, Any]] = {}
     errors: List[str] = []
     try:
@@ -3685,49 +3832,49 @@ def finish_assets(job: Job, doc_id: str, entry: Dict[str, Any],
             elif outcome.status == "failed":
                 errors.append(url)
                 job.recorder.fail("asset", f"{kind} asset {url}: {outcome.reason}",
-                                  doc_id=doc_id, object_id=entry["id"], name=entry.get("name"))
+                                  doc_id=doc_id, object_id=entry.id, name=entry.name)
             else:
-                job.recorder.skip("asset", doc_id, f"{url}: {outcome.reason}", id=entry["id"],
-                                  name=entry.get("name"), url=url)
+                job.recorder.skip("asset", doc_id, f"{url}: {outcome.reason}", id=entry.id,
+                                  name=entry.name, url=url)
         if rewrite and saved:
             rewrite_page_files(job, entry, saved)
     except Exception as exc:  # a bug: recorded, the run goes on (a full disk stops it)
         stop_on_disk_trouble(job, exc)
-        LOG.debug("assets of %s failed", entry["id"], exc_info=True)
+        LOG.debug("assets of %s failed", entry.id, exc_info=True)
         errors.extend(saved)
-        job.recorder.fail("asset", f"{kind} assets: {exc}", doc_id=doc_id, object_id=entry["id"],
-                          name=entry.get("name"))
-    entry["assets"] = sorted({record["path"]: record for record in saved.values()}.values(),
+        job.recorder.fail("asset", f"{kind} assets: {exc}", doc_id=doc_id, object_id=entry.id,
+                          name=entry.name)
+    entry.assets = sorted({record["path"]: record for record in saved.values()}.values(),
                              key=lambda record: str(record["path"]))
     if errors:
-        entry["assetErrors"] = sorted(errors)
+        entry.asset_errors = sorted(errors)
 
 
-def rewrite_page_files(job: Job, entry: Dict[str, Any], saved: Dict[str, Dict[str, Any]]) -> None:
+def rewrite_page_files(job: Job, entry: Union[PageEntry, TableEntry], saved: Dict[str, Dict[str, Any]]) -> None:
     """Point each saved asset's links in the page files at the file, relative to the page."""
-    for index, record in enumerate(entry["files"]):
+    for index, record in enumerate(entry.files):
         relative = PurePosixPath(record["path"])
         text = inside(job.root, relative).read_bytes().decode("utf-8", "surrogateescape")
         paths = {url: posixpath.relpath(asset["path"], str(relative.parent)) for url, asset in saved.items()}
         rewritten = rewrite_links(text, record["role"], paths)
         if rewritten != text:
-            entry["files"][index] = job.write_bytes(relative, rewritten.encode("utf-8", "surrogateescape"),
+            entry.files[index] = job.write_bytes(relative, rewritten.encode("utf-8", "surrogateescape"),
                                                     record["role"])
-            stamp_with_coda_time(inside(job.root, relative), entry.get("updatedAt"))
+            stamp_with_coda_time(inside(job.root, relative), entry.updated_at)
 
 
-def save_page_assets(job: Job, doc_id: str, entry: Dict[str, Any]) -> None:
+def save_page_assets(job: Job, doc_id: str, entry: PageEntry) -> None:
     """Hand the asset URLs of a freshly exported page to the store (read back from its files)."""
     if job.assets is None:
         return
     urls: Dict[str, None] = {}
-    for record in entry["files"]:
+    for record in entry.files:
         text = inside(job.root, PurePosixPath(record["path"])).read_bytes().decode("utf-8", "surrogateescape")
         urls.update(dict.fromkeys(page_asset_urls(text, record["role"], job.assets.prefixes)))
     job.assets.follow(job, doc_id, entry, list(urls), rewrite=True)
 
 
-def carry_assets(job: Job, doc_id: str, entry: Dict[str, Any], previous: Dict[str, Any]) -> None:
+def carry_assets(job: Job, doc_id: str, entry: Union[PageEntry, TableEntry], previous: Dict[str, Any]) -> None:
     """An unchanged page or table brings its assets along (linked, see AssetStore._link_earlier)."""
     if job.assets is not None:
         job.assets.follow(job, doc_id, entry, [record["url"] for record in previous.get("assets", [])], rewrite=False)
@@ -3755,7 +3902,7 @@ class CellAssets:
                             self._store.request(self._folder, self._doc_id, url)
             yield row
 
-    def save(self, entry: Dict[str, Any]) -> None:
+    def save(self, entry: TableEntry) -> None:
         self._store.follow(self._job, self._doc_id, entry, list(self._urls), rewrite=False)
 
 
@@ -5564,7 +5711,7 @@ class RunState:
     started: dt.datetime
     secret: str  # cut out of every error text
     snapshot: Optional[Path] = None  # None until the folder exists
-    docs: List[Dict[str, Any]] = field(default_factory=list)
+    docs: List[DocEntry] = field(default_factory=list)
     fatal: Optional[str] = None  # FatalError or a bug: the run cannot go on
     before: Optional[Path] = None  # the snapshot `latest` named at the start, for `changes`
     before_manifest: Any = None
@@ -5600,7 +5747,7 @@ class RunState:
             self.recorder.changes = run_changes(self.before, self.before_manifest, manifest, self.snapshot,
                                                 self.recorder.vanished)
         if self.options.index:  # once the outcome is known; the manifest lists its files, for --verify
-            manifest["index"] = write_index_or_warn(self.snapshot, self.summary(outcome), self.docs,
+            manifest["index"] = write_index_or_warn(self.snapshot, self.summary(outcome), manifest["docs"],
                                                     self.recorder.warn)
             write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
         write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary(outcome))
@@ -5614,7 +5761,7 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_FATAL
 
 
-def nothing_selected(options: Options, docs: List[Dict[str, Any]], recorder: RunRecorder) -> bool:
+def nothing_selected(options: Options, docs: List[DocEntry], recorder: RunRecorder) -> bool:
     """--doc matched no doc: the run did nothing, and must not become `latest`."""
     return bool(options.docs) and not docs and any(failure.kind == "filter" for failure in recorder.failures)
 
@@ -5644,7 +5791,7 @@ def build_summary(status: str, started: dt.datetime, recorder: RunRecorder, stat
 
 
 def build_manifest(options: Options, started: dt.datetime, status: str, snapshot: Path,
-                   docs: List[Dict[str, Any]]) -> Dict[str, Any]:
+                   docs: List[DocEntry]) -> Dict[str, Any]:
     """manifest.json (a Manifest, as JSON); RunState.write_records adds the index files."""
     return Manifest(
         version=MANIFEST_VERSION,
@@ -5959,7 +6106,7 @@ def list_doc(job: Job, doc: Dict[str, Any], workers: Workers) -> Optional[DocWor
         return None
 
 
-def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def back_up_docs(job: Job, docs: List[Dict[str, Any]]) -> List[DocEntry]:
     """List docs a few at a time (DOC_LISTERS) while the export scheduler exports their pages and a
     pool reads their tables; every thread's requests share the --concurrency bound."""
     works: List[DocWork] = []

@@ -12,6 +12,7 @@ so editing a table that has a view changes the view too).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -230,6 +231,32 @@ class ManifestAndVerifyTest(IncrementalTestCase):
         self.assertNotEqual(second_records[overview_md]["sha256"], first_records[overview_md]["sha256"])
         glossary_csv = self.table_csv(second, ws.glossary).relative_to(second).as_posix()
         self.assertEqual(second_records[glossary_csv], first_records[glossary_csv])
+
+    def test_entries_of_one_kind_keep_one_key_order_however_they_were_saved(self) -> None:
+        """A doc, page or table entry lists its keys in one order (its record's), whether the object
+        was downloaded, linked on its own or linked with its whole doc; only which keys it has differs."""
+        ws = build_incremental_workspace(self.fake)
+        first = self.backup()
+        ws.overview.content = "# Overview\n\nRewritten.\n"
+        ws.overview.touch()
+        ws.plain.set_cell(0, "Value", "2")
+        second = self.backup("--incremental")  # Alpha: Overview and Plain again, the rest linked; Beta linked whole
+        found: Dict[str, List[Dict[str, Any]]] = {"doc": [], "page": [], "table": []}
+        for snapshot in (first, second):
+            for doc in self.manifest(snapshot)["docs"]:
+                found["doc"].append(doc)
+                found["page"].extend(doc["pages"])
+                found["table"].extend(doc["tables"])
+        records = {"doc": coda_backup.DocEntry, "page": coda_backup.PageEntry, "table": coda_backup.TableEntry}
+        for kind, entries in found.items():
+            self.assertEqual({(entry["status"], "reason" in entry) for entry in entries},
+                             {("ok", False), ("ok", True), ("unchanged", True)}, kind)  # saved every way
+            declared = [coda_backup.json_key(spec.name) for spec in dataclasses.fields(records[kind])]
+            for entry in entries:
+                with self.subTest(kind=kind, name=entry["name"], status=entry["status"]):
+                    for other in entries:
+                        self.assertEqual([key for key in entry if key in other], [key for key in other if key in entry])
+                    self.assertEqual(list(entry), [key for key in declared if key in entry])
 
     def test_verify_passes_then_names_altered_and_missing_files(self) -> None:
         ws = build_incremental_workspace(self.fake)
