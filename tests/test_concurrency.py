@@ -12,6 +12,8 @@ would show.
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from typing import Any, List
 
@@ -29,6 +31,29 @@ def add_doc(fake: FakeCoda, name: str, pages: int, tables: int) -> Any:
         doc.add_table(f"{name} table {i}", columns=["Name", "Value"], parent_page=page_list[i % pages],
                       rows=[{"Name": f"r{j}", "Value": str(j)} for j in range(3)])
     return doc
+
+
+def first_waits_for_a_second(fake: FakeCoda, path: str = r"/export$|/rows$") -> None:
+    """The first export POST or rows read is not answered before a second one has arrived.
+
+    So a client that sends two at once is seen doing it however its threads are scheduled (no
+    race against the latency); one that cannot leaves the first waiting 10 s and is seen with one
+    request in flight.
+    """
+    arrived, lock, seen = threading.Event(), threading.Lock(), [0]
+
+    def hook(request: Any) -> None:
+        if not re.search(path, request.path):
+            return
+        with lock:
+            seen[0] += 1
+            first = seen[0] == 1
+        if first:
+            arrived.wait(10)
+        else:
+            arrived.set()
+
+    fake.before_api.append(hook)
 
 
 class ConcurrencyTest(BackupTestCase):
@@ -58,11 +83,13 @@ class ConcurrencyTest(BackupTestCase):
         self.assertEqual(self.fake.max_in_flight, 1)
 
     def test_concurrency_3_never_has_more_than_3_in_flight(self) -> None:
+        first_waits_for_a_second(self.fake)
         self.run_with(3, pages=6, tables=3)
         self.assertLessEqual(self.fake.max_in_flight, 3)
         self.assertGreaterEqual(self.fake.max_in_flight, 2, "no parallelism at all with --concurrency 3")
 
     def test_concurrency_4_really_runs_requests_in_parallel(self) -> None:
+        first_waits_for_a_second(self.fake)
         self.run_with(4, pages=4, tables=2)
         self.assertGreater(self.fake.max_in_flight, 1)
         self.assertLessEqual(self.fake.max_in_flight, 4)

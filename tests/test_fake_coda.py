@@ -10,6 +10,7 @@ import concurrent.futures
 import gzip
 import http.client
 import json
+import threading
 import time
 import unittest
 import urllib.error
@@ -172,14 +173,14 @@ class ExportTest(FakeTestCase):
         return started
 
     def test_export_flow_with_delay_and_download_without_auth(self) -> None:
-        self.fake.export_delay = 0.15
+        self.fake.export_delay = 60.0  # renders until the test says otherwise, however slow the machine
         page = self.data["page_c"]
         started = self.start_export(page.id)
         self.assertEqual(started["status"], "inProgress")
         status_path = started["href"][len(self.fake.api_url):]
         self.assertEqual(self.api_json(status_path)["status"], "inProgress")
         page.content = "# Changed after export\n"  # the export keeps the content of its POST
-        time.sleep(0.2)
+        self.fake.export_delay = 0.0
         done = self.api_json(status_path)
         self.assertEqual(done["status"], "complete")
         self.assertTrue(done["downloadLink"].startswith(self.fake.download_url + "/blobs/"))
@@ -224,6 +225,8 @@ class ExportTest(FakeTestCase):
 
 class SwitchesTest(FakeTestCase):
     def test_sliding_window_rate_limit(self) -> None:
+        now = [100.0]  # a clock of the test's own: the window is counted, not raced
+        self.fake.rate_clock = lambda: now[0]
         self.fake.rate_limits = {"read": (3, 0.3)}
         self.fake.retry_after = 1
         statuses = [self.api("/whoami")[0] for _ in range(4)]
@@ -233,7 +236,9 @@ class SwitchesTest(FakeTestCase):
         self.assertEqual(json.loads(body)["statusMessage"], "Too Many Requests")
         self.assertEqual(self.fake.rate_limited, 2)
         self.assertEqual(self.api("/docs")[0], 200, "listing docs is another category")
-        time.sleep(0.32)
+        now[0] += 0.29
+        self.assertEqual(self.api("/whoami")[0], 429, "the window still holds three")
+        now[0] += 0.02
         self.assertEqual(self.api("/whoami")[0], 200)
 
     def test_rate_models_differ_after_a_burst(self) -> None:
@@ -297,13 +302,14 @@ class SwitchesTest(FakeTestCase):
         self.assertIn(self.doc.id, [d["id"] for d in self.api_json("/docs")["items"]])
 
     def test_max_in_flight_counts_concurrent_requests(self) -> None:
-        self.fake.latency = 0.15
+        together = threading.Barrier(4, timeout=10)  # no request is answered before all four arrived
+        self.fake.before_api.append(lambda request: together.wait())
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             statuses = list(pool.map(lambda _: self.api("/whoami")[0], range(4)))
         self.assertEqual(statuses, [200] * 4)
         self.assertEqual(self.fake.max_in_flight, 4)
+        self.fake.before_api.clear()
         self.fake.clear_log()
-        self.fake.latency = 0
         self.api("/whoami")
         self.assertEqual(self.fake.max_in_flight, 1)
 
