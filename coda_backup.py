@@ -62,9 +62,10 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
     Options and records           the frozen Options (everything a run was asked to do, below the
                                   CLI), RetentionPolicy, Credentials; typed records of what
                                   becomes JSON, each serialised in one place: Failure (summary.json
-                                  `failures`), Summary (summary.json), LastRun (DIR/last-run.json),
-                                  Manifest (manifest.json's top level) and its DocEntry, PageEntry
-                                  and TableEntry (also the lines of manifest.partial.jsonl)
+                                  `failures`), Skipped and Vanished (its `skipped` and `vanished`),
+                                  Summary (summary.json), LastRun (DIR/last-run.json), Manifest
+                                  (manifest.json's top level) and its DocEntry, PageEntry and
+                                  TableEntry (also the lines of manifest.partial.jsonl)
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -500,6 +501,21 @@ class Credentials:
         return self.source + (" (--token-file was ignored)" if self.file_ignored else "")
 
 
+class Omitted(enum.Enum):
+    """The value of a key that a record's JSON leaves out altogether, where None is written as
+    null. Readers can tell the two apart: a table whose GET failed has no `rowCount` or
+    `parentTableId` at all, a base table's `parentTableId` is null; a page that failed has no
+    `fetchedAt`, one linked from a copy of unknown age has `"fetchedAt": null`; a skipped extra
+    has no `url`."""
+
+    KEY = "omitted"
+
+
+OMITTED = Omitted.KEY
+_T = TypeVar("_T")
+Omittable = Union[_T, Omitted]  # Omittable[str]: a str, or the key left out
+
+
 @dataclass(frozen=True)
 class Failure:
     """One thing the run could not save, as summary.json `failures` lists it (and a ping tells it).
@@ -524,13 +540,53 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Skipped:
+    """One optional thing the run left out without failing, as summary.json `skipped` lists it: an
+    extra the API refused to this token (`kind` formulas, controls or permissions), or an asset
+    that is gone at the source or too large (`kind` asset, with the page or table that links to it,
+    `id` and `name`, and its `url`; an extra has none of these three keys)."""
+
+    kind: str
+    doc_id: str
+    reason: str
+    object_id: Omittable[str] = OMITTED
+    name: Omittable[Any] = OMITTED
+    url: Omittable[str] = OMITTED
+
+    def as_json(self) -> Dict[str, Any]:
+        """The summary.json form, keys in the order the README lists them."""
+        record = {"kind": self.kind, "doc_id": self.doc_id, "reason": self.reason, "id": self.object_id,
+                  "name": self.name, "url": self.url}
+        return {key: value for key, value in record.items() if value is not OMITTED}
+
+
+@dataclass(frozen=True)
+class Vanished:
+    """One object the snapshot a run compares with holds and Coda no longer lists, as summary.json
+    `vanished` lists it (DIR/vanished.json adds `vanished_at`): `kind` is doc, page, table or
+    view; `name` is the one that snapshot knew (None if it had none)."""
+
+    kind: str
+    doc_id: str
+    object_id: str
+    name: Optional[str]
+    last_snapshot: str
+
+    def as_json(self) -> Dict[str, Any]:
+        """The summary.json form; its keys and their order are what monitors and the README know."""
+        return {"kind": self.kind, "doc_id": self.doc_id, "id": self.object_id, "name": self.name,
+                "last_snapshot": self.last_snapshot}
+
+
+@dataclass(frozen=True)
 class Summary:
     """summary.json, the file a monitor reads: its fields, declared here once in the order they are
     written (the README's table lists them in this order; fields are only ever added).
 
     `exit_code` and `error` are None while the run goes on (status `running`), `finished_at` too;
-    `changes` is None for a run that did not finish. The inner objects (counts, requests, changes,
-    skipped and vanished entries) are built by the RunRecorder and RequestStats that count them.
+    `changes` is None for a run that did not finish. Failures, skipped and vanished items are
+    records of their own; the other inner objects (counts, requests, changes) are built by the
+    RunRecorder and RequestStats that count them.
     """
 
     tool: str
@@ -543,8 +599,8 @@ class Summary:
     duration_s: float
     counts: Dict[str, Any]
     failures: List[Failure]
-    skipped: List[Dict[str, Any]]
-    vanished: List[Dict[str, Any]]
+    skipped: List[Skipped]
+    vanished: List[Vanished]
     warnings: List[str]
     requests: Dict[str, Any]
     changes: Optional[Dict[str, Any]]
@@ -553,6 +609,8 @@ class Summary:
         """The JSON object, keys in field order."""
         record = {spec.name: getattr(self, spec.name) for spec in fields(self)}
         record["failures"] = [failure.as_json() for failure in self.failures]
+        record["skipped"] = [item.as_json() for item in self.skipped]
+        record["vanished"] = [item.as_json() for item in self.vanished]
         return record
 
 
@@ -577,20 +635,6 @@ class LastRun:
     def as_json(self) -> Dict[str, Any]:
         """The JSON object, keys in field order."""
         return {spec.name: getattr(self, spec.name) for spec in fields(self)}
-
-
-class Omitted(enum.Enum):
-    """The value of a manifest key that an entry leaves out altogether, where None is written as
-    null. Readers can tell the two apart: a table whose GET failed has no `rowCount` or
-    `parentTableId` at all, a base table's `parentTableId` is null; a page that failed has no
-    `fetchedAt`, one linked from a copy of unknown age has `"fetchedAt": null`."""
-
-    KEY = "omitted"
-
-
-OMITTED = Omitted.KEY
-_T = TypeVar("_T")
-Omittable = Union[_T, Omitted]  # Omittable[str]: a str, or the key left out
 
 
 def json_key(name: str) -> str:
@@ -2632,12 +2676,12 @@ class RunRecorder:
                                        "pages_not_exportable": 0, "assets": 0, "asset_bytes": 0}
         self.skipped_unchanged: Dict[str, int] = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
         self.failures: List[Failure] = []
-        self.skipped: List[Dict[str, Any]] = []  # optional items the API refused (not failures)
+        self.skipped: List[Skipped] = []  # optional items the API refused, assets gone (not failures)
         self.warnings: List[str] = []  # what the log said at WARNING, for summary.json and monitors
         self.queued = 0  # pages and tables handed to the pool, for the progress line
         self.settled = 0  # ... and those that ended, one way or another
         self.listed = Listed()  # what the listings returned (a key per doc, set by its lister): what vanished
-        self.vanished: List[Dict[str, Any]] = []
+        self.vanished: List[Vanished] = []
         self.changes: Optional[Dict[str, Any]] = None  # against the previous snapshot, once the run ends
         self.docs_total: Optional[int] = None  # docs selected, once they are listed
 
@@ -2681,10 +2725,10 @@ class RunRecorder:
         with self._lock:
             self.warnings.append(printable(text))
 
-    def skip(self, kind: str, doc_id: str, reason: str, **details: Any) -> None:
-        LOG.info("%s of doc %s skipped: %s", kind, doc_id, printable(reason))
+    def skip(self, item: Skipped) -> None:
+        LOG.info("%s of doc %s skipped: %s", item.kind, item.doc_id, printable(item.reason))
         with self._lock:
-            self.skipped.append(dict({"kind": kind, "doc_id": doc_id, "reason": reason}, **details))
+            self.skipped.append(item)
 
     def as_counts(self) -> Dict[str, Any]:
         with self._lock:
@@ -3376,7 +3420,7 @@ def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath, items: concu
             raise
         except ApiError as exc:
             if exc.status in (401, 403):
-                job.recorder.skip(role, doc_id, f"not allowed for this token (HTTP {exc.status})")
+                job.recorder.skip(Skipped(role, doc_id, f"not allowed for this token (HTTP {exc.status})"))
             else:
                 extras.errors.append(f"{role}: {exc}")
                 job.recorder.fail(role, exc, doc_id=doc_id, object_id=doc_id, name=role)
@@ -3834,8 +3878,8 @@ def finish_assets(job: Job, doc_id: str, entry: Union[PageEntry, TableEntry],
                 job.recorder.fail("asset", f"{kind} asset {url}: {outcome.reason}",
                                   doc_id=doc_id, object_id=entry.id, name=entry.name)
             else:
-                job.recorder.skip("asset", doc_id, f"{url}: {outcome.reason}", id=entry.id,
-                                  name=entry.name, url=url)
+                job.recorder.skip(Skipped("asset", doc_id, f"{url}: {outcome.reason}", object_id=entry.id,
+                                          name=entry.name, url=url))
         if rewrite and saved:
             rewrite_page_files(job, entry, saved)
     except Exception as exc:  # a bug: recorded, the run goes on (a full disk stops it)
@@ -4361,7 +4405,7 @@ class VanishedReport:
     """What vanished since a snapshot, and how much was compared (for the deletion guard)."""
 
     snapshot: str
-    entries: Tuple[Dict[str, Any], ...]
+    entries: Tuple[Vanished, ...]
     docs_compared: int
     in_docs: Dict[str, Tuple[Optional[str], int, int]]  # doc id -> (name, vanished, compared) below it
 
@@ -4378,13 +4422,12 @@ def find_vanished(before: KnownSnapshot, listed: Listed, options: Options) -> Va
     """
     docs_comparable = listed.docs is not None and (options.include_shared or not before.include_shared) \
         and options.workspace_id in (None, before.workspace_id)
-    entries: List[Dict[str, Any]] = []
+    entries: List[Vanished] = []
     docs_compared = 0
     in_docs: Dict[str, Tuple[Optional[str], int, int]] = {}
 
     def gone(known: Known) -> None:
-        entries.append({"kind": known.kind, "doc_id": known.doc_id, "id": known.id, "name": known.name,
-                        "last_snapshot": before.name})
+        entries.append(Vanished(known.kind, known.doc_id, known.id, known.name, before.name))
 
     for doc in before.docs:
         if any(value in (doc.id, doc.name) for value in options.exclude_docs) or \
@@ -4415,10 +4458,10 @@ def _selected(options: Options, doc: Known, child: Known) -> bool:
     return table_wanted(options, doc.id, doc.name, child.id, child.name, child.kind == "view")
 
 
-def vanished_counts(entries: List[Dict[str, Any]]) -> Dict[str, int]:
+def vanished_counts(entries: List[Vanished]) -> Dict[str, int]:
     counts = {"docs": 0, "pages": 0, "tables": 0, "views": 0}
     for entry in entries:
-        counts[entry["kind"] + "s"] += 1
+        counts[entry.kind + "s"] += 1
     return counts
 
 
@@ -4430,7 +4473,7 @@ def deletion_guard(report: VanishedReport, max_vanished: float) -> Optional[str]
     VANISHED_MIN_OBJECTS of them.
     """
     reasons = []
-    docs = sum(1 for entry in report.entries if entry["kind"] == "doc")
+    docs = sum(1 for entry in report.entries if entry.kind == "doc")
     if docs and docs * 100 > max_vanished * report.docs_compared:
         reasons.append(f"{docs} of {report.docs_compared} docs")
     for doc_id, (name, vanished, compared) in report.in_docs.items():
@@ -4498,8 +4541,8 @@ def _selection_of(snapshot: Path) -> Optional[Dict[str, Any]]:
 def log_vanished(report: VanishedReport, warn: Callable[[str], None]) -> None:
     """A warning per vanished doc and one counting the rest (RunRecorder.warn: log and summary)."""
     for entry in report.entries:
-        if entry["kind"] == "doc":
-            warn(f"doc {printable(entry['name'])} ({printable(entry['id'])}) vanished: snapshot "
+        if entry.kind == "doc":
+            warn(f"doc {printable(entry.name)} ({printable(entry.object_id)}) vanished: snapshot "
                  f"{report.snapshot} holds it, Coda no longer lists it")
     counts = vanished_counts(list(report.entries))
     if counts["pages"] or counts["tables"] or counts["views"]:
@@ -4540,8 +4583,9 @@ def parse_iso(text: str) -> Optional[dt.datetime]:
 
 def merge_vanished(known: List[Dict[str, Any]], found: List[Dict[str, Any]], now: dt.datetime,
                    days: int) -> List[Dict[str, Any]]:
-    """The record after a run: what was known plus what this run found (an object already
-    recorded from the same snapshot keeps its first date), minus what is older than `days`."""
+    """The record after a run, in vanished.json's JSON form (Vanished.as_json plus `vanished_at`):
+    what was known plus what this run found (an object already recorded from the same snapshot
+    keeps its first date), minus what is older than `days`."""
     def key(entry: Dict[str, Any]) -> Tuple[str, str, str, str]:
         return entry["kind"], entry["doc_id"], entry["id"], entry["last_snapshot"]
 
@@ -4559,10 +4603,10 @@ def _within(entry: Dict[str, Any], now: dt.datetime, days: int) -> bool:
     return when is not None and now - when < dt.timedelta(days=days)
 
 
-def record_vanished(output: Path, found: List[Dict[str, Any]], now: dt.datetime, days: int) -> None:
+def record_vanished(output: Path, found: List[Vanished], now: dt.datetime, days: int) -> None:
     """Keep DIR/vanished.json, rewritten atomically: it outlives the snapshots that noticed."""
     known = read_vanished(output)
-    entries = merge_vanished(known, found, now, days)
+    entries = merge_vanished(known, [item.as_json() for item in found], now, days)
     if entries != known:
         write_json_atomic(output / VANISHED_NAME, {"version": VANISHED_VERSION, "entries": entries})
 
@@ -4753,7 +4797,7 @@ def compare_manifests(old_name: str, old: Any, new: Any) -> Comparison:
         known = None
     if known is not None:
         for entry in find_vanished(known, manifest_listing(new), manifest_selection(new)).entries:
-            obj = before[entry["kind"] + "s"].get((entry["doc_id"], entry["id"]))
+            obj = before[entry.kind + "s"].get((entry.doc_id, entry.object_id))
             if obj is not None:
                 removed[obj.kind].append(obj)
     return Comparison(added, removed, changed)
@@ -5814,7 +5858,7 @@ def manifest_options(options: Options) -> Dict[str, Any]:
 
 
 def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str, Any], snapshot: Path,
-                vanished: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+                vanished: List[Vanished]) -> Optional[Dict[str, Any]]:
     """The change report, computed in a scratch folder inside --output (we hold its lock);
     `removed` is this run's `vanished`, counted alike. A report that cannot be made is a
     warning, never the run's failure."""

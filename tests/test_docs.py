@@ -60,6 +60,21 @@ class ReadmeAgreesWithCodeTest(unittest.TestCase):
             with self.subTest(request=key):
                 self.assertIn(f"`{key}`", requests_row)
 
+    def test_the_readme_lists_the_keys_of_failures_skipped_and_vanished_items_in_order(self) -> None:
+        section = readme_section("## summary.json and manifest.json")
+        examples = {  # each form the README shows, as the summary's records write it
+            "failures": [coda_backup.Failure("page", "d", "p", "name", "error")],
+            "skipped": [coda_backup.Skipped("permissions", "d", "reason"),
+                        coda_backup.Skipped("asset", "d", "reason", object_id="p", name="name", url="url")],
+            "vanished": [coda_backup.Vanished("page", "d", "p", "name", "2026-03-07T101530Z")],
+        }
+        for key, items in examples.items():
+            with self.subTest(field=key):
+                row = next(line for line in section.splitlines() if line.startswith(f"| `{key}` |"))
+                shown = [[re.sub(r":.*", "", part).strip() for part in braces.split(",")]
+                         for braces in re.findall(r"`\{([^}]*)\}`", row)]
+                self.assertEqual(shown, [list(item.as_json()) for item in items])
+
     def test_the_readme_shows_last_run_json_with_every_field_in_order(self) -> None:
         section = readme_section("## Bad nights")
         shown = re.search(r"DIR/last-run.json.*?```json\n(.*?)```", section, re.S)

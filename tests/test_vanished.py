@@ -56,8 +56,8 @@ def listed(docs: Any = ("A", "B"), pages: Any = None, tables: Any = None) -> Lis
     )
 
 
-def entry(kind: str, doc_id: str, object_id: str, name: str) -> Dict[str, Any]:
-    return {"kind": kind, "doc_id": doc_id, "id": object_id, "name": name, "last_snapshot": BEFORE}
+def entry(kind: str, doc_id: str, object_id: str, name: str) -> coda_backup.Vanished:
+    return coda_backup.Vanished(kind, doc_id, object_id, name, BEFORE)
 
 
 class FindVanishedTest(unittest.TestCase):
