@@ -20,7 +20,7 @@ from typing import Any, List
 from fake_coda import FakeCoda
 from support import BackupTestCase
 
-LATENCY = 0.05  # long enough that requests sent together overlap at the fake
+LATENCY = 0.02  # long enough that requests sent together overlap at the fake
 
 
 def add_doc(fake: FakeCoda, name: str, pages: int, tables: int) -> Any:
