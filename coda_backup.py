@@ -65,7 +65,8 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   `failures`), Skipped and Vanished (its `skipped` and `vanished`),
                                   Summary (summary.json), LastRun (DIR/last-run.json), Manifest
                                   (manifest.json's top level) and its DocEntry, PageEntry and
-                                  TableEntry (also the lines of manifest.partial.jsonl)
+                                  TableEntry (also the lines of manifest.partial.jsonl), with their
+                                  FileRecord and AssetRecord
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
                                   token only to the API base), RateLimiter, RequestStats,
                                   ConnectionBreaker (an API lost for good)
@@ -637,6 +638,49 @@ class LastRun:
         return {spec.name: getattr(self, spec.name) for spec in fields(self)}
 
 
+@dataclass(frozen=True)
+class FileRecord:
+    """One file of a snapshot as manifest.json lists it (an object's `files`, the `index`): its
+    path from the snapshot root, size and sha256 (hashed while it was written), and its role
+    (markdown, html, csv, columns, table, rows; doc, pages, tables, formulas, controls,
+    permissions; index)."""
+
+    path: str
+    size: int
+    sha256: str
+    role: str
+
+    def as_json(self) -> Dict[str, Any]:
+        return {"path": self.path, "size": self.size, "sha256": self.sha256, "role": self.role}
+
+    @classmethod
+    def from_json(cls, saved: Dict[str, Any]) -> "FileRecord":
+        """A record as a manifest on disk has it (read_manifest checked its types)."""
+        return cls(saved["path"], saved["size"], saved["sha256"], saved["role"])
+
+
+@dataclass(frozen=True)
+class AssetRecord:
+    """An image or attachment saved in a doc's assets/, as a page's or table's `assets` lists it:
+    the URL it came from, its path from the snapshot root, size, sha256, and the content type
+    the asset host gave (which chose its file name's extension)."""
+
+    url: str
+    path: str
+    size: int
+    sha256: str
+    content_type: str
+
+    def as_json(self) -> Dict[str, Any]:
+        return {"url": self.url, "path": self.path, "size": self.size, "sha256": self.sha256,
+                "contentType": self.content_type}
+
+    @classmethod
+    def from_json(cls, saved: Dict[str, Any]) -> "AssetRecord":
+        """A record as a manifest on disk has it (valid_asset_record checked it)."""
+        return cls(saved["url"], saved["path"], saved["size"], saved["sha256"], saved["contentType"])
+
+
 def json_key(name: str) -> str:
     """A manifest key from a record's field name: `parent_table_id` -> `parentTableId`."""
     first, *rest = name.split("_")
@@ -657,14 +701,16 @@ class ManifestEntry:
     def as_json(self) -> Dict[str, Any]:
         """The JSON object: keys in field order, spelt camelCase; an OMITTED field is left out,
         None is written as null. Lists are copied (a journal line is written while the asset
-        finisher may still add to an entry); a doc's pages and tables become their JSON too."""
+        finisher may still add to an entry); the records in them (a doc's pages and tables, the
+        files and assets) become their JSON too."""
         record: Dict[str, Any] = {}
         for spec in fields(self):
             value = getattr(self, spec.name)
             if value is OMITTED:
                 continue
             if isinstance(value, list):
-                value = [item.as_json() if isinstance(item, ManifestEntry) else item for item in value]
+                value = [item.as_json() if isinstance(item, (ManifestEntry, FileRecord, AssetRecord)) else item
+                         for item in value]
             record[json_key(spec.name)] = value
         return record
 
@@ -687,11 +733,11 @@ class PageEntry(ManifestEntry):
     path: str
     formats: List[str]
     status: str = "ok"
-    files: List[Dict[str, Any]] = field(default_factory=list)
+    files: List[FileRecord] = field(default_factory=list)
     fetched_at: Omittable[Optional[str]] = OMITTED
     reused_from: Omittable[str] = OMITTED
     reason: Omittable[str] = OMITTED
-    assets: Omittable[List[Dict[str, Any]]] = OMITTED
+    assets: Omittable[List[AssetRecord]] = OMITTED
     asset_errors: Omittable[List[str]] = OMITTED
     error: Omittable[str] = OMITTED
 
@@ -717,7 +763,7 @@ class TableEntry(ManifestEntry):
     browser_link: Any
     path: str
     status: str = "ok"
-    files: List[Dict[str, Any]] = field(default_factory=list)
+    files: List[FileRecord] = field(default_factory=list)
     updated_at: Omittable[Any] = OMITTED
     row_count: Omittable[Optional[int]] = OMITTED
     parent_table_id: Omittable[Optional[str]] = OMITTED
@@ -725,7 +771,7 @@ class TableEntry(ManifestEntry):
     fetched_at: Omittable[Optional[str]] = OMITTED
     reused_from: Omittable[str] = OMITTED
     reason: Omittable[str] = OMITTED
-    assets: Omittable[List[Dict[str, Any]]] = OMITTED
+    assets: Omittable[List[AssetRecord]] = OMITTED
     asset_errors: Omittable[List[str]] = OMITTED
     error: Omittable[str] = OMITTED
 
@@ -748,7 +794,7 @@ class DocEntry(ManifestEntry):
     updated_at: Any
     path: str
     status: str = "ok"
-    files: List[Dict[str, Any]] = field(default_factory=list)
+    files: List[FileRecord] = field(default_factory=list)
     pages: List[PageEntry] = field(default_factory=list)
     tables: List[TableEntry] = field(default_factory=list)
     fetched_at: Omittable[Optional[str]] = OMITTED
@@ -758,23 +804,29 @@ class DocEntry(ManifestEntry):
 
 
 def _fields_from_json(cls: type[ManifestEntry], saved: Dict[str, Any]) -> Dict[str, Any]:
-    """A record's fields from a saved entry's keys (a key missing stays OMITTED, or None where
-    the field cannot be left out)."""
+    """A page's or table's fields from a saved entry whose files read_manifest checked and whose
+    assets assets_intact did (a key missing stays OMITTED, or None where the field cannot be left
+    out)."""
     values: Dict[str, Any] = {}
     for spec in fields(cls):
         key = json_key(spec.name)
         if key in saved:
-            values[spec.name] = list(saved[key]) if isinstance(saved[key], list) else saved[key]
+            values[spec.name] = saved[key]
         elif spec.default is MISSING and spec.default_factory is MISSING:
             values[spec.name] = None
+    values["files"] = [FileRecord.from_json(record) for record in saved["files"]]
+    if "assets" in saved:
+        values["assets"] = [AssetRecord.from_json(record) for record in saved["assets"]]
+    if "assetErrors" in saved:
+        values["asset_errors"] = list(saved["assetErrors"])
     return values
 
 
 @dataclass(frozen=True)
 class Manifest:
     """manifest.json's top level, what --incremental, --verify and --diff read back: the run's
-    status and times, the options that shape its files, then every doc's entry (with its pages
-    and tables, as the exporters built them) and the files of the browsable index.
+    status and times, the options that shape its files, then every doc's entry (a DocEntry with
+    its pages and tables, as the exporters filled them in) and the files of the browsable index.
 
     `index` is empty until index.html is written, once the outcome is known.
     """
@@ -787,12 +839,13 @@ class Manifest:
     finished_at: str
     options: Dict[str, Any]
     docs: List[DocEntry]
-    index: List[Dict[str, Any]]
+    index: List[FileRecord]
 
     def as_json(self) -> Dict[str, Any]:
         """The JSON object, keys in field order."""
         record = {spec.name: getattr(self, spec.name) for spec in fields(self)}
         record["docs"] = [doc.as_json() for doc in self.docs]
+        record["index"] = [file.as_json() for file in self.index]
         return record
 
 
@@ -1957,8 +2010,8 @@ class HashingWriter(io.BufferedIOBase):
     def sha256(self) -> str:
         return self._digest.hexdigest()
 
-    def record(self, relative: PurePosixPath, role: str) -> Dict[str, Any]:
-        return {"path": str(relative), "size": self.size, "sha256": self.sha256, "role": role}
+    def record(self, relative: PurePosixPath, role: str) -> FileRecord:
+        return FileRecord(str(relative), self.size, self.sha256, role)
 
 
 # Given the size and sha256 of a file just written, an earlier identical file to hard-link instead.
@@ -2754,18 +2807,18 @@ class Job:
     journal: Journal = field(default_factory=Journal)
 
     def write_json(self, relative: PurePosixPath, value: Any, role: str,
-                   like: Optional[SavedCopy] = None) -> Dict[str, Any]:
+                   like: Optional[SavedCopy] = None) -> FileRecord:
         return self.write_bytes(relative, json_bytes(value), role, like)
 
     def write_bytes(self, relative: PurePosixPath, data: bytes, role: str,
-                    like: Optional[SavedCopy] = None) -> Dict[str, Any]:
+                    like: Optional[SavedCopy] = None) -> FileRecord:
         """Save one file; when `like` holds a byte-identical file of this role, link that instead."""
         with content_file(inside(self.root, relative), twin_of(like, role)) as handle:
             handle.write(data)
         return handle.record(relative, role)
 
     def link_files(self, source: SavedCopy, records: List[Dict[str, Any]], stem: Optional[PurePosixPath] = None,
-                   checked: bool = False) -> Optional[List[Dict[str, Any]]]:
+                   checked: bool = False) -> Optional[List[FileRecord]]:
         """Link files of an earlier snapshot into this one (at `stem` if the object moved), each
         checked first against its manifest (size and sha256) unless the caller just did;
         None, linking nothing, if one does not match."""
@@ -2776,7 +2829,7 @@ class Job:
             target = with_suffix(stem, ROLE_SUFFIXES[record["role"]]) if stem is not None else PurePosixPath(
                 record["path"])
             link_or_copy(source.path_of(record), inside(self.root, target))
-            linked.append(dict(record, path=str(target)))
+            linked.append(FileRecord.from_json(dict(record, path=str(target))))
         return linked
 
     def fetched(self, entry: Union[DocEntry, PageEntry, TableEntry], decision: Decision) -> None:
@@ -3209,7 +3262,7 @@ def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath
         found.save(entry)
     entry.files.extend(records)
     for record in records:  # the table's own time in Coda, not the time of this run
-        stamp_with_coda_time(inside(job.root, PurePosixPath(record["path"])), table.get("updatedAt"))
+        stamp_with_coda_time(inside(job.root, PurePosixPath(record.path)), table.get("updatedAt"))
     entry.row_count = count
     job.fetched(entry, decision)
     if problem is not None:
@@ -3218,14 +3271,14 @@ def read_table(job: Job, doc_id: str, table: Dict[str, Any], stem: PurePosixPath
 
 def read_rows(job: Job, doc_id: str, table: Dict[str, Any], columns: List[Dict[str, Any]], csv_path: PurePosixPath,
               ndjson_path: Optional[PurePosixPath], like: Optional[SavedCopy], found: "Optional[CellAssets]" = None
-              ) -> Tuple[int, Optional[BackupError], List[Dict[str, Any]]]:
+              ) -> Tuple[int, Optional[BackupError], List[FileRecord]]:
     """Stream a table's rows to disk, at most about as many as its rowCount says (and the asset
     URLs in their cells to `found`); files identical to `like`'s become hard links of it. Coda
     answers 504 when a page of a large table takes too long to build; its advice is to start the
     listing again with a smaller limit."""
     table_id = table["id"]
 
-    def write(limit: int) -> Tuple[int, Optional[BackupError], List[Dict[str, Any]]]:
+    def write(limit: int) -> Tuple[int, Optional[BackupError], List[FileRecord]]:
         written: List[HashingWriter] = []
         rows = job.api.iter_rows(doc_id, table_id, limit, table.get("rowCount"))
         count, problem = write_rows_csv(inside(job.root, csv_path), columns, found.scan(rows) if found else rows,
@@ -3435,7 +3488,7 @@ def export_doc_extras(job: Job, doc_id: str, folder: PurePosixPath, items: concu
 class DocExtras:
     """What export_doc_extras saved, and what failed (which makes the doc `failed`)."""
 
-    files: List[Dict[str, Any]] = field(default_factory=list)
+    files: List[FileRecord] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
 
 
@@ -3725,7 +3778,7 @@ class AssetOutcome:
 
     status: str
     reason: str = ""
-    record: Optional[Dict[str, Any]] = None
+    record: Optional[AssetRecord] = None
 
 
 class AssetStore:
@@ -3800,10 +3853,10 @@ class AssetStore:
             return AssetOutcome("failed", (exc.message if isinstance(exc, ApiError) else str(exc))
                                 or exc.__class__.__name__)
         self._recorder.count("assets")
-        self._recorder.count("asset_bytes", record["size"])
+        self._recorder.count("asset_bytes", record.size)
         return AssetOutcome("saved", record=record)
 
-    def _link_earlier(self, folder: PurePosixPath, doc_id: str, url: str) -> Optional[Dict[str, Any]]:
+    def _link_earlier(self, folder: PurePosixPath, doc_id: str, url: str) -> Optional[AssetRecord]:
         """Link the file an earlier snapshot saved for this URL (the URL carries the content
         hash, so it is the same file); None when there is none or it is not intact."""
         earlier = self._earlier.get((doc_id, url))
@@ -3819,10 +3872,10 @@ class AssetStore:
         except (OSError, BackupError) as exc:
             LOG.debug("cannot link asset %s from %s (%s); downloading it", record["path"], root.name, exc)
             return None
-        return dict(record, path=str(relative))
+        return AssetRecord.from_json(dict(record, path=str(relative)))
 
-    def _download(self, folder: PurePosixPath, url: str) -> Dict[str, Any]:
-        def accept(raw: http.client.HTTPResponse) -> Dict[str, Any]:
+    def _download(self, folder: PurePosixPath, url: str) -> AssetRecord:
+        def accept(raw: http.client.HTTPResponse) -> AssetRecord:
             if raw.status in (404, 410):
                 raise AssetGone(f"HTTP {raw.status}")
             if raw.status != 200:
@@ -3837,9 +3890,9 @@ class AssetStore:
                     size, digest = copy_limited(lambda n: _read_network(raw, n), handle, self._limit)
             except OSError as exc:
                 raise AssetDiskError(f"cannot write {relative}: {exc}") from exc
-            return {"url": url, "path": str(relative), "size": size, "sha256": digest, "contentType": content_type}
+            return AssetRecord(url, str(relative), size, digest, content_type)
 
-        record: Dict[str, Any] = self._http.get_streamed(url, accept, lambda target: may_follow_redirect(
+        record: AssetRecord = self._http.get_streamed(url, accept, lambda target: may_follow_redirect(
             target, self.prefixes))
         return record
 
@@ -3863,7 +3916,7 @@ def finish_assets(job: Job, doc_id: str, entry: Union[PageEntry, TableEntry],
     """Once an object's downloads are done: rewrite a page's links, fill `assets`, and record
     what was skipped (gone, too large) or failed (which the next --incremental run retries)."""
     kind = "page" if rewrite else ("view" if isinstance(entry, TableEntry) and entry.table_type == "view" else "table")
-    saved: Dict[str, Dict[str, Any]] = {}
+    saved: Dict[str, AssetRecord] = {}
     errors: List[str] = []
     try:
         for url, future in futures:
@@ -3888,22 +3941,21 @@ def finish_assets(job: Job, doc_id: str, entry: Union[PageEntry, TableEntry],
         errors.extend(saved)
         job.recorder.fail("asset", f"{kind} assets: {exc}", doc_id=doc_id, object_id=entry.id,
                           name=entry.name)
-    entry.assets = sorted({record["path"]: record for record in saved.values()}.values(),
-                             key=lambda record: str(record["path"]))
+    entry.assets = sorted({record.path: record for record in saved.values()}.values(),
+                          key=lambda record: record.path)
     if errors:
         entry.asset_errors = sorted(errors)
 
 
-def rewrite_page_files(job: Job, entry: Union[PageEntry, TableEntry], saved: Dict[str, Dict[str, Any]]) -> None:
+def rewrite_page_files(job: Job, entry: Union[PageEntry, TableEntry], saved: Dict[str, AssetRecord]) -> None:
     """Point each saved asset's links in the page files at the file, relative to the page."""
     for index, record in enumerate(entry.files):
-        relative = PurePosixPath(record["path"])
+        relative = PurePosixPath(record.path)
         text = inside(job.root, relative).read_bytes().decode("utf-8", "surrogateescape")
-        paths = {url: posixpath.relpath(asset["path"], str(relative.parent)) for url, asset in saved.items()}
-        rewritten = rewrite_links(text, record["role"], paths)
+        paths = {url: posixpath.relpath(asset.path, str(relative.parent)) for url, asset in saved.items()}
+        rewritten = rewrite_links(text, record.role, paths)
         if rewritten != text:
-            entry.files[index] = job.write_bytes(relative, rewritten.encode("utf-8", "surrogateescape"),
-                                                    record["role"])
+            entry.files[index] = job.write_bytes(relative, rewritten.encode("utf-8", "surrogateescape"), record.role)
             stamp_with_coda_time(inside(job.root, relative), entry.updated_at)
 
 
@@ -3913,8 +3965,8 @@ def save_page_assets(job: Job, doc_id: str, entry: PageEntry) -> None:
         return
     urls: Dict[str, None] = {}
     for record in entry.files:
-        text = inside(job.root, PurePosixPath(record["path"])).read_bytes().decode("utf-8", "surrogateescape")
-        urls.update(dict.fromkeys(page_asset_urls(text, record["role"], job.assets.prefixes)))
+        text = inside(job.root, PurePosixPath(record.path)).read_bytes().decode("utf-8", "surrogateescape")
+        urls.update(dict.fromkeys(page_asset_urls(text, record.role, job.assets.prefixes)))
     job.assets.follow(job, doc_id, entry, list(urls), rewrite=True)
 
 
@@ -5382,13 +5434,13 @@ def render_preview(doc: Dict[str, Any], table: Dict[str, Any], csv_path: PurePos
     return html_page(f"{name} (preview)", body)
 
 
-def write_snapshot_index(snapshot: Path, summary: Dict[str, Any], docs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def write_snapshot_index(snapshot: Path, summary: Dict[str, Any], docs: List[Dict[str, Any]]) -> List[FileRecord]:
     """Write index.html, a page per doc and a preview per table; return their manifest records.
 
     Built only from the summary, the manifest entries and the CSVs on disk, so an incremental
     run rebuilds it without a request. Index files are never reused from another snapshot.
     """
-    records: List[Dict[str, Any]] = []
+    records: List[FileRecord] = []
 
     def put(relative: PurePosixPath, text: str) -> None:
         with content_file(inside(snapshot, relative)) as handle:  # read-only, like all content
@@ -5791,8 +5843,8 @@ class RunState:
             self.recorder.changes = run_changes(self.before, self.before_manifest, manifest, self.snapshot,
                                                 self.recorder.vanished)
         if self.options.index:  # once the outcome is known; the manifest lists its files, for --verify
-            manifest["index"] = write_index_or_warn(self.snapshot, self.summary(outcome), manifest["docs"],
-                                                    self.recorder.warn)
+            index = write_index_or_warn(self.snapshot, self.summary(outcome), manifest["docs"], self.recorder.warn)
+            manifest["index"] = [record.as_json() for record in index]
             write_json_atomic(self.snapshot / MANIFEST_NAME, manifest)
         write_json_atomic(self.snapshot / SUMMARY_NAME, self.summary(outcome))
 
@@ -5876,7 +5928,7 @@ def run_changes(before: Optional[Path], before_manifest: Any, manifest: Dict[str
 
 
 def write_index_or_warn(snapshot: Path, summary: Dict[str, Any], docs: List[Dict[str, Any]],
-                        warn: Callable[[str], None]) -> List[Dict[str, Any]]:
+                        warn: Callable[[str], None]) -> List[FileRecord]:
     """write_snapshot_index; the index is a convenience, so trouble writing it is a warning."""
     try:
         return write_snapshot_index(snapshot, summary, docs)
