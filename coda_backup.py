@@ -1051,7 +1051,8 @@ class ConnectionBreaker:
     """Tells an API that is gone from a bad night's odd reset.
 
     Only failures without an HTTP answer count (refused, reset, DNS, TLS, timeouts), from every
-    worker together; any answer, even a 503, shows the API is there and ends the streak. The API
+    worker together; an answer, even a 503, to a request sent after the streak began shows the API
+    is back and ends the streak (a late answer to one sent before does not: see answered). The API
     counts as lost after `max_failures` in a row, or when the streak has lasted `max_seconds`,
     and only when they came from at least two different requests: one endpoint that keeps
     resetting is that object's failure, not a lost API.
