@@ -85,10 +85,15 @@ class BackupTestCase(unittest.TestCase):
 
         self.addCleanup(restore)
 
-    def run_backup(self, *extra: str, fast: bool = True, output: Optional[Path] = None) -> int:
-        """Run `main` with the fake's URL; stderr is kept in self.stderr."""
+    def run_backup(self, *extra: str, fast: bool = True, output: Optional[Path] = None, index: bool = False) -> int:
+        """Run `main` with the fake's URL; stderr is kept in self.stderr.
+
+        The browsable index (index.html, browse/) is left out unless `index` (or not `fast`): it is
+        a tenth of a small run's cost, and its own tests (test_operators.IndexTest) and the default
+        sample run (test_backup_layout) check it.
+        """
         args = ["--output", str(output or self.out), "--api-url", self.fake.api_url]
-        args += FAST_FLAGS if fast else []
+        args += FAST_FLAGS + ([] if index else ["--no-index"]) if fast else []
         args += list(extra)
         return self.run_main(args)
 

@@ -134,7 +134,7 @@ class PingTest(BackupTestCase):
     def test_ping_url_from_a_config_file(self) -> None:
         config = self.out.parent / "coda-backup.toml"
         config.write_text(f'ping-url = "{self.receiver.url}"\nindex = false\ncsv-bom = true\n', encoding="utf-8")
-        code = self.run_backup("--config", str(config))
+        code = self.run_backup("--config", str(config), index=True)  # the file's `index = false` turns it off
         if sys.version_info < (3, 11):  # no tomllib: --config is refused with one line
             self.assertEqual(code, 2)
             self.assertIn("--config needs Python 3.11", self.stderr)
@@ -226,7 +226,7 @@ class IndexTest(BackupTestCase):
     def test_index_pages_link_only_inside_the_snapshot_and_escape_names(self) -> None:
         operator_workspace(self.fake)
         gone = self.fake.add_doc("Gone <soon>")
-        self.assertEqual(self.run_backup("--page-format", "both"), 0, self.stderr)
+        self.assertEqual(self.run_backup("--page-format", "both", index=True), 0, self.stderr)
         snapshot = self.latest()
         pages = self.parse_pages(snapshot)
         self.assertIn("index.html", pages)
@@ -272,7 +272,7 @@ class IndexTest(BackupTestCase):
         # which lists what vanished near the top.
         self.fake.remove_doc(gone)
         self.fake.clear_log()
-        self.assertEqual(self.run_backup("--page-format", "both", "--incremental", "--allow-vanished"), 0,
+        self.assertEqual(self.run_backup("--page-format", "both", "--incremental", "--allow-vanished", index=True), 0,
                          self.stderr)
         second = self.latest()
         self.assertNotEqual(second, snapshot)
@@ -287,7 +287,7 @@ class IndexTest(BackupTestCase):
         self.assertIn("Gone <soon>", index_text)
         self.assertLess(index_text.index("Vanished"), index_text.index("Docs ("), "the run first, then the docs")
 
-        self.assertEqual(self.run_backup("--no-index"), 0, self.stderr)
+        self.assertEqual(self.run_backup("--no-index", index=True), 0, self.stderr)
         self.assertFalse((self.latest() / "index.html").exists())
         self.assertFalse((self.latest() / "browse").exists())
         self.assertEqual(self.manifest()["index"], [])
