@@ -207,7 +207,9 @@ DEFAULT_RATE_LIMITS: Dict[str, Tuple[int, float]] = {
 RATE_WINDOW_MARGIN = 1.02  # pace against a slightly longer window: transit times differ
 RATE_RECOVERY_WINDOWS = 5.0  # after a 429, climb back to the full rate over this many windows
 PROBE_LEAD = 0.5  # the probe (see pacing_after_answer) goes this part of a window before the window allows it
-BUCKET_RESERVE = 0.25  # paced as a token bucket, seconds of refill kept back for requests the network bunches
+# Paced as a token bucket, this much refill (seconds) is kept back: a request may reach the server
+# this much earlier than planned, next to one that came late, and still find a token.
+BUCKET_RESERVE = 0.25
 MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
 SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
@@ -880,8 +882,9 @@ class RateLimiter:
     window (at most `limit` starts in any window); once a window is full, one probe goes early
     (pacing_after_answer). A server that accepts it is a token bucket, paced from then on as one
     (GCRA: one request every window / limit, a burst of `limit` less BUCKET_RESERVE's worth: a
-    bucket paced to empty has no room for two requests the network delivers together), which spreads the
-    requests instead of sending them in window-sized bursts: the last ones go up to a window earlier.
+    bucket paced to empty has no room for two requests the network delivers together), which
+    spreads the requests instead of sending them in window-sized bursts: the last ones go up to a
+    window earlier.
     A 429 halves the allowed rate and honours Retry-After; the rate then climbs back linearly
     over a few windows.
     """
@@ -899,8 +902,7 @@ class RateLimiter:
         self._adjusted_at = clock()
         self._interval = self.window / limit  # the bucket's refill time per request
         self._due = 0.0  # GCRA's theoretical arrival time: the bucket, had it been paced to, is empty then
-        reserve = min(limit - 1, int(BUCKET_RESERVE / self._interval))  # whole requests: 4 reads, no write
-        self._tolerance = (limit - 1 - reserve) * self._interval  # GCRA's burst, less the reserve
+        self._tolerance = max(0.0, (limit - 1) * self._interval - BUCKET_RESERVE)  # GCRA's burst, less the reserve
         self._probe: Optional[float] = None  # the slot of the probe in flight ...
         self._probe_start = 0.0  # ... and when it went out
         self._lock = threading.Lock()
