@@ -6,13 +6,17 @@ these helpers only start things, pass the flags that keep tests fast, and read r
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
+import py_compile
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -212,6 +216,28 @@ class SharedRunTestCase(BackupTestCase):
         self.fake = self.shared_fake
         self.out = self.shared_out
         self.stdout, self.stderr = self.run_stdout, self.run_stderr
+
+
+@functools.cache
+def tool_dir() -> Path:
+    """A folder holding coda_backup's bytecode alone (coda_backup.pyc), for child processes.
+
+    Some tests need the CLI as a process of its own (signals, a second lock holder, a private
+    mount namespace). Python compiles a script on every start, and an imported module too where
+    PYTHONDONTWRITEBYTECODE is set (as on this machine): a quarter second for this file, each
+    time. The children import this copy instead, compiled once per test run from the source as it
+    is now and removed at exit. TerminalProgressTest runs the file itself, as the README does.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="coda-backup-bytecode-"))
+    atexit.register(shutil.rmtree, folder, True)
+    py_compile.compile(str(TESTS.parent / "coda_backup.py"), cfile=str(folder / "coda_backup.pyc"), doraise=True)
+    return folder
+
+
+def tool_command(*args: str) -> List[str]:
+    """`python coda_backup.py ARGS` as a child process, from tool_dir()'s bytecode."""
+    launch = f"import sys; sys.path.insert(0, {str(tool_dir())!r}); import coda_backup; sys.exit(coda_backup.main())"
+    return [sys.executable, "-c", launch, *args]
 
 
 def closed_port() -> int:

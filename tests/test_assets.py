@@ -32,7 +32,7 @@ from coda_backup import (
     rewrite_links,
 )
 from fake_coda import build_asset_workspace
-from support import FAST_FLAGS, TOKEN, BackupTestCase, read_csv
+from support import FAST_FLAGS, TOKEN, BackupTestCase, read_csv, tool_dir
 
 CODA = coda_backup.DEFAULT_ASSET_HOSTS
 BLOB = "https://codahosted.io/docs/d1/blobs/bl-abc/" + "ab12" * 50
@@ -333,7 +333,7 @@ class AssetDiskTest(BackupTestCase):
         doc.add_page("Home", content=f"# Home\n\n[big.zip]({url})\n")
         mnt = Path(tempfile.mkdtemp(prefix="coda-asset-disk-"))
         self.addCleanup(shutil.rmtree, mnt, True)
-        env = dict(os.environ, MNT=str(mnt), TOOL_DIR=str(Path(coda_backup.__file__).parent), URL=self.fake.api_url,
+        env = dict(os.environ, MNT=str(mnt), TOOL_DIR=str(tool_dir()), URL=self.fake.api_url,
                    ASSETS=self.fake.assets_url, FAST=" ".join(FAST_FLAGS), CODA_API_TOKEN=TOKEN)
         done = subprocess.run(["unshare", "-rm", sys.executable, "-c", FULL_DISK_NIGHT], env=env,
                               capture_output=True, text=True, timeout=60)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import coda_backup
 from coda_backup import ConnectionBreaker, Halt, RunFacts, decide_outcome
 from fake_coda import PingReceiver
-from support import FAST_FLAGS, TOKEN, BackupTestCase, read_json, tree_bytes
+from support import FAST_FLAGS, TOKEN, BackupTestCase, read_json, tool_dir, tree_bytes
 
 SCRIPT = Path(coda_backup.__file__).resolve()
 LAST_RUN_KEYS = {"snapshot", "status", "exit_code", "error", "started_at", "finished_at", "counts", "vanished"}
@@ -197,7 +197,7 @@ class DiskTest(BadNightCase):
         self.addCleanup(shutil.rmtree, results, True)
         mnt = results / "mnt"
         mnt.mkdir()
-        env = dict(os.environ, MNT=str(mnt), RESULTS=str(results), TOOL_DIR=str(SCRIPT.parent),
+        env = dict(os.environ, MNT=str(mnt), RESULTS=str(results), TOOL_DIR=str(tool_dir()),
                    URL=self.fake.api_url, FAST=" ".join(FAST_FLAGS), CODA_API_TOKEN=TOKEN)
         done = subprocess.run(["unshare", "-rm", sys.executable, "-c", DISK_NIGHTS], env=env, capture_output=True,
                               text=True, timeout=120)
@@ -388,7 +388,7 @@ class SmallCasesTest(BadNightCase):
 
     def test_list_runs_into_a_closed_pipe_is_a_quiet_exit(self) -> None:
         self.out.mkdir()
-        run = (f"import sys; sys.path.insert(0, {str(SCRIPT.parent)!r}); import coda_backup; "
+        run = (f"import sys; sys.path.insert(0, {str(tool_dir())!r}); import coda_backup; "
                f"sys.exit(coda_backup.main(['--list-runs', '--output', {str(self.out)!r}]))")
         proc = subprocess.Popen([sys.executable, "-c", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None

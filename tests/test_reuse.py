@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 import unittest
@@ -31,6 +30,7 @@ from support import (
     manifest_entries,
     manifest_entry,
     read_csv,
+    tool_command,
 )
 
 NOW = dt.datetime(2026, 12, 1, 12, 0, tzinfo=dt.timezone.utc)
@@ -244,8 +244,8 @@ class ResumeTest(ReuseCase):
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
         env.pop("CODA_API_URL", None)
         proc = subprocess.Popen(
-            [sys.executable, str(Path(coda_backup.__file__).resolve()), "--output", str(self.out),
-             "--api-url", self.fake.api_url, *FAST_FLAGS, "--no-extras", "--concurrency", "2"],
+            tool_command("--output", str(self.out), "--api-url", self.fake.api_url, *FAST_FLAGS, "--no-extras",
+                         "--concurrency", "2"),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.communicate()))
         self.assertTrue(hold.reached.wait(20), "the run never asked for the last export")

@@ -30,6 +30,8 @@ from support import (
     read_json,
     rows_path,
     snapshot_dirs,
+    tool_command,
+    tool_dir,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -237,7 +239,6 @@ class SignalTest(ResilienceCase):
         build_nightly(self.fake)
         previous = self.clean_snapshot()
         self.fake.export_delay = 60.0  # exports never finish: the run waits for the signal
-        script = Path(coda_backup.__file__).resolve()
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
         env.pop("CODA_API_URL", None)
         for signum, expected in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
@@ -248,8 +249,8 @@ class SignalTest(ResilienceCase):
                 # that has ended within the 30 s hang guard below stopped because of the signal,
                 # however loaded the machine is.
                 proc = subprocess.Popen(
-                    [sys.executable, str(script), "--output", str(self.out), "--api-url", self.fake.api_url,
-                     *FAST_FLAGS, "--poll-interval", "0.02", "--export-timeout", "120"],
+                    tool_command("--output", str(self.out), "--api-url", self.fake.api_url,
+                                 *FAST_FLAGS, "--poll-interval", "0.02", "--export-timeout", "120"),
                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 )
                 self.addCleanup(self._reap, proc)
@@ -280,8 +281,7 @@ class SignalTest(ResilienceCase):
         env = dict(os.environ, CODA_API_TOKEN=TOKEN)
         env.pop("CODA_API_URL", None)
         proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "coda_backup.py"), "--output", str(self.out), "--api-url", self.fake.api_url,
-             *FAST_FLAGS, *extra],
+            tool_command("--output", str(self.out), "--api-url", self.fake.api_url, *FAST_FLAGS, *extra),
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         self.addCleanup(self._reap, proc)
@@ -363,7 +363,8 @@ class LockTest(ResilienceCase):
     def hold_lock_in_another_process(self) -> subprocess.Popen:
         """A second process that takes the run lock the way a run does, then waits."""
         self.out.mkdir(parents=True, exist_ok=True)
-        code = ("import sys, time; from pathlib import Path; import coda_backup; "
+        code = (f"import sys, time; from pathlib import Path; sys.path.insert(0, {str(tool_dir())!r}); "
+                "import coda_backup; "
                 "lock = coda_backup.RunLock(Path(sys.argv[1])); lock.__enter__(); "
                 "print('locked', flush=True); time.sleep(60)")
         holder = subprocess.Popen([sys.executable, "-c", code, str(self.out)], cwd=str(ROOT),
