@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import unittest
+from typing import Any
 
 from support import BackupTestCase, coda_backup
 
@@ -98,15 +99,22 @@ class BudgetDelayTest(unittest.TestCase):
 
 class RenderingHoldsNoWorkerTest(BackupTestCase):
     def test_exports_render_while_the_one_worker_reads_tables(self) -> None:
-        # One request in flight at a time, four exports that each render for 0.5 s: a worker that
-        # waited for each render would start one export, download it, then start the next. Every
-        # export must start before the first one is downloaded, and the tables be read meanwhile.
+        # One request in flight at a time, four exports that render until every export has been
+        # started and both tables read: a worker that waited for a render would never get there,
+        # and the run would end in export timeouts. No clock decides it.
         doc = self.fake.add_doc("Renders")
         pages = [doc.add_page(f"Page {number}", content=f"# Page {number}\n") for number in range(4)]
         for number in range(2):
             doc.add_table(f"Table {number}", columns=["Name"], parent_page=pages[number],
                           rows=[{"Name": "row"}])
-        self.fake.export_delay = 0.5
+        self.fake.export_delay = 3600.0
+
+        def rendered_once_all_started(request: Any, reply: Any) -> None:
+            rows = [record for record in self.fake.requests("GET") if record.path.endswith("/rows")]
+            if len(self.fake.requests("POST")) == 4 and len(rows) == 2:
+                self.fake.export_delay = 0.0
+
+        self.fake.after_api.append(rendered_once_all_started)
         code = self.run_backup("--concurrency", "1", "--no-extras", "--poll-interval", "0.1")
         self.assertEqual(code, 0, self.stderr)
         self.assertEqual(self.fake.max_in_flight, 1)
