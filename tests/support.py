@@ -219,6 +219,16 @@ class SharedRunTestCase(BackupTestCase):
 
 
 @functools.cache
+class Clock:
+    """A clock a test moves by hand (`clock.now += 1.5`), for the pure pacing and scheduling rules."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def tool_dir() -> Path:
     """A folder holding coda_backup's bytecode alone (coda_backup.pyc), for child processes.
 

@@ -1,20 +1,9 @@
 """Client-side pacing maths with an injected clock, and Retry-After parsing."""
 
-import sys
 import unittest
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import coda_backup as cb
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from support import Clock
+from support import coda_backup as cb
 
 
 def run_schedule(limiter: cb.RateLimiter, clock: Clock, requests: int) -> list:

@@ -8,17 +8,9 @@ import math
 import unittest
 from typing import Any
 
-from support import BackupTestCase, coda_backup
+from support import BackupTestCase, Clock, coda_backup
 
 INF = math.inf
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class NextExportStepTest(unittest.TestCase):
