@@ -18,7 +18,7 @@ import time
 from typing import Any, List
 
 from fake_coda import FakeCoda
-from support import BackupTestCase
+from support import TOKEN, BackupTestCase, coda_backup
 
 LATENCY = 0.02  # long enough that requests sent together overlap at the fake
 
@@ -132,3 +132,21 @@ class PacingTest(BackupTestCase):
                     self.assertGreaterEqual(arrival, max(0, n - limit) * window / limit,
                                             f"{category} request {n} of {len(arrivals)} came too early")
         self.assertEqual(self.summary()["requests"]["rate_limited"], 0)
+
+    def test_the_probe_tells_the_fakes_sliding_window_from_its_token_bucket(self) -> None:
+        # Every paced request's answer reaches its limiter: the fake counting a sliding window
+        # refuses the probe (one 429, which does not halve the rate), counting a token bucket it
+        # accepts it, and the client paces as a bucket from then on.
+        for model, refused in (("window", 1), ("bucket", 0)):
+            with self.subTest(model=model):
+                self.fake.rate_limits = {"read": (4, 1.0)}
+                self.fake.rate_model = model
+                settings = coda_backup.ClientSettings(api_url=self.fake.api_url, retry_delay=0.01,
+                                                      rate_limits={"read": (4, 1.0)})
+                client = coda_backup.HttpClient(settings, TOKEN, threading.Event())
+                self.addCleanup(client.close)
+                for _ in range(6):  # a full window, the probe, one more
+                    client.get_json("/whoami")
+                limiter = client._limiters["read"]  # what it learnt is not visible otherwise
+                self.assertEqual((limiter.model, limiter.allowed), (model, 4.0))
+                self.assertEqual(client.stats.rate_limited, refused)

@@ -6,15 +6,6 @@ from support import Clock
 from support import coda_backup as cb
 
 
-def run_schedule(limiter: cb.RateLimiter, clock: Clock, requests: int) -> list:
-    """Each request waits what the limiter says; return the start times."""
-    starts = []
-    for _ in range(requests):
-        clock.now += limiter.reserve()
-        starts.append(clock.now)
-    return starts
-
-
 class Server:
     """One limit counted as the fake counts it: a sliding window (at most `limit` accepted in any
     `window`) or a token bucket (`limit` tokens refilled at limit / window per second)."""
@@ -24,6 +15,7 @@ class Server:
         self.accepted: list = []
         self.refused = 0
         self._tokens, self._counted = float(limit), None
+        self.fewest = float(limit)  # the fewest tokens a bucket had left after accepting a request
 
     def answer(self, at: float) -> int:
         if self.model == "bucket":
@@ -32,6 +24,7 @@ class Server:
             self._counted = at
             allowed = self._tokens >= 1.0
             self._tokens -= 1.0 if allowed else 0.0
+            self.fewest = min(self.fewest, self._tokens)
         else:
             allowed = sum(1 for start in self.accepted if start > at - self.window) < self.limit
         if not allowed:
@@ -80,6 +73,19 @@ class RateLimiterTest(unittest.TestCase):
                 self.assertEqual(limiter.allowed, float(limit))  # the probe's 429 slowed nothing down
                 self.assertEqual(len(server.accepted), requests)
                 self.assertLessEqual(server.accepted[-1] - server.accepted[0], last + 1e-6)
+
+    def test_paced_as_a_bucket_it_keeps_a_reserve_for_the_network(self) -> None:
+        # A request that reaches the server BUCKET_RESERVE earlier than planned, next to one that
+        # came late, must still find a token: pacing never plans the bucket below that much refill.
+        clock = Clock()
+        limiter = cb.RateLimiter(100, 6.0, clock)
+        server = Server("bucket", 100, 6.0)
+        serve(limiter, clock, server, 101)  # the burst and the probe
+        self.assertEqual(limiter.model, "bucket")
+        server.fewest = 100.0
+        serve(limiter, clock, server, 500)
+        self.assertEqual(server.refused, 0)
+        self.assertGreaterEqual(server.fewest, cb.BUCKET_RESERVE * 100 / limiter.window - 1e-6)
 
     def test_paced_to_the_window_no_window_holds_more_than_the_limit(self) -> None:
         clock = Clock()
