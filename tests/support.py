@@ -218,7 +218,6 @@ class SharedRunTestCase(BackupTestCase):
         self.stdout, self.stderr = self.run_stdout, self.run_stderr
 
 
-@functools.cache
 class Clock:
     """A clock a test moves by hand (`clock.now += 1.5`), for the pure pacing and scheduling rules."""
 
@@ -229,6 +228,7 @@ class Clock:
         return self.now
 
 
+@functools.cache
 def tool_dir() -> Path:
     """A folder holding coda_backup's bytecode alone (coda_backup.pyc), for child processes.
 
