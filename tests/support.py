@@ -623,16 +623,16 @@ class ResilienceCase(BackupTestCase):
     def tearDown(self) -> None:
         self.assertEqual(self.fake.errors, [], "the fake hit an internal error")
 
-    def run_new(self, *extra: str) -> tuple[int, Path]:
+    def run_new(self, *extra: str, index: bool = False) -> tuple[int, Path]:
         """Run the CLI; return the exit code and the snapshot folder this run created."""
         before = snapshot_dirs(self.out)
-        code = self.run_backup(*extra)
+        code = self.run_backup(*extra, index=index)
         created = snapshot_dirs(self.out) - before
         self.assertEqual(len(created), 1, f"expected one new snapshot, got {created}; stderr:\n{self.stderr}")
         return code, self.out / created.pop()
 
-    def clean_snapshot(self, *extra: str) -> Path:
-        code, snapshot = self.run_new(*extra)
+    def clean_snapshot(self, *extra: str, index: bool = False) -> Path:
+        code, snapshot = self.run_new(*extra, index=index)
         self.assertEqual(code, 0, f"clean run failed:\n{self.stderr}")
         self.assertEqual(self.summary(snapshot)["status"], "completed")
         return snapshot

@@ -76,7 +76,7 @@ class TokenLeakTest(ResilienceCase):
         data["home"].download_expire_times = 1
         self.fake.add_fault(rows_path(data["people"]), status=500, times=None)
         self.fake.fault_rate, self.fake.fault_kinds = 0.3, tuple(k for k in FAULT_KINDS if k != "timeout")
-        code, snapshot = self.run_new("--log-level", "DEBUG", *ENOUGH_RETRIES)
+        code, snapshot = self.run_new("--log-level", "DEBUG", *ENOUGH_RETRIES, index=True)
         self.assertEqual(code, 1, self.stderr)
         self.assertEqual(len(self.summary(snapshot)["failures"]), 3)
         self.assertIn("DEBUG", self.stderr)  # the error paths really logged
@@ -122,9 +122,9 @@ class PermissionsTest(ResilienceCase):
         old = os.umask(0o022)  # the usual default: group/other bits must be cleared by the tool itself
         self.addCleanup(os.umask, old)
         data = build_nightly(self.fake)
-        self.clean_snapshot()
+        self.clean_snapshot(index=True)
         data["tasks"].add_row({"Task": "changed"})
-        self.clean_snapshot("--incremental")  # linked files too
+        self.clean_snapshot("--incremental", index=True)  # linked files too, and the index's
         checked = 0
         for folder, dirs, files in os.walk(self.out):
             for name in dirs:
@@ -204,7 +204,7 @@ class HostileNamesTest(ResilienceCase):
         outside = self.out.parent
         before = sorted(os.listdir(outside))
         data = build_hostile(self.fake, outside)
-        code, snapshot = self.run_new()
+        code, snapshot = self.run_new(index=True)  # browse/ names its pages after the objects
         self.assertEqual(code, 0, self.stderr)
         self.assertEqual(sorted(os.listdir(outside)), sorted(before + [self.out.name]), "written outside --output")
         counts = self.summary(snapshot)["counts"]
@@ -228,6 +228,9 @@ class HostileNamesTest(ResilienceCase):
             self.assertEqual(entry["status"], "ok", entry["id"])
             for record in entry["files"]:
                 self.assertTrue((snapshot / record["path"]).is_file(), record["path"])
+        index = [record["path"] for record in manifest["index"]]  # a name it could not place drops it
+        self.assertIn("index.html", index, self.stderr)
+        self.assertGreater(len(index), 1 + 5, "a browse page for each of the five docs, and previews")
         self.assertEqual(coda_backup.read_latest(self.out), snapshot)
 
 
