@@ -863,12 +863,13 @@ def pacing_after_answer(model: str, probe: bool, status: Optional[int]) -> Tuple
     to the window (a bucket accepts that too). The probe, one request sent half a window before
     the window would let it go, tells them apart: a window server must refuse it, a bucket
     accepts it. Its 429 is the answer asked for, so it slows nothing down. Any other 429 means the
-    server is stricter than the pacing: slow down, pace to the window and probe no more.
-    An answer that proves nothing (no answer, a 5xx) leaves the model as it was.
+    server is stricter than the pacing: slow down, pace to the window and probe no more (the probe's
+    late acceptance does not undo that: it went out before the 429, and a bucket model would
+    ignore the slow-down). An answer that proves nothing (no answer, a 5xx) leaves the model as it was.
     """
     if status == 429:
         return "window", not probe
-    if probe and status is not None and status < 500:
+    if probe and model == "unknown" and status is not None and status < 500:
         return "bucket", False
     return model, False
 

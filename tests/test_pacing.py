@@ -135,6 +135,7 @@ class RateLimiterTest(unittest.TestCase):
             ("unknown", True, None, "unknown", False),
             ("unknown", False, 200, "unknown", False),
             ("unknown", False, 429, "window", True),  # stricter than the pacing: no probing after that
+            ("window", True, 200, "window", False),  # ... and the late answer of a probe sent before undoes nothing
             ("bucket", False, 429, "window", True),  # a bucket that is not: back to the window for good
             ("bucket", False, 200, "bucket", False),
             ("window", False, 200, "window", False),
