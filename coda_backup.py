@@ -933,10 +933,8 @@ class RateLimiter:
             self._due = max(self._due, at + self._interval)
             if slot == self._probe:
                 self._probe_start = at
-            try:
+            with contextlib.suppress(ValueError):  # gone if it waited a window or more: it counts from `at` anyway
                 self._starts.remove(slot)
-            except ValueError:
-                return  # long out of the window already
             index = len(self._starts)
             while index > 0 and self._starts[index - 1] > at:
                 index -= 1

@@ -116,6 +116,17 @@ class RateLimiterTest(unittest.TestCase):
                 limiter.answered(probe, 200)
                 self.assertEqual(limiter.model, "bucket")
 
+    def test_a_request_sent_a_window_after_its_slot_counts_from_then(self) -> None:
+        # It waited longer than a window for a connection (every one busy streaming a big file),
+        # and meanwhile another worker's look at the budget dropped its slot from the window.
+        clock = Clock()
+        limiter = cb.RateLimiter(1, 6.0, clock)
+        slot = limiter.take()[0]
+        clock.now += 2 * limiter.window
+        self.assertEqual(limiter.delay(), 0.0)
+        limiter.started(slot, clock.now)
+        self.assertAlmostEqual(limiter.reserve(), limiter.window)
+
     def test_concurrent_reservations_are_spread_out(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(4, 6.0, clock)
