@@ -1205,6 +1205,7 @@ class HttpClient:
         limiter = self._limiters.get(category)
         if limiter is None:
             return 0.0
+        self._unsent()
         slot, delay = limiter.take()
         self._local.slot = (limiter, slot)
         return delay
@@ -1374,6 +1375,7 @@ class HttpClient:
         return float(delay * (0.5 + self._rng.random() / 2))
 
     def _pace(self, category: str) -> None:
+        self._unsent()
         limiter = self._limiters.get(category)
         if limiter:
             slot, delay = limiter.take()
@@ -1381,6 +1383,17 @@ class HttpClient:
             if delay > 0:
                 with self.stats.pacing(category):
                     self.sleep(delay)
+
+    def _unsent(self) -> None:
+        """Give back the slot of a request this thread was paced for but never sent (its deadline
+        came during the wait, it was refused or cancelled): were it the probe, no other request
+        could probe for the rest of the run, and left here it would pass for the slot of this
+        thread's next request, an unpaced download, whose answer would then tell the API's limiter
+        how the API counts."""
+        paced = self._local.__dict__.pop("slot", None)
+        if paced is not None:
+            limiter, slot = paced
+            limiter.answered(slot, None)
 
     def _sending(self) -> None:
         """Tell the limiter when the request this thread was paced for really goes out."""

@@ -150,3 +150,18 @@ class PacingTest(BackupTestCase):
                 limiter = client._limiters["read"]  # what it learnt is not visible otherwise
                 self.assertEqual((limiter.model, limiter.allowed), (model, 4.0))
                 self.assertEqual(client.stats.rate_limited, refused)
+
+    def test_a_probe_its_deadline_kept_from_going_out_is_given_back(self) -> None:
+        # The probe's wait for its slot outlasts its request's deadline, so it is never sent: the
+        # thread's next request gives its slot back (it proved nothing), so another request can
+        # probe, and the fake (limiting nothing, as a bucket with room would) accepts it.
+        settings = coda_backup.ClientSettings(api_url=self.fake.api_url, rate_limits={"read": (10, 0.6)})
+        client = coda_backup.HttpClient(settings, TOKEN, threading.Event())
+        self.addCleanup(client.close)
+        for _ in range(10):  # a full window: the next slot is the probe, about half a window on
+            client.get_json("/whoami")
+        with self.assertRaises(coda_backup.DeadlineReached):
+            client.get_json("/whoami", deadline=time.monotonic() + 0.01)
+        client.get_json("/whoami")
+        self.assertEqual(client._limiters["read"].model, "bucket")  # what it learnt is not visible otherwise
+        self.assertEqual(len(self.fake.requests()), 11)
