@@ -254,6 +254,7 @@ class SampleWorkspaceTest(SharedRunTestCase, LayoutTestCase):
                                  (page.name, page.updated_at, status), page)
                 if status == "ok":
                     self.assertEqual((snapshot / entry["path"]).read_text(encoding="utf-8"), page.content, page)
+                    self.assertIn(entry["path"], {record["path"] for record in entry["files"]}, page)
         with self.subTest("manifest: every table and view with id, name, updatedAt, path, status, rowCount"):
             all_tables = self.all_tables()
             self.assertEqual(set(tables), {t.id for t in all_tables})
@@ -263,6 +264,7 @@ class SampleWorkspaceTest(SharedRunTestCase, LayoutTestCase):
                     (entry["name"], entry["updatedAt"], entry["status"], entry["rowCount"]),
                     (table.name, table.updated_at, "ok", len(table.rows)), table)
                 self.assertEqual(len(read_csv(snapshot / entry["path"])), len(table.rows) + 1, table)
+                self.assertIn(entry["path"], {record["path"] for record in entry["files"]}, table)
         with self.subTest("manifest: where each object sits and its link, as the API lists them"):
             for doc in backed_up:
                 api_doc = self.api_get(f"/docs/{doc.id}")
