@@ -886,8 +886,9 @@ class RateLimiter:
     bucket paced to empty has no room for two requests the network delivers together), which
     spreads the requests instead of sending them in window-sized bursts: the last ones go up to a
     window earlier.
-    A 429 halves the allowed rate and honours Retry-After; the rate then climbs back linearly
-    over a few windows.
+    Any 429 but the probe's halves the allowed rate and paces the category to the window for good;
+    every 429's Retry-After pauses the category. The rate then climbs back linearly over a few
+    windows.
     """
 
     def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
