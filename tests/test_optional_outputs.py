@@ -168,12 +168,13 @@ class DocExtrasTest(SmallWorkspaceTestCase):
 
 class ZipTest(SmallWorkspaceTestCase):
     def test_zip_holds_every_file(self) -> None:
-        self.assertEqual(self.run_backup("--zip", "--page-format", "both"), 0, self.stderr)
+        self.assertEqual(self.run_backup("--zip", "--page-format", "both", index=True), 0, self.stderr)
         snapshot = self.latest()
         archive = self.out / f"{snapshot.name}.zip"
         self.assertTrue(archive.is_file())
         files = files_under(snapshot)
         self.assertIn("summary.json", files)
+        self.assertIn("index.html", files)  # written before the zip, so in it
         with zipfile.ZipFile(archive) as opened:
             self.assertIsNone(opened.testzip())
             names = [name for name in opened.namelist() if not name.endswith("/")]
