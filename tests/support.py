@@ -25,7 +25,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, ClassVar, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Set, Tuple
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS.parent))
@@ -55,6 +55,21 @@ FAST_FLAGS = [
 ]
 
 
+def start_fake(cleanup: Callable[[Callable[[], None]], None]) -> FakeCoda:
+    """A started fake (seed 7) that `cleanup` (addCleanup or addClassCleanup) stops."""
+    fake = FakeCoda(token=TOKEN, seed=7)
+    fake.start()
+    cleanup(fake.stop)
+    return fake
+
+
+def temp_output(cleanup: Callable[[Callable[[], None]], None]) -> Path:
+    """An --output path in a fresh temp folder that `cleanup` removes (the path itself does not exist yet)."""
+    tmp = tempfile.TemporaryDirectory()
+    cleanup(tmp.cleanup)
+    return Path(tmp.name) / "backups"
+
+
 class BackupTestCase(unittest.TestCase):
     """Starts a fake Coda and a temp --output; `run_backup` runs the CLI against them."""
 
@@ -63,12 +78,8 @@ class BackupTestCase(unittest.TestCase):
     stderr: str
 
     def setUp(self) -> None:
-        self.fake = FakeCoda(token=TOKEN, seed=7)
-        self.fake.start()
-        self.addCleanup(self.fake.stop)
-        tmp = tempfile.TemporaryDirectory()
-        self.addCleanup(tmp.cleanup)
-        self.out = Path(tmp.name) / "backups"
+        self.fake = start_fake(self.addCleanup)
+        self.out = temp_output(self.addCleanup)
         self.stderr = ""
         self.set_env("CODA_API_TOKEN", TOKEN)
         self.set_env("CODA_API_URL", None)
@@ -191,12 +202,8 @@ class SharedRunTestCase(BackupTestCase):
     @classmethod
     def setUpClass(cls) -> None:
         super().setUpClass()
-        cls.shared_fake = FakeCoda(token=TOKEN, seed=7)
-        cls.shared_fake.start()
-        cls.addClassCleanup(cls.shared_fake.stop)
-        tmp = tempfile.TemporaryDirectory()
-        cls.addClassCleanup(tmp.cleanup)
-        cls.shared_out = Path(tmp.name) / "backups"
+        cls.shared_fake = start_fake(cls.addClassCleanup)
+        cls.shared_out = temp_output(cls.addClassCleanup)
         cls.data = cls.build(cls.shared_fake)
         args = ["--output", str(cls.shared_out), "--api-url", cls.shared_fake.api_url, *FAST_FLAGS,
                 *cls.run_flags(cls.shared_fake)]

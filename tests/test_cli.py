@@ -246,12 +246,16 @@ class ConfigTest(SmallWorkspaceTestCase):
             args = ["--output", str(self.out), *args]
         return self.run_main([*args, *extra])
 
-    def assert_old_python_refuses(self, code: int) -> None:
-        self.assertEqual(code, 2)
-        self.assertIn("3.11", self.stderr)
+    def assert_refused_before_any_work(self, code: int, needle: str) -> None:
+        """Exit 2 with `needle` in the message, no traceback, no output folder, no request."""
+        self.assertEqual(code, 2, self.stderr)
+        self.assertIn(needle, self.stderr)
         self.assertNotIn("Traceback", self.stderr)
         self.assertFalse(self.out.exists())
         self.assertEqual(self.fake.requests(), [])
+
+    def assert_old_python_refuses(self, code: int) -> None:
+        self.assert_refused_before_any_work(code, "3.11")
 
     def test_file_gives_defaults(self) -> None:
         code = self.run_config("\n".join([
@@ -315,11 +319,7 @@ class ConfigTest(SmallWorkspaceTestCase):
         if not HAVE_TOMLLIB:
             self.assert_old_python_refuses(code)
             return
-        self.assertEqual(code, 2)
-        self.assertIn("colour", self.stderr)
-        self.assertNotIn("Traceback", self.stderr)
-        self.assertFalse(self.out.exists())
-        self.assertEqual(self.fake.requests(), [])
+        self.assert_refused_before_any_work(code, "colour")
 
     def test_bad_values(self) -> None:
         cases = [
