@@ -2676,13 +2676,19 @@ def selection_key_of(options: Dict[str, Any]) -> Dict[str, Any]:
             "docs": options.get("docs", []), "exclude_docs": options.get("exclude_docs", [])}
 
 
+def manifest_json(folder: Path) -> Any:
+    """A snapshot's manifest.json as JSON, unchecked: each reader checks what it uses. Raises
+    OSError or ValueError when it is missing or not JSON."""
+    return json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+
+
 def read_manifest(folder: Path) -> Dict[str, Any]:
     """A snapshot's manifest, checked: every field reuse reads has the right type and no path
     leaves the snapshot. Raises ValueError (or OSError) otherwise."""
     if not (folder / MANIFEST_NAME).exists() and (folder / JOURNAL_NAME).exists():
         manifest: Any = journal_manifest(folder)
     else:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = manifest_json(folder)
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         raise ValueError(f"manifest version {manifest.get('version') if isinstance(manifest, dict) else None!r}")
     if not isinstance(manifest.get("options"), dict) or not isinstance(manifest.get("docs"), list):
@@ -4336,7 +4342,7 @@ def manifest_files(manifest: Dict[str, Any]) -> Iterator[Any]:
 def verify_snapshot(snapshot: Path) -> List[str]:
     """Re-hash every file the manifest lists; return one line per missing or altered file."""
     try:
-        manifest = json.loads((snapshot / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = manifest_json(snapshot)
         records = list(manifest_files(manifest))
     except (OSError, ValueError, AttributeError, TypeError) as exc:
         return [f"{MANIFEST_NAME}: unreadable ({exc})"]
@@ -4408,7 +4414,7 @@ class KnownSnapshot:
 def read_known_snapshot(snapshot: Path) -> Optional[KnownSnapshot]:
     """A snapshot's objects, or None with a warning when its manifest cannot be read."""
     try:
-        manifest = json.loads((snapshot / MANIFEST_NAME).read_text(encoding="utf-8"))
+        manifest = manifest_json(snapshot)
         return known_snapshot(snapshot.name, manifest)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         LOG.warning("cannot read %s (%s); nothing is judged vanished against it", snapshot / MANIFEST_NAME, exc)
@@ -4972,7 +4978,7 @@ def diff_lines(old_file: Path, new_file: Path) -> Tuple[int, int]:
 def load_manifest(snapshot: Path) -> Any:
     """A snapshot's manifest as JSON, or None when it is missing or unreadable."""
     try:
-        return json.loads((snapshot / MANIFEST_NAME).read_text(encoding="utf-8"))
+        return manifest_json(snapshot)
     except (OSError, ValueError):
         return None
 
