@@ -909,10 +909,6 @@ class RateLimiter:
         self._probe_start = 0.0  # ... and when it went out
         self._lock = threading.Lock()
 
-    def reserve(self) -> float:
-        """Claim the next start slot; return how long to wait before using it."""
-        return self.take()[1]
-
     def take(self) -> Tuple[float, float]:
         """Claim the next start slot; return it and how long to wait before using it."""
         with self._lock:
@@ -955,7 +951,7 @@ class RateLimiter:
                 self._rate_limited(slow_down, retry_after)
 
     def delay(self) -> float:
-        """How long a reserve() now would wait, claiming nothing: 0 while the budget has room."""
+        """How long a take() now would wait, claiming nothing: 0 while the budget has room."""
         with self._lock:
             now = self._clock()
             return max(0.0, self._next_slot(now)[0] - now)

@@ -49,7 +49,7 @@ class RateLimiterTest(unittest.TestCase):
     def test_burst_up_to_limit_then_the_probe_then_a_window(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(10, 6.0, clock)
-        delays = [limiter.reserve() for _ in range(12)]
+        delays = [limiter.take()[1] for _ in range(12)]
         window = 6.0 * cb.RATE_WINDOW_MARGIN
         self.assertEqual(delays[:10], [0.0] * 10)
         self.assertAlmostEqual(delays[10], cb.PROBE_LEAD * window)  # the probe, unanswered yet
@@ -125,14 +125,14 @@ class RateLimiterTest(unittest.TestCase):
         clock.now += 2 * limiter.window
         self.assertEqual(limiter.delay(), 0.0)
         limiter.started(slot, clock.now)
-        self.assertAlmostEqual(limiter.reserve(), limiter.window)
+        self.assertAlmostEqual(limiter.take()[1], limiter.window)
 
     def test_concurrent_reservations_are_spread_out(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(4, 6.0, clock)
         slots = [limiter.take()[0] for _ in range(5)]
         limiter.answered(slots[4], 429)  # paced to the window from now on, the probe not counted
-        delays = sorted(limiter.reserve() for _ in range(12))  # 12 workers asking at once
+        delays = sorted(limiter.take()[1] for _ in range(12))  # 12 workers asking at once
         window = 6.0 * cb.RATE_WINDOW_MARGIN
         for got, want in zip(delays, [window] * 4 + [2 * window] * 4 + [3 * window] * 4):
             self.assertAlmostEqual(got, want, places=6)
@@ -173,11 +173,11 @@ class RateLimiterTest(unittest.TestCase):
         limiter.answered(limiter.take()[0], 429)
         self.assertEqual(limiter.allowed, 25.0)
         clock.now += limiter.window  # one window later: part of the way back
-        limiter.reserve()
+        limiter.take()[1]
         self.assertGreater(limiter.allowed, 25.0)
         self.assertLess(limiter.allowed, 100.0)
         clock.now += cb.RATE_RECOVERY_WINDOWS * limiter.window
-        limiter.reserve()
+        limiter.take()[1]
         self.assertEqual(limiter.allowed, 100.0)
 
     def test_rate_never_drops_below_one(self) -> None:
@@ -195,8 +195,8 @@ class RateLimiterTest(unittest.TestCase):
                 slots = [limiter.take()[0] for _ in range(taken)]
                 limiter.answered(slots[-1], 429, 10.0)
                 self.assertEqual(limiter.allowed, allowed)
-                self.assertAlmostEqual(limiter.reserve(), 10.0)
-                self.assertAlmostEqual(limiter.reserve(), 10.0)
+                self.assertAlmostEqual(limiter.take()[1], 10.0)
+                self.assertAlmostEqual(limiter.take()[1], 10.0)
 
     def test_bad_limits_are_refused(self) -> None:
         for limit, window in ((0, 6.0), (5, 0.0)):

@@ -66,12 +66,12 @@ class BudgetDelayTest(unittest.TestCase):
         limiter = coda_backup.RateLimiter(1, 6.0, clock)
         self.assertEqual(limiter.delay(), 0.0)
         self.assertEqual(limiter.delay(), 0.0)  # asking twice claimed nothing
-        limiter.reserve()
+        limiter.take()[1]
         window = 6.0 * coda_backup.RATE_WINDOW_MARGIN
         self.assertAlmostEqual(limiter.delay(), window)  # empty: room again one window after the first
         clock.now += 1.0
         self.assertAlmostEqual(limiter.delay(), window - 1.0)
-        self.assertAlmostEqual(limiter.reserve(), window - 1.0)  # and reserve agrees
+        self.assertAlmostEqual(limiter.take()[1], window - 1.0)  # and take agrees
 
 
     def test_a_request_that_went_out_late_counts_from_when_it_went_out(self) -> None:
