@@ -165,6 +165,7 @@ from typing import (
     Dict,
     Iterator,
     List,
+    NamedTuple,
     NoReturn,
     Optional,
     Set,
@@ -210,6 +211,7 @@ PROBE_LEAD = 0.5  # the probe (see pacing_after_answer) goes this part of a wind
 # Paced as a token bucket, this much refill (seconds) is kept back: a request may reach the server
 # this much earlier than planned, next to one that came late, and still find a token.
 BUCKET_RESERVE = 0.25
+REPLAN_CHECK = 0.1  # a worker waiting for its rate-limit slot looks this often whether the slot still holds
 MAX_RETRY_AFTER = 120.0
 BACKOFF_CAP = 60.0
 SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
@@ -232,6 +234,7 @@ DOC_LISTERS = 4
 ITEM_WORKERS = 4  # formulas and controls are fetched one request each: in parallel, not as one long chain
 RENDER_SAMPLES = 15  # recent render times that time an export's first status poll
 IDLE_WAKE = 0.25  # an idle export worker looks at the cancel flag at least this often
+POLL_READ_WAIT = 1.0  # while exports wait to start, a due status poll waits for its read at most this long
 
 # --ping-url: a monitoring ping may cost a run a few seconds at most, and never fail it.
 PING_TIMEOUT = 5.0
@@ -874,6 +877,15 @@ def pacing_after_answer(model: str, probe: bool, status: Optional[int]) -> Tuple
     return model, False
 
 
+class Slot(NamedTuple):
+    """A start slot from RateLimiter.take: when the request may go, how long that is from the
+    moment it was taken, and the plan it belongs to (see RateLimiter._replan)."""
+
+    at: float
+    wait: float
+    plan: int
+
+
 class RateLimiter:
     """Paces one Coda limit category to `limit` requests per `window`.
 
@@ -907,10 +919,11 @@ class RateLimiter:
         self._tolerance = max(0.0, (limit - 1) * self._interval - BUCKET_RESERVE)  # GCRA's burst, less the reserve
         self._probe: Optional[float] = None  # the slot of the probe in flight ...
         self._probe_start = 0.0  # ... and when it went out
+        self._replans: List[float] = []  # when each replan was: a slot's plan is how many came before it
         self._lock = threading.Lock()
 
-    def take(self) -> Tuple[float, float]:
-        """Claim the next start slot; return it and how long to wait before using it."""
+    def take(self) -> Slot:
+        """Claim the next start slot: when to send, how long that is from now, and the plan it is of."""
         with self._lock:
             now = self._clock()
             at, probe = self._next_slot(now)
@@ -918,7 +931,13 @@ class RateLimiter:
                 self._probe = self._probe_start = at
             self._starts.append(at)
             self._due = max(self._due, at) + self._interval
-            return at, max(0.0, at - now)
+            return Slot(at, max(0.0, at - now), len(self._replans))
+
+    def current(self, slot: Slot) -> bool:
+        """Whether a slot still holds: the first replan after it was handed out (see _replan)
+        voided it if it was then still to come."""
+        with self._lock:
+            return slot.plan == len(self._replans) or slot.at <= self._replans[slot.plan]
 
     def started(self, slot: float, at: float) -> None:
         """The request given `slot` went out only at `at` (it waited for a connection, or for the
@@ -943,12 +962,15 @@ class RateLimiter:
             probe = self._probe is not None and slot == self._probe
             if probe:
                 self._probe = None
+            was = self.model
             self.model, slow_down = pacing_after_answer(self.model, probe, status)
             if probe and status == 429:
                 with contextlib.suppress(ValueError):  # a refused request does not count in a window
                     self._starts.remove(self._probe_start)
             if status == 429:
                 self._rate_limited(slow_down, retry_after)
+            elif self.model == "bucket" != was:
+                self._replan(self._clock())
 
     def delay(self) -> float:
         """How long a take() now would wait, claiming nothing: 0 while the budget has room."""
@@ -986,6 +1008,21 @@ class RateLimiter:
             self.allowed = max(1.0, self.allowed / 2)
         if retry_after:
             self._paused_until = max(self._paused_until, now + retry_after)
+        if slow_down or retry_after:
+            self._replan(now)
+
+    def _replan(self, now: float) -> None:
+        """The pacing changed under slots already handed out for later: the server proved a bucket
+        (they may go sooner) or refused one (slower, or not before a Retry-After). Those slots are
+        void and their holders, who check `current` while they wait, take new ones; otherwise
+        workers asleep on window-paced slots would waste the bucket's room for seconds, or send
+        during the pause the server asked for."""
+        self._replans.append(now)
+        while self._starts and self._starts[-1] > now:
+            self._starts.pop()
+        self._due = 0.0
+        for start in self._starts:
+            self._due = max(self._due, start) + self._interval
 
     def _recover(self, now: float) -> None:
         if self.allowed < self.limit:
@@ -1197,15 +1234,13 @@ class HttpClient:
         limiter = self._limiters.get(category)
         return limiter.delay() if limiter else 0.0
 
-    def claim_slot(self, category: str) -> float:
-        """Take the next start slot of a category for a request this thread sends soon; return its wait."""
+    def claim_slot(self, category: str) -> None:
+        """Take the next start slot of a category for the request this thread sends next (with
+        `claimed=True`), so that a caller deciding under its own lock takes the slot it saw."""
         limiter = self._limiters.get(category)
-        if limiter is None:
-            return 0.0
-        self._unsent()
-        slot, delay = limiter.take()
-        self._local.slot = (limiter, slot)
-        return delay
+        if limiter is not None:
+            self._unsent()
+            self._local.slot = (limiter, limiter.take())
 
     def download(self, url: str, deadline: Optional[float] = None) -> bytes:
         """GET a presigned storage URL without credentials, following redirects.
@@ -1336,8 +1371,7 @@ class HttpClient:
         attempts = 0
         for number in range(self.settings.max_retries + 1):
             self.check_cancelled()
-            if not (claimed and number == 0):
-                self._pace(category)
+            self._pace(category, claimed and number == 0)
             timeout = self.settings.timeout
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
@@ -1371,15 +1405,29 @@ class HttpClient:
         delay = min(BACKOFF_CAP, self.settings.retry_delay * 2.0 ** number)
         return float(delay * (0.5 + self._rng.random() / 2))
 
-    def _pace(self, category: str) -> None:
-        self._unsent()
-        limiter = self._limiters.get(category)
-        if limiter:
-            slot, delay = limiter.take()
-            self._local.slot = (limiter, slot)
-            if delay > 0:
-                with self.stats.pacing(category):
-                    self.sleep(delay)
+    def _pace(self, category: str, claimed: bool = False) -> None:
+        """Wait for this thread's start slot in its category's budget: a new one, or (`claimed`)
+        the one claim_slot took. A slot voided while waiting (the limiter replanned) is replaced."""
+        held = self._local.__dict__.get("slot") if claimed else None
+        if held is None:
+            self._unsent()
+            limiter = self._limiters.get(category)
+            if limiter is None:
+                return
+            held = self._local.slot = (limiter, limiter.take())
+        limiter, slot = held
+        if slot.wait <= 0:
+            return
+        with self.stats.pacing(category):
+            while True:
+                left = slot.at - time.monotonic()
+                if not limiter.current(slot):
+                    slot = limiter.take()
+                    self._local.slot = (limiter, slot)
+                elif left > 0:
+                    self.sleep(min(left, REPLAN_CHECK))
+                else:
+                    return
 
     def _unsent(self) -> None:
         """Give back the slot of a request this thread was paced for but never sent (its deadline
@@ -1390,7 +1438,7 @@ class HttpClient:
         paced = self._local.__dict__.pop("slot", None)
         if paced is not None:
             limiter, slot = paced
-            limiter.answered(slot, None)
+            limiter.answered(slot.at, None)
 
     def _sending(self) -> None:
         """Tell the limiter when the request this thread was paced for really goes out."""
@@ -1398,7 +1446,7 @@ class HttpClient:
         self._local.sent = paced
         if paced is not None:
             limiter, slot = paced
-            limiter.started(slot, time.monotonic())
+            limiter.started(slot.at, time.monotonic())
 
     def _answered(self, status: Optional[int], retry_after: Optional[str] = None) -> None:
         """Tell the limiter how the request this thread sent was answered (None: not at all):
@@ -1406,7 +1454,7 @@ class HttpClient:
         paced = self._local.__dict__.pop("sent", None)
         if paced is not None:
             limiter, slot = paced
-            limiter.answered(slot, status, _retry_after(retry_after) if status == 429 else None)
+            limiter.answered(slot.at, status, _retry_after(retry_after) if status == 429 else None)
 
     def sleep(self, seconds: float) -> None:
         """Sleep that ends early, with Cancelled, when the run is cancelled."""
@@ -2886,24 +2934,28 @@ def stop_on_disk_trouble(job: Job, exc: BaseException) -> None:
 
 
 def next_export_step(now: float, starts_waiting: bool, write_delay: float,
-                     next_poll: Optional[float]) -> Tuple[str, float]:
+                     next_poll: Optional[float], read_delay: float = 0.0) -> Tuple[str, float]:
     """What a free export worker does next: ("start", 0), ("poll", 0), or ("wait", seconds; inf:
     until new work comes).
 
     The write budget is the long pole of most workspaces and a write slot left unused is lost for
     good, so an export waiting to start goes first whenever the write budget has room
     (`write_delay` 0); then a status poll that is due (a read: it takes its turn in the read budget
-    like any read). Otherwise the worker sleeps until the write budget has room or a poll is due.
+    like any read). While exports wait to start, a due poll goes only if its read comes soon
+    (`read_delay` at most POLL_READ_WAIT) or before the next start could go anyway: a worker asleep
+    on a read slot starts no export, and a read budget spent to the end of its window (tables read
+    in a burst) holds it for seconds. Otherwise the worker sleeps until one of them can go.
     """
     if starts_waiting and write_delay <= 0:
         return "start", 0.0
-    if next_poll is not None and next_poll <= now:
+    due = next_poll is not None and next_poll <= now
+    if due and (not starts_waiting or read_delay <= max(write_delay, POLL_READ_WAIT)):
         return "poll", 0.0
     wait = float("inf")
     if starts_waiting:
         wait = write_delay
     if next_poll is not None:
-        wait = min(wait, next_poll - now)
+        wait = min(wait, read_delay - POLL_READ_WAIT if due else next_poll - now)
     return "wait", wait
 
 
@@ -2911,28 +2963,34 @@ class RenderTimes:
     """How long exports take to render in this run, so that an export's first status poll comes
     when it is likely done: an early poll is a read spent for nothing, a late one holds the page.
 
-    A sample is the midpoint between the last poll that found an export rendering and the poll that
-    found it done; an export done at its first poll gives 0.9 x that time, so that the estimate
-    creeps down towards the truth instead of sticking at its first guess. The estimate is the
-    median of the recent samples (one slow render does not move it much).
+    A poll that found an export rendering bounds the render from below, one that found it done
+    from above. A sample is the midpoint between the last poll that found it rendering and the next
+    one, taken as due (a poll --poll-interval later: one that waited for its read slot says no more
+    than that); an export done at its first poll gives 0.9 x when that poll was due, so that the
+    estimate creeps down towards the truth instead of sticking at its first guess, and a first poll
+    that came late (the read budget spent) never pushes it up. The estimate is the median of the
+    recent samples (one slow render does not move it much).
     """
 
-    def __init__(self, first_guess: float) -> None:
-        self._first_guess = first_guess
+    def __init__(self, poll_interval: float) -> None:
+        self._interval = poll_interval  # also the first guess
         self._samples: Deque[float] = deque(maxlen=RENDER_SAMPLES)
         self._lock = threading.Lock()
 
     def expected(self) -> float:
         with self._lock:
             if not self._samples:
-                return self._first_guess
+                return self._interval
             ordered = sorted(self._samples)
             return ordered[len(ordered) // 2]
 
-    def done(self, after: float, rendering_after: Optional[float]) -> None:
-        """An export was found done `after` seconds from its start (and found rendering at
-        `rendering_after`, if a poll did)."""
-        sample = (rendering_after + after) / 2 if rendering_after is not None else 0.9 * after
+    def done(self, after: float, rendering_after: Optional[float], planned: float) -> None:
+        """An export was found done `after` seconds from its start, its first poll planned for
+        `planned` (and found rendering at `rendering_after`, if a poll did)."""
+        if rendering_after is not None:
+            sample = (rendering_after + min(after, rendering_after + self._interval)) / 2
+        else:
+            sample = 0.9 * min(after, planned)
         with self._lock:
             self._samples.append(max(0.0, sample))
 
@@ -2953,6 +3011,7 @@ class PageExport:
     request_id: str = ""
     deadline: float = 0.0  # of the current format: --export-timeout from its first start, download included
     answered: float = 0.0  # when its start was answered: the render is timed from here
+    planned: float = 0.0  # when its first poll was due (seconds after `answered`)
     rendering_after: Optional[float] = None  # the last poll that found it rendering (seconds after `answered`)
     starts: int = 0
     refreshes: int = 0
@@ -3011,9 +3070,12 @@ class ExportScheduler:
                     return None
                 if self._closing and not self._starts and not self._polls:
                     return None
-                step, wait = next_export_step(time.monotonic(), bool(self._starts),
+                now = time.monotonic()
+                poll_due = bool(self._polls) and self._polls[0][0] <= now
+                step, wait = next_export_step(now, bool(self._starts),
                                               self._http.budget_delay("write") if self._starts else 0.0,
-                                              self._polls[0][0] if self._polls else None)
+                                              self._polls[0][0] if self._polls else None,
+                                              self._http.budget_delay("read") if poll_due and self._starts else 0.0)
                 if step == "start":
                     self._http.claim_slot("write")  # under the lock: no two workers take one slot
                     return step, self._starts.popleft()
@@ -3066,7 +3128,8 @@ class ExportScheduler:
                                                         export.deadline, claimed=True)
         export.answered = time.monotonic()
         export.rendering_after = None
-        self._poll_at(export, export.answered + self.render.expected())
+        export.planned = self.render.expected()
+        self._poll_at(export, export.answered + export.planned)
 
     def _poll(self, export: PageExport) -> bool:
         """One status poll, and the download once there is a link; True when the page is saved."""
@@ -3105,7 +3168,7 @@ class ExportScheduler:
             self._poll_at(export, time.monotonic() + self._options.poll_interval)
             return False
         if export.refreshes == 0:
-            self.render.done(polled - export.answered, export.rendering_after)
+            self.render.done(polled - export.answered, export.rendering_after, export.planned)
         output_format = export.formats.pop(0)
         relative = with_suffix(export.stem, ROLE_SUFFIXES[output_format])
         export.entry.files.append(export.job.write_bytes(relative, data, output_format, export.decision.source))

@@ -39,7 +39,7 @@ def serve(limiter: cb.RateLimiter, clock: Clock, server: Server, requests: int) 
     for _ in range(requests):
         status = 429
         while status == 429:
-            slot, wait = limiter.take()
+            slot, wait, _ = limiter.take()
             clock.now += wait
             status = server.answer(clock.now)
             limiter.answered(slot, status)
@@ -161,7 +161,7 @@ class RateLimiterTest(unittest.TestCase):
         limiter = cb.RateLimiter(10, 6.0, clock)
         serve(limiter, clock, Server("bucket", 10, 6.0), 30)
         self.assertEqual(limiter.model, "bucket")
-        slot, _ = limiter.take()
+        slot, _, _ = limiter.take()
         limiter.answered(slot, 429)
         self.assertEqual((limiter.model, limiter.allowed), ("window", 5.0))
 
@@ -197,6 +197,52 @@ class RateLimiterTest(unittest.TestCase):
                 self.assertEqual(limiter.allowed, allowed)
                 self.assertAlmostEqual(limiter.take()[1], 10.0)
                 self.assertAlmostEqual(limiter.take()[1], 10.0)
+
+    def test_slots_handed_out_before_the_pacing_changed_are_replaced(self) -> None:
+        # Four requests go at once, the probe half a window later, and two workers wait for the
+        # window meanwhile. Asleep on window slots once the probe has shown a bucket, they would
+        # leave its room unused for half a window; asleep through a Retry-After, they would send
+        # into the pause the server asked for.
+        cases = [  # case, the probe's answer, its Retry-After
+            ("the probe accepted: a bucket", 200, None),
+            ("the probe refused with Retry-After: 10", 429, 10.0),
+            ("the probe refused, no Retry-After: the window slots hold", 429, None),
+        ]
+        for case, status, retry_after in cases:
+            with self.subTest(case):
+                clock = Clock()
+                limiter = cb.RateLimiter(4, 6.0, clock)
+                server = Server("bucket" if status == 200 else "window", 4, 6.0)
+                for slot in [limiter.take() for _ in range(4)]:
+                    self.assertEqual(server.answer(slot.at), 200)
+                probe = limiter.take()
+                waiting = [limiter.take(), limiter.take()]
+                self.assertAlmostEqual(waiting[0].at, clock.now + limiter.window)  # the window, for now
+                clock.now = probe.at
+                self.assertEqual(server.answer(probe.at), status)
+                limiter.answered(probe.at, status, retry_after)
+                held = [limiter.current(slot) for slot in waiting]
+                if status == 429 and retry_after is None:
+                    self.assertEqual(held, [True, True])
+                    continue
+                self.assertEqual(held, [False, False])
+                again = [limiter.take() for _ in waiting]
+                if retry_after is None:  # sooner than the window, and the bucket has the room
+                    self.assertLess(again[0].at, waiting[0].at)
+                    self.assertEqual([server.answer(slot.at) for slot in again], [200, 200])
+                else:
+                    self.assertGreaterEqual(min(slot.at for slot in again), probe.at + retry_after)
+
+    def test_a_slot_already_due_survives_a_replan(self) -> None:
+        clock = Clock()
+        limiter = cb.RateLimiter(4, 6.0, clock)
+        due = limiter.take()  # its request is on its way out as the probe is answered
+        later = [limiter.take() for _ in range(3)][-1]
+        probe = limiter.take()
+        clock.now = probe.at
+        limiter.answered(probe.at, 429, 5.0)
+        self.assertTrue(limiter.current(due))
+        self.assertTrue(limiter.current(later))  # also handed out for a moment now past
 
     def test_bad_limits_are_refused(self) -> None:
         for limit, window in ((0, 6.0), (5, 0.0)):

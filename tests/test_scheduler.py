@@ -16,47 +16,59 @@ INF = math.inf
 class NextExportStepTest(unittest.TestCase):
     def test_rules(self) -> None:
         now = 50.0
-        # (case, starts waiting, write budget delay, next poll due) -> (step, wait)
+        soon = coda_backup.POLL_READ_WAIT
+        # (case, starts waiting, write budget delay, next poll due, read budget delay) -> (step, wait)
         cases = [
-            ("both budgets have room: the start goes first", True, 0.0, now - 1.0, ("start", 0.0)),
-            ("a start waits, no poll", True, 0.0, None, ("start", 0.0)),
-            ("write budget empty, a poll is due: the poll", True, 2.0, now, ("poll", 0.0)),
-            ("nothing to start, a poll is due", False, 0.0, now - 0.1, ("poll", 0.0)),
-            ("write budget empty, the poll later: wait for the write slot", True, 0.3, now + 0.5, ("wait", 0.3)),
-            ("write budget empty, the poll sooner: wait for the poll", True, 2.0, now + 0.5, ("wait", 0.5)),
-            ("nothing to start, the poll later", False, 0.0, now + 1.5, ("wait", 1.5)),
-            ("write budget empty, no poll", True, 4.0, None, ("wait", 4.0)),
-            ("no work at all: sleep until some comes", False, 0.0, None, ("wait", INF)),
+            ("both budgets have room: the start goes first", True, 0.0, now - 1.0, 0.0, ("start", 0.0)),
+            ("a start waits, no poll", True, 0.0, None, 0.0, ("start", 0.0)),
+            ("write budget empty, a poll is due: the poll", True, 2.0, now, 0.0, ("poll", 0.0)),
+            ("nothing to start, a poll is due", False, 0.0, now - 0.1, 0.0, ("poll", 0.0)),
+            ("write budget empty, the poll later: wait for the write slot", True, 0.3, now + 0.5, 0.0, ("wait", 0.3)),
+            ("write budget empty, the poll sooner: wait for the poll", True, 2.0, now + 0.5, 0.0, ("wait", 0.5)),
+            ("nothing to start, the poll later", False, 0.0, now + 1.5, 0.0, ("wait", 1.5)),
+            ("write budget empty, no poll", True, 4.0, None, 0.0, ("wait", 4.0)),
+            ("no work at all: sleep until some comes", False, 0.0, None, 0.0, ("wait", INF)),
+            ("a poll is due, its read comes soon: the poll", True, 4.0, now, soon, ("poll", 0.0)),
+            ("a poll is due, its read comes before the next start could", True, 4.0, now, 3.0, ("poll", 0.0)),
+            ("a poll is due, the read budget spent for seconds: the worker stays free for the starts",
+             True, 2.0, now, 5.0, ("wait", 2.0)),
+            ("... and wakes when the read would come soon", True, 7.0, now, soon + 6.5, ("wait", 6.5)),
+            ("nothing to start: the poll waits for its read, whatever that takes", False, 0.0, now, 5.0,
+             ("poll", 0.0)),
         ]
-        for case, starts, write_delay, poll, expected in cases:
+        for case, starts, write_delay, poll, read_delay, expected in cases:
             with self.subTest(case):
-                step, wait = coda_backup.next_export_step(now, starts, write_delay, poll)
+                step, wait = coda_backup.next_export_step(now, starts, write_delay, poll, read_delay)
                 self.assertEqual(step, expected[0])
                 self.assertAlmostEqual(wait, expected[1])
 
 
 class RenderTimesTest(unittest.TestCase):
     def test_first_poll_follows_the_render_times_seen(self) -> None:
-        # (samples as (found done after, found rendering after), expected first-poll delay)
+        # (samples as (found done after, found rendering after, first poll planned for), expected
+        # first-poll delay); the poll interval is 1 s
         cases = [
             ("nothing seen yet: the first guess (--poll-interval)", [], 1.0),
-            ("rendering at 1.0, done at 2.0: the midpoint", [(2.0, 1.0)], 1.5),
-            ("done at the first poll: a little earlier next time", [(1.5, None)], 1.35),
-            ("the median of the recent samples", [(2.0, 1.0), (3.0, 2.0), (20.0, 19.0)], 2.5),
+            ("rendering at 1.0, done at 2.0: the midpoint", [(2.0, 1.0, 1.0)], 1.5),
+            ("rendering at 1.0, done at a poll that came 3 s late: as if it came on time",
+             [(5.0, 1.0, 1.0)], 1.5),
+            ("done at the first poll: a little earlier next time", [(1.5, None, 1.5)], 1.35),
+            ("done at a first poll that came 4 s late: no later than planned", [(5.5, None, 1.5)], 1.35),
+            ("the median of the recent samples", [(2.0, 1.0, 1.0), (3.0, 2.0, 1.0), (20.0, 19.0, 1.0)], 2.5),
         ]
         for case, samples, expected in cases:
             with self.subTest(case):
                 render = coda_backup.RenderTimes(1.0)
-                for after, rendering_after in samples:
-                    render.done(after, rendering_after)
+                for after, rendering_after, planned in samples:
+                    render.done(after, rendering_after, planned)
                 self.assertAlmostEqual(render.expected(), expected)
 
     def test_only_recent_samples_count(self) -> None:
         render = coda_backup.RenderTimes(1.0)
         for _ in range(coda_backup.RENDER_SAMPLES):
-            render.done(10.0, 9.0)
+            render.done(10.0, 9.0, 1.0)
         for _ in range(coda_backup.RENDER_SAMPLES):
-            render.done(2.0, 1.0)
+            render.done(2.0, 1.0, 1.0)
         self.assertAlmostEqual(render.expected(), 1.5)
 
 
@@ -83,7 +95,7 @@ class BudgetDelayTest(unittest.TestCase):
             with self.subTest(case):
                 clock = Clock()
                 limiter = coda_backup.RateLimiter(1, 6.0, clock)
-                slot, wait = limiter.take()
+                slot, wait, _ = limiter.take()
                 self.assertEqual((slot, wait), (clock.now, 0.0))
                 limiter.started(slot, slot + late)
                 self.assertAlmostEqual(limiter.delay(), expected)
