@@ -233,6 +233,7 @@ EXPORT_WORKERS = 4
 DOC_LISTERS = 4
 ITEM_WORKERS = 4  # formulas and controls are fetched one request each: in parallel, not as one long chain
 RENDER_SAMPLES = 15  # recent render times that time an export's first status poll
+FIRST_MISS_SHARE = 0.25  # a first poll that finds the export rendering polls again after this share of --poll-interval
 IDLE_WAKE = 0.25  # an idle export worker looks at the cancel flag at least this often
 POLL_READ_WAIT = 1.0  # while exports wait to start, a due status poll waits for its read at most this long
 
@@ -914,7 +915,10 @@ class RateLimiter:
         self._starts: Deque[float] = deque()
         self._paused_until = 0.0
         self._adjusted_at = clock()
-        self._interval = self.window / limit  # the bucket's refill time per request
+        # The bucket's refill time per request: the published rate itself. The window's margin is for
+        # arrival times that differ; a bucket absorbs those in BUCKET_RESERVE, and a margin here would
+        # only slow every bucket-paced run down by as much.
+        self._interval = window / limit
         self._due = 0.0  # GCRA's theoretical arrival time: the bucket, had it been paced to, is empty then
         self._tolerance = max(0.0, (limit - 1) * self._interval - BUCKET_RESERVE)  # GCRA's burst, less the reserve
         self._probe: Optional[float] = None  # the slot of the probe in flight ...
@@ -2984,6 +2988,12 @@ class RenderTimes:
             ordered = sorted(self._samples)
             return ordered[len(ordered) // 2]
 
+    def again(self, first: bool) -> float:
+        """When to poll again an export a poll found rendering. A first poll comes when renders have
+        been ending, so that one is most likely nearly done: look again soon, once (a miss costs a
+        quarter of the interval, not all of it); after that, every --poll-interval."""
+        return self._interval * (FIRST_MISS_SHARE if first else 1.0)
+
     def done(self, after: float, rendering_after: Optional[float], planned: float) -> None:
         """An export was found done `after` seconds from its start, its first poll planned for
         `planned` (and found rendering at `rendering_after`, if a poll did)."""
@@ -3023,11 +3033,12 @@ class ExportScheduler:
 
     A start (a write) goes out as soon as the write budget has room, across docs, in the order
     pages were listed; the status polls (reads) are timers that come due, the first near the
-    render time learnt so far (RenderTimes), then every --poll-interval. The thread whose poll
-    finds the download link downloads and saves the file. next_export_step decides which step
-    goes first. A 404 on a poll (the export request expired) starts it again, a refused download
-    link is polled again for a fresh one; both are bounded, and every request of a format, the
-    download included, ends by its deadline (--export-timeout).
+    render time learnt so far (RenderTimes), once more soon after if that one just missed, then
+    every --poll-interval. The thread whose poll finds the download link downloads and saves the
+    file. next_export_step decides which step goes first. A 404 on a poll (the export request
+    expired) starts it again, a refused download link is polled again for a fresh one; both are
+    bounded, and every request of a format, the download included, ends by its deadline
+    (--export-timeout).
     """
 
     def __init__(self, http: HttpClient, options: Options, workers: int = EXPORT_WORKERS) -> None:
@@ -3155,8 +3166,9 @@ class ExportScheduler:
         if not link:
             if polled > export.deadline:
                 raise ExportError(f"export did not finish within {timeout:g}s")
+            again = self.render.again(first=export.rendering_after is None)
             export.rendering_after = polled - export.answered
-            self._poll_at(export, polled + self._options.poll_interval)
+            self._poll_at(export, polled + again)
             return False
         try:
             data = api.download(link, export.deadline)

@@ -14,12 +14,14 @@ its page exports, then the ``--incremental`` run that resumes it.
 For each run it prints the wall time, requests by category, 429s, and the lower bound implied by
 the rate limits and the export delay for the requests that run made, with the ratio wall/bound.
 
-Shapes mode (``--mode shapes``) measures the default run on five workspace shapes, each against
+Shapes mode (``--mode shapes``) measures the default run on seven workspace shapes, each against
 the fake counting Coda's limits as a sliding window and as a token bucket (Coda does not say
 which), and prints wall / floor per shape: ``write-bound`` (many pages), ``read-bound`` (many
 tables and rows, few pages), ``mixed`` (read and write floors within 10 % of each other),
 ``many-docs`` (a hundred small docs: per-doc overhead) and ``short`` (a floor of about 20 s,
-where start-up and the tail count). The floor counts the requests the run needs for what it
+where start-up and the tail count), and two for the general case: ``small-mixed`` (the issue's
+example: a few dozen pages and tables of some hundred rows, reads and writes binding together)
+and ``slow-api`` (400 ms a request). The floor counts the requests the run needs for what it
 saves (extras included: every accepted API request, less status polls beyond one per export),
 as early as the server's model lets them go (bucket: the published rate after a first full burst;
 window: a whole window per N requests, as request k + N must come a window after request k), the
@@ -41,7 +43,7 @@ its counts against what was changed.
     python3 benchmarks/bench.py --pages 60 --rows 20000 --docs 4 --tables 12   # a quicker look
     python3 benchmarks/bench.py --mode memory
     python3 benchmarks/bench.py --mode diff          # --diff of two 1 000 000-row snapshots (a minute or two)
-    python3 benchmarks/bench.py --mode shapes        # five shapes x two rate models (about 15 minutes)
+    python3 benchmarks/bench.py --mode shapes        # seven shapes x two rate models (about 15 minutes)
     python3 benchmarks/bench.py --mode shapes --shape mixed --rate-model bucket
     python3 benchmarks/bench.py --mode shapes --shape read-bound --serial   # and --concurrency 1 for each model
 """
@@ -112,6 +114,10 @@ SHAPES: Dict[str, Dict[str, float]] = {
     "mixed": {"docs": 6, "pages": 60, "tables": 120, "rows": 120_000, "latency": 0.1, "export_delay": 1.5},
     "many-docs": {"docs": 100, "pages": 100, "tables": 100, "rows": 10_000, "latency": 0.1, "export_delay": 1.5},
     "short": {"docs": 3, "pages": 40, "tables": 6, "rows": 3_000, "latency": 0.1, "export_delay": 1.5},
+    # Two more, for the general case: the issue's own example of a small workspace where reads and
+    # writes bind together (a few dozen pages and tables of some hundred rows), and a slow API.
+    "small-mixed": {"docs": 4, "pages": 36, "tables": 36, "rows": 10_800, "latency": 0.1, "export_delay": 1.5},
+    "slow-api": {"docs": 6, "pages": 60, "tables": 60, "rows": 30_000, "latency": 0.4, "export_delay": 3.0},
 }
 POLL_PATH = re.compile(r"/export/[^/]+$")
 

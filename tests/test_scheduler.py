@@ -63,6 +63,12 @@ class RenderTimesTest(unittest.TestCase):
                     render.done(after, rendering_after, planned)
                 self.assertAlmostEqual(render.expected(), expected)
 
+    def test_a_first_poll_that_just_missed_looks_again_soon_once(self) -> None:
+        render = coda_backup.RenderTimes(2.0)
+        self.assertEqual([render.again(first=True), render.again(first=False)],
+                         [2.0 * coda_backup.FIRST_MISS_SHARE, 2.0])
+        self.assertLess(coda_backup.FIRST_MISS_SHARE, 1.0)
+
     def test_only_recent_samples_count(self) -> None:
         render = coda_backup.RenderTimes(1.0)
         for _ in range(coda_backup.RENDER_SAMPLES):
