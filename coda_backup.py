@@ -126,7 +126,6 @@ import enum
 import errno
 import fnmatch
 import functools
-import gzip
 import hashlib
 import heapq
 import html
@@ -153,6 +152,7 @@ import time
 import unicodedata
 import urllib.parse
 import zipfile
+import zlib
 from collections import Counter, deque
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path, PurePosixPath
@@ -221,7 +221,10 @@ SIGNAL_POLL = 0.05  # how soon a signal turns into a cancel
 DEFAULT_CONCURRENCY = 8  # the most requests in flight at once, whichever thread sends them
 DEFAULT_MAX_RETRIES = 5  # retries per request after the first attempt
 DEFAULT_RETRY_DELAY = 1.0  # seconds; the first backoff, doubled on each retry, with jitter
-DEFAULT_TIMEOUT = 60.0  # seconds a request may go without an answer
+DEFAULT_TIMEOUT = 60.0  # seconds a request may take, its whole answer included
+# The most one answer (a page of JSON, decoded, or a page's export) may hold: far above any real one
+# (Coda stops serving a doc over the API at about 125 MB), far below what an endless body would cost.
+MAX_ANSWER_BYTES = 128 << 20
 DEFAULT_POLL_INTERVAL = 1.0  # seconds between status polls of a rendering page export
 DEFAULT_EXPORT_TIMEOUT = 120.0  # seconds one page export (start, polls, download) may take in all
 DEFAULT_PAGE_FORMAT = "markdown"
@@ -251,6 +254,7 @@ DEFAULT_ASSET_HOSTS = ("https://codahosted.io/",)
 DEFAULT_MAX_ASSET_MB = 200
 ASSET_WORKERS = 4  # downloads are not rate limited by Coda; a small pool of its own keeps them off the API workers
 ASSET_CHUNK = 1 << 16  # streamed to disk this much at a time: memory stays flat whatever the file size
+ANSWER_CHUNK = 1 << 16  # an answer is read this much at a time at most, its deadline checked between
 MAX_REDIRECTS = 5
 
 # A bad night's odd reset is ridden through; an API that only ever fails to connect (refused, reset,
@@ -1482,7 +1486,9 @@ class HttpClient:
 
     def _send(self, method: str, url: str, headers: Dict[str, str], body: Optional[bytes],
               timeout: float) -> Response:
-        """One request on this thread's connection; `timeout` bounds connecting and each read."""
+        """One request on this thread's connection; `timeout` bounds the whole exchange, connecting
+        and the last byte of the answer included (see read_answer)."""
+        until = time.monotonic() + timeout
         parts = urllib.parse.urlsplit(url)
         if "Authorization" in headers and (parts.scheme, parts.netloc) != (self._api.scheme, self._api.netloc):
             raise RefusedRequest(f"refusing to send credentials to a host other than the API ({_redact_url(url)})")
@@ -1503,7 +1509,7 @@ class HttpClient:
                 sent = self.breaker.now()
                 conn.request(method, target, body=body, headers=headers)
                 raw = conn.getresponse()
-                data = raw.read()
+                data = read_answer(raw, conn, until, _redact_url(url))
         except (OSError, http.client.HTTPException) as exc:
             self._answered(None)
             self._drop_connection(parts.scheme, parts.netloc)
@@ -1521,10 +1527,7 @@ class HttpClient:
         if raw.will_close:
             self._drop_connection(parts.scheme, parts.netloc)
         if reply.headers.get("content-encoding", "").lower() == "gzip":
-            try:
-                reply.body = gzip.decompress(reply.body)
-            except (OSError, EOFError) as exc:
-                raise _Transient(f"corrupt gzip body: {exc}", reply.status) from exc
+            reply.body = gunzip(reply.body, reply.status, _redact_url(url))
         return reply
 
     @contextlib.contextmanager
@@ -1662,6 +1665,59 @@ def _looks_like_storage_error(body: bytes) -> bool:
     """S3-style `<Error><Code>AccessDenied</Code>...`, which storage may even send with HTTP 200."""
     head = body[:300].lstrip()
     return head.startswith((b"<?xml", b"<Error>")) and b"<Error>" in head and b"<Code>" in head
+
+
+def read_answer(raw: http.client.HTTPResponse, conn: http.client.HTTPConnection, until: float, url: str) -> bytes:
+    """The body of an answer, whole, by `until` (time.monotonic()) and in at most MAX_ANSWER_BYTES.
+
+    A read timeout alone ends only silence: a server that sends a byte now and then, or a body
+    that never ends, would hold a worker for hours or fill memory. So the body is read a piece at a
+    time, each wait bounded by what is left until `until` (socket.timeout past it, retried like
+    any timeout), and one over the limit is refused (MalformedAnswer: a retry would bring it again).
+    """
+    pieces: List[bytes] = []
+    size = 0
+    while True:
+        left = until - time.monotonic()
+        try:
+            if left <= 0:
+                raise socket.timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(left)
+            piece = raw.read1(ANSWER_CHUNK)
+        except socket.timeout as exc:
+            raise socket.timeout("the answer did not arrive whole in time") from exc
+        if not piece:
+            break
+        size += len(piece)
+        if size > MAX_ANSWER_BYTES:
+            raise MalformedAnswer(f"answer larger than {MAX_ANSWER_BYTES >> 20} MiB", url)
+        pieces.append(piece)
+    if raw.length:  # the connection closed before Content-Length bytes came
+        raise http.client.IncompleteRead(b"".join(pieces), raw.length)
+    raw.read()  # b"": marks the answer read, so the connection can carry the next request
+    return b"".join(pieces)
+
+
+def gunzip(body: bytes, status: int, url: str) -> bytes:
+    """A gzip body decoded, in at most MAX_ANSWER_BYTES: a few kilobytes of gzip can decode to
+    gigabytes. A corrupt or cut body is a transient fault (a retry usually brings it whole)."""
+    pieces: List[bytes] = []
+    size = 0
+    while body:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member
+        try:
+            piece = inflater.decompress(body, MAX_ANSWER_BYTES - size + 1)
+        except zlib.error as exc:
+            raise _Transient(f"corrupt gzip body: {exc}", status) from exc
+        size += len(piece)
+        if size > MAX_ANSWER_BYTES:
+            raise MalformedAnswer(f"answer larger than {MAX_ANSWER_BYTES >> 20} MiB once decoded", url)
+        if not inflater.eof:
+            raise _Transient("corrupt gzip body: it ends early", status)
+        pieces.append(piece)
+        body = inflater.unused_data
+    return b"".join(pieces)
 
 
 def _redact_url(url: str) -> str:
@@ -2968,12 +3024,11 @@ class RenderTimes:
     when it is likely done: an early poll is a read spent for nothing, a late one holds the page.
 
     A poll that found an export rendering bounds the render from below, one that found it done
-    from above. A sample is the midpoint between the last poll that found it rendering and the next
-    one, taken as due (a poll --poll-interval later: one that waited for its read slot says no more
-    than that); an export done at its first poll gives 0.9 x when that poll was due, so that the
-    estimate creeps down towards the truth instead of sticking at its first guess, and a first poll
-    that came late (the read budget spent) never pushes it up. The estimate is the median of the
-    recent samples (one slow render does not move it much).
+    from above, taken as when it was due: one that waited for its read slot says no more than
+    that. A sample is the midpoint between the two; an export done at its first poll gives 0.9 x
+    that poll's time, so that the estimate creeps down towards the truth instead of sticking at
+    its first guess, and a first poll that came late (the read budget spent) never pushes it up.
+    The estimate is the median of the recent samples (one slow render does not move it much).
     """
 
     def __init__(self, poll_interval: float) -> None:
@@ -2994,13 +3049,11 @@ class RenderTimes:
         quarter of the interval, not all of it); after that, every --poll-interval."""
         return self._interval * (FIRST_MISS_SHARE if first else 1.0)
 
-    def done(self, after: float, rendering_after: Optional[float], planned: float) -> None:
-        """An export was found done `after` seconds from its start, its first poll planned for
-        `planned` (and found rendering at `rendering_after`, if a poll did)."""
-        if rendering_after is not None:
-            sample = (rendering_after + min(after, rendering_after + self._interval)) / 2
-        else:
-            sample = 0.9 * min(after, planned)
+    def done(self, after: float, due: float, rendering_after: Optional[float]) -> None:
+        """An export was found done `after` seconds from its start by a poll due at `due` (and
+        found rendering at `rendering_after`, if a poll did)."""
+        done_by = min(after, due)
+        sample = (rendering_after + done_by) / 2 if rendering_after is not None else 0.9 * done_by
         with self._lock:
             self._samples.append(max(0.0, sample))
 
@@ -3021,7 +3074,7 @@ class PageExport:
     request_id: str = ""
     deadline: float = 0.0  # of the current format: --export-timeout from its first start, download included
     answered: float = 0.0  # when its start was answered: the render is timed from here
-    planned: float = 0.0  # when its first poll was due (seconds after `answered`)
+    due: float = 0.0  # when its next poll is due (seconds after `answered`)
     rendering_after: Optional[float] = None  # the last poll that found it rendering (seconds after `answered`)
     starts: int = 0
     refreshes: int = 0
@@ -3139,8 +3192,8 @@ class ExportScheduler:
                                                         export.deadline, claimed=True)
         export.answered = time.monotonic()
         export.rendering_after = None
-        export.planned = self.render.expected()
-        self._poll_at(export, export.answered + export.planned)
+        export.due = self.render.expected()
+        self._poll_at(export, export.answered + export.due)
 
     def _poll(self, export: PageExport) -> bool:
         """One status poll, and the download once there is a link; True when the page is saved."""
@@ -3168,7 +3221,8 @@ class ExportScheduler:
                 raise ExportError(f"export did not finish within {timeout:g}s")
             again = self.render.again(first=export.rendering_after is None)
             export.rendering_after = polled - export.answered
-            self._poll_at(export, polled + again)
+            export.due = export.rendering_after + again
+            self._poll_at(export, export.answered + export.due)
             return False
         try:
             data = api.download(link, export.deadline)
@@ -3180,7 +3234,7 @@ class ExportScheduler:
             self._poll_at(export, time.monotonic() + self._options.poll_interval)
             return False
         if export.refreshes == 0:
-            self.render.done(polled - export.answered, export.rendering_after, export.planned)
+            self.render.done(polled - export.answered, export.due, export.rendering_after)
         output_format = export.formats.pop(0)
         relative = with_suffix(export.stem, ROLE_SUFFIXES[output_format])
         export.entry.files.append(export.job.write_bytes(relative, data, output_format, export.decision.source))
@@ -6751,7 +6805,8 @@ def build_parser() -> OneLineParser:
     how.add_argument("--retry-delay", type=float, default=DEFAULT_RETRY_DELAY, metavar="SECONDS",
                      help=f"first backoff delay, doubled on each retry, with jitter (default {DEFAULT_RETRY_DELAY:g})")
     how.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                     help=f"network timeout per request (default {DEFAULT_TIMEOUT:g})")
+                     help="the longest one API request or export download may take, its whole answer "
+                          f"included (default {DEFAULT_TIMEOUT:g})")
     how.add_argument("--poll-interval", type=float, default=DEFAULT_POLL_INTERVAL, metavar="SECONDS",
                      help=f"wait between page-export status polls (default {DEFAULT_POLL_INTERVAL:g})")
     how.add_argument("--export-timeout", type=float, default=DEFAULT_EXPORT_TIMEOUT, metavar="SECONDS",

@@ -32,7 +32,7 @@ forward (one second per change), so ``updatedAt`` comparisons are deterministic.
 Switches are plain attributes, settable at any time (see :class:`FakeCoda`): ``latency``,
 ``export_delay``, ``rate_limits``, ``retry_after``, ``fault_rate``, ``fault_kinds``,
 ``timeout_sleep``, ``repeat_token``, ``endless_tokens``, ``duplicate_ids``, ``download_stall``,
-``max_limit``, ``gzip``, ``views_follow_base``; per page ``export_fail_times``,
+``trickle_interval``, ``max_limit``, ``gzip``, ``views_follow_base``; per page ``export_fail_times``,
 ``export_expire_times``, ``download_expire_times``; per doc ``forbidden``, ``stale_times``,
 ``acl_forbidden``, ``listed``; ``asset_latency`` on the asset host; per table ``set_calculated()``
 (a formula result that changes while only the doc's ``updatedAt`` moves).  ``hold()`` keeps one
@@ -51,10 +51,12 @@ import base64
 import collections
 import collections.abc
 import contextlib
+import functools
 import gzip
 import hashlib
 import html
 import http
+import itertools
 import json
 import random
 import re
@@ -66,6 +68,7 @@ import threading
 import time
 import traceback
 import urllib.parse
+import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -94,7 +97,14 @@ DEFAULT_MAX_LIMIT = 200
 FAULT_KINDS: Tuple[str, ...] = (
     "429", "429-retry-after", "500", "502", "503", "504", "reset", "timeout", "truncated", "notjson",
 )
-SCRIPTED_KINDS: Tuple[str, ...] = ("status",) + FAULT_KINDS
+# Only scripted, never drawn at random: bodies that end late, never, or decode to too much.
+BODY_KINDS: Tuple[str, ...] = ("trickle", "endless", "gzip-bomb")
+SCRIPTED_KINDS: Tuple[str, ...] = ("status",) + FAULT_KINDS + BODY_KINDS
+TRICKLE_PIECE = 64  # bytes a "trickle" body sends at a time
+GZIP_BOMB_BYTES = 160 << 20  # what a "gzip-bomb" body decodes to (from about 160 KB)
+# An "endless" body stops after this much all the same, so that a client with no bound of its own
+# fails its test instead of hanging it.
+ENDLESS_BYTES = 256 << 20
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 EXPORT_FORMATS = {"markdown": "text/markdown; charset=utf-8", "html": "text/html; charset=utf-8"}
 VALUE_FORMATS = frozenset({"simple", "simpleWithArrays", "rich"})
@@ -774,6 +784,11 @@ class _Reply:
     headers: Dict[str, str] = field(default_factory=dict)
     reset: bool = False
     no_length: bool = False  # no Content-Length: the body ends when the connection closes
+    # Sent instead of `body`, piece by piece with `pause` seconds between (Content-Length `length`,
+    # or none with no_length): a body that trickles, or one that never ends.
+    pieces: Optional[Iterator[bytes]] = None
+    length: int = 0
+    pause: float = 0.0
 
 
 @dataclass
@@ -865,6 +880,14 @@ class _HttpError(Exception):
         self.status = status
         self.message = message or _status_phrase(status)
         self.headers = headers or {}
+
+
+@functools.lru_cache(maxsize=1)
+def _gzip_bomb() -> bytes:
+    """A gzip body of about 160 KB that decodes to GZIP_BOMB_BYTES of spaces (made once)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    spaces = b" " * (1 << 20)
+    return b"".join([packer.compress(spaces) for _ in range(GZIP_BOMB_BYTES >> 20)] + [packer.flush()])
 
 
 def _json_reply(status: int, payload: Any, headers: Optional[Dict[str, str]] = None) -> _Reply:
@@ -1030,7 +1053,8 @@ class _Handler(BaseHTTPRequestHandler):
         body = reply.body
         headers = dict(reply.headers)
         fake = self.server.fake
-        if fake.gzip and body and "gzip" in request.headers.get("accept-encoding", ""):
+        if (fake.gzip and body and "gzip" in request.headers.get("accept-encoding", "")
+                and "Content-Encoding" not in headers):
             body = gzip.compress(body)
             headers["Content-Encoding"] = "gzip"
         try:
@@ -1040,11 +1064,20 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Connection", "close")
                 self.close_connection = True
             else:
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(reply.length if reply.pieces is not None else len(body)))
             for name, value in headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(body)
+            if reply.pieces is None:
+                self.wfile.write(body)
+                return
+            for piece in reply.pieces:
+                if fake._stopping.is_set():
+                    break
+                self.wfile.write(piece)
+                self.wfile.flush()
+                fake._pause(reply.pause)
+            self.close_connection = True
         except OSError:  # the client hung up (e.g. after its own timeout)
             self.close_connection = True
 
@@ -1086,6 +1119,7 @@ class FakeCoda:
     * ``duplicate_ids``: regex; on list endpoints whose path matches, every page after the first
       starts with the last item of the page before (a list that shifted between two requests).
     * ``download_stall``: seconds the download host waits before it answers (cut short by stop()).
+    * ``trickle_interval``: seconds between the pieces of a "trickle" fault's body.
     * ``max_limit``: server maximum for ``limit`` (columns are also capped at 100).
     * ``gzip``: gzip bodies (both hosts) for clients that accept it.
 
@@ -1117,6 +1151,7 @@ class FakeCoda:
         self.endless_tokens: Optional[Union[str, Pattern[str]]] = None
         self.duplicate_ids: Optional[Union[str, Pattern[str]]] = None
         self.download_stall = 0.0
+        self.trickle_interval = 0.05
         self.max_limit = DEFAULT_MAX_LIMIT
         self.gzip = False
         # Whether Coda bumps a view's updatedAt when its base table changes is not documented;
@@ -1286,7 +1321,9 @@ class FakeCoda:
         ``method=None`` matches any method; ``times=None`` means forever.  Scripted faults are
         checked before random ones; the first matching one wins.  ``kind`` is "status" (answer
         ``status`` with ``body``/``headers``; body None → the usual error body) or one of
-        :data:`FAULT_KINDS`.
+        :data:`FAULT_KINDS` or :data:`BODY_KINDS`: "trickle" sends the real answer
+        ``TRICKLE_PIECE`` bytes every ``trickle_interval`` seconds, "endless" a 200 whose body
+        never ends (well, after ``ENDLESS_BYTES``), "gzip-bomb" a 200 gzip body that decodes to ``GZIP_BOMB_BYTES``.
         """
         if kind not in SCRIPTED_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}")
@@ -1534,6 +1571,19 @@ class FakeCoda:
             return _Reply(200, body[: len(body) // 2], JSON_TYPE)
         if kind == "notjson":
             return _Reply(200, _NOT_JSON_BODY, "text/html; charset=utf-8")
+        if kind == "trickle":
+            reply = real()
+            body = reply.body
+            reply.pieces = (body[start:start + TRICKLE_PIECE] for start in range(0, len(body), TRICKLE_PIECE))
+            reply.length, reply.pause = len(body), self.trickle_interval
+            return reply
+        if kind == "endless":
+            filler = b"x" * 65536
+            return _Reply(200, content_type=JSON_TYPE, no_length=True,
+                          pieces=itertools.chain([b'{"items": ["'],
+                                                 itertools.repeat(filler, ENDLESS_BYTES // len(filler))))
+        if kind == "gzip-bomb":
+            return _Reply(200, _gzip_bomb(), JSON_TYPE, headers={"Content-Encoding": "gzip"})
         raise ValueError(f"unknown fault kind {kind!r}")
 
     @staticmethod

@@ -72,6 +72,43 @@ class MisbehavingServerTest(BackupTestCase):
         self.assertIn("did not finish within 0.8s", failure["error"])
         self.assertEqual(len(self.fake.requests(host="download")), 1, "no retry after the deadline")
 
+    def test_an_answer_that_trickles_is_cut_at_the_timeout(self) -> None:
+        # A piece every 50 ms never trips a read timeout; the rows page would take about 2 s whole.
+        rows = rf"/tables/{self.tasks.id}/rows$"
+        self.fake.add_fault(rows, kind="trickle", times=None)
+        code = self.run_backup("--no-extras", "--no-views", "--doc", "Alpha", "--timeout", "0.5",
+                               "--max-retries", "0")
+        self.assertEqual(code, 1, self.stderr)
+        failure, = self.failures()
+        self.assertEqual((failure["kind"], failure["id"]), ("table", self.tasks.id))
+        self.assertIn("did not arrive whole in time", failure["error"])
+
+    def test_a_download_that_trickles_ends_at_the_export_timeout(self) -> None:
+        self.beta.add_page("Long", content="word " * 800)  # 4 KB: 64 pieces, about 3 s
+        self.fake.add_fault(r"/blobs/", kind="trickle", times=None, host="download")
+        code = self.run_backup("--no-extras", "--doc", "Beta", "--timeout", "2", "--export-timeout", "1")
+        self.assertEqual(code, 1, self.stderr)
+        errors = {failure["name"]: failure["error"] for failure in self.failures()}
+        self.assertIn("did not finish within 1s", errors.get("Long", ""), errors)
+
+    def test_an_answer_past_the_most_an_answer_may_hold_is_refused_not_retried(self) -> None:
+        # One that never ends (no Content-Length), then a small gzip body that decodes to 160 MiB.
+        columns = rf"/tables/{self.tasks.id}/columns$"
+        self.fake.add_fault(columns, kind="endless", times=None)
+        self.assertEqual(self.run_backup("--no-extras", "--no-views", "--doc", "Alpha", "--max-retries", "2"), 1,
+                         self.stderr)
+        failure, = self.failures()
+        self.assertEqual((failure["kind"], failure["id"]), ("table", self.tasks.id))
+        self.assertIn("answer larger than 128 MiB (", failure["error"])
+        self.assertEqual(len(self.fake.requests("GET", columns)), 1, "a retry would bring it again")
+        self.assertEqual(self.summary(self.snapshots()[-1])["counts"]["pages"], 2, "Home and Child saved")
+
+        self.fake.add_fault(r"/blobs/", kind="gzip-bomb", times=None, host="download")
+        self.assertEqual(self.run_backup("--no-extras", "--doc", "Beta"), 1, self.stderr)
+        failure, = self.failures()
+        self.assertEqual((failure["kind"], failure["name"]), ("page", "Start"))
+        self.assertIn("answer larger than 128 MiB once decoded", failure["error"])
+
     def test_an_id_on_two_listing_pages_is_kept_once(self) -> None:
         self.fake.max_limit = 1  # one item a page, and each page after the first repeats the one before
         self.fake.duplicate_ids = r"^/docs$|/pages$|/tables$"

@@ -45,22 +45,22 @@ class NextExportStepTest(unittest.TestCase):
 
 class RenderTimesTest(unittest.TestCase):
     def test_first_poll_follows_the_render_times_seen(self) -> None:
-        # (samples as (found done after, found rendering after, first poll planned for), expected
-        # first-poll delay); the poll interval is 1 s
+        # (samples as (found done after, by a poll due at, found rendering after), expected
+        # first-poll delay)
         cases = [
             ("nothing seen yet: the first guess (--poll-interval)", [], 1.0),
-            ("rendering at 1.0, done at 2.0: the midpoint", [(2.0, 1.0, 1.0)], 1.5),
-            ("rendering at 1.0, done at a poll that came 3 s late: as if it came on time",
-             [(5.0, 1.0, 1.0)], 1.5),
-            ("done at the first poll: a little earlier next time", [(1.5, None, 1.5)], 1.35),
-            ("done at a first poll that came 4 s late: no later than planned", [(5.5, None, 1.5)], 1.35),
-            ("the median of the recent samples", [(2.0, 1.0, 1.0), (3.0, 2.0, 1.0), (20.0, 19.0, 1.0)], 2.5),
+            ("rendering at 1.0, done at 2.0: the midpoint", [(2.0, 2.0, 1.0)], 1.5),
+            ("rendering at 1.0, done by a poll due at 2.0 that came 3 s late: as if on time",
+             [(5.0, 2.0, 1.0)], 1.5),
+            ("done at the first poll: a little earlier next time", [(1.5, 1.5, None)], 1.35),
+            ("done at a first poll due at 1.5 that came 4 s late: no later than due", [(5.5, 1.5, None)], 1.35),
+            ("the median of the recent samples", [(2.0, 2.0, 1.0), (3.0, 3.0, 2.0), (20.0, 20.0, 19.0)], 2.5),
         ]
         for case, samples, expected in cases:
             with self.subTest(case):
                 render = coda_backup.RenderTimes(1.0)
-                for after, rendering_after, planned in samples:
-                    render.done(after, rendering_after, planned)
+                for after, due, rendering_after in samples:
+                    render.done(after, due, rendering_after)
                 self.assertAlmostEqual(render.expected(), expected)
 
     def test_a_first_poll_that_just_missed_looks_again_soon_once(self) -> None:
@@ -72,9 +72,9 @@ class RenderTimesTest(unittest.TestCase):
     def test_only_recent_samples_count(self) -> None:
         render = coda_backup.RenderTimes(1.0)
         for _ in range(coda_backup.RENDER_SAMPLES):
-            render.done(10.0, 9.0, 1.0)
+            render.done(10.0, 10.0, 9.0)
         for _ in range(coda_backup.RENDER_SAMPLES):
-            render.done(2.0, 1.0, 1.0)
+            render.done(2.0, 2.0, 1.0)
         self.assertAlmostEqual(render.expected(), 1.5)
 
 
