@@ -3043,11 +3043,13 @@ class RenderTimes:
             ordered = sorted(self._samples)
             return ordered[len(ordered) // 2]
 
-    def again(self, first: bool) -> float:
+    def again(self, first: bool, reads_spare: bool) -> float:
         """When to poll again an export a poll found rendering. A first poll comes when renders have
         been ending, so that one is most likely nearly done: look again soon, once (a miss costs a
-        quarter of the interval, not all of it); after that, every --poll-interval."""
-        return self._interval * (FIRST_MISS_SHARE if first else 1.0)
+        quarter of the interval, not all of it), if the read budget has room to spare (where reads
+        are the long pole, an extra one costs every table a little); otherwise, and after that,
+        every --poll-interval."""
+        return self._interval * (FIRST_MISS_SHARE if first and reads_spare else 1.0)
 
     def done(self, after: float, due: float, rendering_after: Optional[float]) -> None:
         """An export was found done `after` seconds from its start by a poll due at `due` (and
@@ -3086,8 +3088,8 @@ class ExportScheduler:
 
     A start (a write) goes out as soon as the write budget has room, across docs, in the order
     pages were listed; the status polls (reads) are timers that come due, the first near the
-    render time learnt so far (RenderTimes), once more soon after if that one just missed, then
-    every --poll-interval. The thread whose poll finds the download link downloads and saves the
+    render time learnt so far (RenderTimes), once more soon after if that one just missed and
+    reads are spare, then every --poll-interval. The thread whose poll finds the download link downloads and saves the
     file. next_export_step decides which step goes first. A 404 on a poll (the export request
     expired) starts it again, a refused download link is polled again for a fresh one; both are
     bounded, and every request of a format, the download included, ends by its deadline
@@ -3219,7 +3221,8 @@ class ExportScheduler:
         if not link:
             if polled > export.deadline:
                 raise ExportError(f"export did not finish within {timeout:g}s")
-            again = self.render.again(first=export.rendering_after is None)
+            again = self.render.again(first=export.rendering_after is None,
+                                      reads_spare=self._http.budget_delay("read") <= 0)
             export.rendering_after = polled - export.answered
             export.due = export.rendering_after + again
             self._poll_at(export, export.answered + export.due)

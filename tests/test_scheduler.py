@@ -63,11 +63,15 @@ class RenderTimesTest(unittest.TestCase):
                     render.done(after, due, rendering_after)
                 self.assertAlmostEqual(render.expected(), expected)
 
-    def test_a_first_poll_that_just_missed_looks_again_soon_once(self) -> None:
+    def test_a_first_poll_that_just_missed_looks_again_soon_once_if_reads_are_spare(self) -> None:
         render = coda_backup.RenderTimes(2.0)
-        self.assertEqual([render.again(first=True), render.again(first=False)],
-                         [2.0 * coda_backup.FIRST_MISS_SHARE, 2.0])
-        self.assertLess(coda_backup.FIRST_MISS_SHARE, 1.0)
+        soon = 2.0 * coda_backup.FIRST_MISS_SHARE
+        self.assertLess(soon, 2.0)
+        # (first miss, read budget has room) -> seconds to the next poll
+        cases = [((True, True), soon), ((True, False), 2.0), ((False, True), 2.0), ((False, False), 2.0)]
+        for (first, spare), expected in cases:
+            with self.subTest(first=first, reads_spare=spare):
+                self.assertEqual(render.again(first, spare), expected)
 
     def test_only_recent_samples_count(self) -> None:
         render = coda_backup.RenderTimes(1.0)
