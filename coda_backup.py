@@ -1508,8 +1508,9 @@ class HttpClient:
                 self._sending()
                 sent = self.breaker.now()
                 conn.request(method, target, body=body, headers=headers)
+                sock = conn.sock  # the answer is read from it even once `conn` lets go of it (will_close)
                 raw = conn.getresponse()
-                data = read_answer(raw, conn, until, _redact_url(url))
+                data = read_answer(raw, sock, until, _redact_url(url))
         except (OSError, http.client.HTTPException) as exc:
             self._answered(None)
             self._drop_connection(parts.scheme, parts.netloc)
@@ -1667,13 +1668,17 @@ def _looks_like_storage_error(body: bytes) -> bool:
     return head.startswith((b"<?xml", b"<Error>")) and b"<Error>" in head and b"<Code>" in head
 
 
-def read_answer(raw: http.client.HTTPResponse, conn: http.client.HTTPConnection, until: float, url: str) -> bytes:
+def read_answer(raw: http.client.HTTPResponse, sock: Optional[socket.socket], until: float, url: str) -> bytes:
     """The body of an answer, whole, by `until` (time.monotonic()) and in at most MAX_ANSWER_BYTES.
 
     A read timeout alone ends only silence: a server that sends a byte now and then, or a body
     that never ends, would hold a worker for hours or fill memory. So the body is read a piece at a
     time, each wait bounded by what is left until `until` (socket.timeout past it, retried like
     any timeout), and one over the limit is refused (MalformedAnswer: a retry would bring it again).
+    `sock` is the connection's socket as the request went out: an answer that ends with its
+    connection (will_close) leaves the connection without one (conn.sock None), yet its body
+    still comes through that socket, and unbounded by `until`, each wait could take a whole
+    socket timeout.
     """
     pieces: List[bytes] = []
     size = 0
@@ -1682,8 +1687,8 @@ def read_answer(raw: http.client.HTTPResponse, conn: http.client.HTTPConnection,
         try:
             if left <= 0:
                 raise socket.timeout
-            if conn.sock is not None:
-                conn.sock.settimeout(left)
+            if sock is not None:
+                sock.settimeout(left)
             piece = raw.read1(ANSWER_CHUNK)
         except socket.timeout as exc:
             raise socket.timeout("the answer did not arrive whole in time") from exc

@@ -98,7 +98,7 @@ FAULT_KINDS: Tuple[str, ...] = (
     "429", "429-retry-after", "500", "502", "503", "504", "reset", "timeout", "truncated", "notjson",
 )
 # Only scripted, never drawn at random: bodies that end late, never, or decode to too much.
-BODY_KINDS: Tuple[str, ...] = ("trickle", "endless", "gzip-bomb")
+BODY_KINDS: Tuple[str, ...] = ("trickle", "trickle-close", "endless", "gzip-bomb")
 SCRIPTED_KINDS: Tuple[str, ...] = ("status",) + FAULT_KINDS + BODY_KINDS
 TRICKLE_PIECE = 64  # bytes a "trickle" body sends at a time
 GZIP_BOMB_BYTES = 160 << 20  # what a "gzip-bomb" body decodes to (from about 160 KB)
@@ -1322,7 +1322,8 @@ class FakeCoda:
         checked before random ones; the first matching one wins.  ``kind`` is "status" (answer
         ``status`` with ``body``/``headers``; body None → the usual error body) or one of
         :data:`FAULT_KINDS` or :data:`BODY_KINDS`: "trickle" sends the real answer
-        ``TRICKLE_PIECE`` bytes every ``trickle_interval`` seconds, "endless" a 200 whose body
+        ``TRICKLE_PIECE`` bytes every ``trickle_interval`` seconds ("trickle-close" the same with no
+        Content-Length and ``Connection: close``: the body ends when the connection does), "endless" a 200 whose body
         never ends (well, after ``ENDLESS_BYTES``), "gzip-bomb" a 200 gzip body that decodes to ``GZIP_BOMB_BYTES``.
         """
         if kind not in SCRIPTED_KINDS:
@@ -1571,11 +1572,12 @@ class FakeCoda:
             return _Reply(200, body[: len(body) // 2], JSON_TYPE)
         if kind == "notjson":
             return _Reply(200, _NOT_JSON_BODY, "text/html; charset=utf-8")
-        if kind == "trickle":
+        if kind in ("trickle", "trickle-close"):
             reply = real()
             body = reply.body
             reply.pieces = (body[start:start + TRICKLE_PIECE] for start in range(0, len(body), TRICKLE_PIECE))
             reply.length, reply.pause = len(body), self.trickle_interval
+            reply.no_length = kind == "trickle-close"
             return reply
         if kind == "endless":
             filler = b"x" * 65536

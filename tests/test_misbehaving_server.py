@@ -122,6 +122,29 @@ class MisbehavingServerTest(BackupTestCase):
         self.assertEqual(len([w for w in warnings if "came more than once in the listing" in w]), 3, warnings)
 
 
+class WholeAnswerDeadlineTest(BackupTestCase):
+    """--timeout bounds one exchange to the last byte of its answer, also an answer whose
+    connection is to close once it ends."""
+
+    def client(self, **settings: Any) -> Any:
+        client = coda_backup.HttpClient(coda_backup.ClientSettings(api_url=self.fake.api_url, max_retries=0,
+                                                                   **settings), TOKEN, threading.Event())
+        self.addCleanup(client.close)
+        return client
+
+    def test_an_answer_that_trickles_until_its_connection_closes_ends_at_the_timeout(self) -> None:
+        doc = self.fake.add_doc("Alpha")
+        for index in range(10):
+            doc.add_page(f"Page number {index}")  # a listing of some 20 pieces
+        self.fake.trickle_interval = 0.9  # each piece well within a read timeout of 1 s
+        self.fake.add_fault(rf"/docs/{doc.id}/pages$", kind="trickle-close", times=None)
+        client = self.client(timeout=1.0)
+        began = time.monotonic()
+        with self.assertRaisesRegex(coda_backup.ApiError, "did not arrive whole in time"):
+            client.get_json(f"/docs/{doc.id}/pages")
+        self.assertLess(time.monotonic() - began, 1.5, "the third piece (at 1.8 s) was waited for")
+
+
 class AnswerOrNoAnswerTest(BackupTestCase):
     """ApiError with status 0 means no HTTP answer came, and only that feeds the breaker that ends a
     run as `api_lost`; an answer in the wrong shape, a request our own rules refuse and a deadline
