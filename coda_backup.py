@@ -1258,7 +1258,7 @@ class HttpClient:
         that never answers is given up at the deadline, not after every retry.
         """
         def attempt(timeout: float) -> bytes:
-            response = self._follow_redirects(url, timeout)
+            response = self._follow_redirects(url, timeout, deadline)
             if response.status in (401, 403, 404, 410) or _looks_like_storage_error(response.body):
                 raise ExpiredLink(f"storage refused the download link (HTTP {response.status})")
             if response.status == 429 or response.status >= 500:
@@ -1361,7 +1361,7 @@ class HttpClient:
             headers["Content-Type"] = "application/json"
 
         def attempt(timeout: float) -> Any:
-            response = self._send(method, url, headers, payload, timeout)
+            response = self._send(method, url, headers, payload, timeout, deadline)
             if response.status in final:
                 raise ApiError(response.status, _error_message(response.body, self._token), url)
             return _interpret_api_response(response, url, strict, self._token)
@@ -1471,13 +1471,13 @@ class HttpClient:
 
     # Transport ----------------------------------------------------------------
 
-    def _follow_redirects(self, url: str, timeout: float) -> Response:
+    def _follow_redirects(self, url: str, timeout: float, deadline: Optional[float]) -> Response:
         started = time.monotonic()
         for _ in range(5):
             left = timeout - (time.monotonic() - started)
             if left <= 0:
                 raise socket.timeout("no time left to follow the redirect")
-            response = self._send("GET", url, {"Accept": "*/*"}, None, left)
+            response = self._send("GET", url, {"Accept": "*/*"}, None, left, deadline)
             location = response.headers.get("location")
             if response.status not in (301, 302, 303, 307, 308) or not location:
                 return response
@@ -1485,10 +1485,12 @@ class HttpClient:
         raise ApiError(response.status, "too many redirects from the download host", _redact_url(url))
 
     def _send(self, method: str, url: str, headers: Dict[str, str], body: Optional[bytes],
-              timeout: float) -> Response:
+              timeout: float, deadline: Optional[float] = None) -> Response:
         """One request on this thread's connection; `timeout` bounds the whole exchange, connecting
-        and the last byte of the answer included (see read_answer)."""
-        until = time.monotonic() + timeout
+        and the last byte of the answer included (see read_answer), but not the wait for a place
+        in flight (other requests being slow is not this one's server being slow: counted, such
+        waits would time out answers that came in time and feed the breaker); the exchange ends by
+        `deadline` (time.monotonic()) all the same."""
         parts = urllib.parse.urlsplit(url)
         if "Authorization" in headers and (parts.scheme, parts.netloc) != (self._api.scheme, self._api.netloc):
             raise RefusedRequest(f"refusing to send credentials to a host other than the API ({_redact_url(url)})")
@@ -1504,6 +1506,9 @@ class HttpClient:
             conn.sock.settimeout(timeout)
         try:
             with self._in_flight:
+                until = time.monotonic() + timeout
+                if deadline is not None:
+                    until = min(until, deadline)
                 self.check_cancelled()
                 self._sending()
                 sent = self.breaker.now()

@@ -123,8 +123,10 @@ class MisbehavingServerTest(BackupTestCase):
 
 
 class WholeAnswerDeadlineTest(BackupTestCase):
-    """--timeout bounds one exchange to the last byte of its answer, also an answer whose
-    connection is to close once it ends."""
+    """--timeout bounds one exchange, from the moment its request may go out to the last byte of
+    its answer: no more (a wait for a free in-flight place is not the server being slow), and no
+    less (an answer whose connection is to close once it ends is not read against a socket whose
+    timeout nobody sets any more)."""
 
     def client(self, **settings: Any) -> Any:
         client = coda_backup.HttpClient(coda_backup.ClientSettings(api_url=self.fake.api_url, max_retries=0,
@@ -143,6 +145,25 @@ class WholeAnswerDeadlineTest(BackupTestCase):
         with self.assertRaisesRegex(coda_backup.ApiError, "did not arrive whole in time"):
             client.get_json(f"/docs/{doc.id}/pages")
         self.assertLess(time.monotonic() - began, 1.5, "the third piece (at 1.8 s) was waited for")
+
+    def test_a_wait_for_a_place_in_flight_is_not_part_of_the_timeout(self) -> None:
+        self.fake.latency = 0.6
+        client = self.client(timeout=1.0, max_in_flight=1)
+        errors = []
+
+        def whoami() -> None:
+            try:
+                client.get_json("/whoami")
+            except coda_backup.ApiError as exc:
+                errors.append(str(exc))
+
+        threads = [threading.Thread(target=whoami) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(errors, [], "each answer took 0.6 s of its 1 s")
+        self.assertEqual(client.breaker.unanswered(), 0)
 
 
 class AnswerOrNoAnswerTest(BackupTestCase):
