@@ -1711,7 +1711,8 @@ def read_answer(raw: http.client.HTTPResponse, sock: Optional[socket.socket], un
 
 def gunzip(body: bytes, status: int, url: str) -> bytes:
     """A gzip body decoded, in at most MAX_ANSWER_BYTES: a few kilobytes of gzip can decode to
-    gigabytes. A corrupt or cut body is a transient fault (a retry usually brings it whole)."""
+    gigabytes. Every member is decoded, and zero padding after one skipped, as gzip.decompress
+    does. A corrupt or cut body is a transient fault (a retry usually brings it whole)."""
     pieces: List[bytes] = []
     size = 0
     while body:
@@ -1726,7 +1727,7 @@ def gunzip(body: bytes, status: int, url: str) -> bytes:
         if not inflater.eof:
             raise _Transient("corrupt gzip body: it ends early", status)
         pieces.append(piece)
-        body = inflater.unused_data
+        body = inflater.unused_data.lstrip(b"\0")  # zero padding after a member, skipped as gzip.decompress does
     return b"".join(pieces)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import select
@@ -51,6 +52,21 @@ class GzipTest(BackupTestCase):
         self.assertTrue(requests)
         self.assertTrue(all("gzip" in r.headers.get("accept-encoding", "") for r in requests))
 
+
+    def test_a_gzip_body_is_decoded_as_the_gzip_module_would(self) -> None:
+        one, two = gzip.compress(b"one "), gzip.compress(b"two")
+        cases = [
+            ("empty", b"", b""),
+            ("two members", one + two, b"one two"),
+            ("zero padding after the last member (gzip.decompress skips it)", one + two + b"\0" * 7, b"one two"),
+        ]
+        for case, body, expected in cases:
+            with self.subTest(case):
+                self.assertEqual(gzip.decompress(body), expected)
+                self.assertEqual(coda_backup.gunzip(body, 200, "u"), expected)
+        for case, body in (("cut", one[:-3]), ("garbage after a member", one + b"junk")):
+            with self.subTest(case), self.assertRaisesRegex(coda_backup._Transient, "corrupt gzip body"):
+                coda_backup.gunzip(body, 200, "u")
 
 class ConnectionTest(BackupTestCase):
     def test_requests_reuse_kept_alive_connections(self) -> None:
