@@ -3015,18 +3015,23 @@ def next_export_step(now: float, starts_waiting: bool, write_delay: float,
     like any read). While exports wait to start, a due poll goes only if its read comes soon
     (`read_delay` at most POLL_READ_WAIT) or before the next start could go anyway: a worker asleep
     on a read slot starts no export, and a read budget spent to the end of its window (tables read
-    in a burst) holds it for seconds. Otherwise the worker sleeps until one of them can go.
+    in a burst) holds it for seconds. Nor does it wait longer for its read than it has been due:
+    other readers can keep the read budget booked seconds ahead for as long as exports wait to
+    start (minutes), and an export unpolled that long fails at its deadline. Otherwise the worker
+    sleeps until one of them can go.
     """
     if starts_waiting and write_delay <= 0:
         return "start", 0.0
     due = next_poll is not None and next_poll <= now
-    if due and (not starts_waiting or read_delay <= max(write_delay, POLL_READ_WAIT)):
+    overdue = now - next_poll if next_poll is not None and due else 0.0
+    if due and (not starts_waiting or read_delay <= max(write_delay, POLL_READ_WAIT, overdue)):
         return "poll", 0.0
     wait = float("inf")
     if starts_waiting:
         wait = write_delay
     if next_poll is not None:
-        wait = min(wait, read_delay - POLL_READ_WAIT if due else next_poll - now)
+        # due: until the read comes soon, or the poll has waited as long as its read is away
+        wait = min(wait, min(read_delay - POLL_READ_WAIT, (read_delay - overdue) / 2) if due else next_poll - now)
     return "wait", wait
 
 

@@ -32,7 +32,11 @@ class NextExportStepTest(unittest.TestCase):
             ("a poll is due, its read comes before the next start could", True, 4.0, now, 3.0, ("poll", 0.0)),
             ("a poll is due, the read budget spent for seconds: the worker stays free for the starts",
              True, 2.0, now, 5.0, ("wait", 2.0)),
-            ("... and wakes when the read would come soon", True, 7.0, now, soon + 6.5, ("wait", 6.5)),
+            ("... and looks again once the poll has waited about as long as its read is away", True, 7.0, now,
+             soon + 6.5, ("wait", 6.5 / 2 + soon / 2)),
+            ("... sooner if it was already overdue", True, 7.0, now - 1.0, soon + 6.5,
+             ("wait", 6.5 / 2 + soon / 2 - 0.5)),
+            ("a poll due for longer than its read is away goes", True, 0.5, now - 3.0, 3.0, ("poll", 0.0)),
             ("nothing to start: the poll waits for its read, whatever that takes", False, 0.0, now, 5.0,
              ("poll", 0.0)),
         ]
@@ -42,6 +46,24 @@ class NextExportStepTest(unittest.TestCase):
                 self.assertEqual(step, expected[0])
                 self.assertAlmostEqual(wait, expected[1])
 
+
+    def test_a_due_poll_is_not_starved_by_a_read_budget_that_stays_spent(self) -> None:
+        # Pages wait to start for minutes (the write budget, paced as a bucket: a start every
+        # 0.6 s), while other workers keep the read budget booked 1.5 s ahead (e.g. read=10/6 and
+        # a few table workers). The poll must go, late, not wait until no start is left: an
+        # export unpolled for --export-timeout fails though it rendered long ago.
+        now = due = 0.0
+        write_free = 0.0
+        while now < due + 120.0:
+            step, wait = coda_backup.next_export_step(now, True, max(0.0, write_free - now), due, 1.5)
+            if step == "poll":
+                break
+            if step == "start":
+                write_free = now + 0.6
+            else:
+                self.assertGreater(wait, 0.0)
+                now += wait
+        self.assertLessEqual(now - due, 3.0, "the due poll never went while starts waited")
 
 class RenderTimesTest(unittest.TestCase):
     def test_first_poll_follows_the_render_times_seen(self) -> None:
