@@ -86,10 +86,10 @@ class MisbehavingServerTest(BackupTestCase):
     def test_a_download_that_trickles_ends_at_the_export_timeout(self) -> None:
         self.beta.add_page("Long", content="word " * 800)  # 4 KB: 64 pieces, about 3 s
         self.fake.add_fault(r"/blobs/", kind="trickle", times=None, host="download")
-        code = self.run_backup("--no-extras", "--doc", "Beta", "--timeout", "2", "--export-timeout", "1")
+        code = self.run_backup("--no-extras", "--doc", "Beta", "--timeout", "2", "--export-timeout", "0.6")
         self.assertEqual(code, 1, self.stderr)
         errors = {failure["name"]: failure["error"] for failure in self.failures()}
-        self.assertIn("did not finish within 1s", errors.get("Long", ""), errors)
+        self.assertIn("did not finish within 0.6s", errors.get("Long", ""), errors)
 
     def test_an_answer_past_the_most_an_answer_may_hold_is_refused_not_retried(self) -> None:
         # One that never ends (no Content-Length), then a small gzip body that decodes to 160 MiB.
@@ -138,17 +138,17 @@ class WholeAnswerDeadlineTest(BackupTestCase):
         doc = self.fake.add_doc("Alpha")
         for index in range(10):
             doc.add_page(f"Page number {index}")  # a listing of some 20 pieces
-        self.fake.trickle_interval = 0.9  # each piece well within a read timeout of 1 s
+        self.fake.trickle_interval = 0.45  # each piece well within a read timeout of 0.5 s
         self.fake.add_fault(rf"/docs/{doc.id}/pages$", kind="trickle-close", times=None)
-        client = self.client(timeout=1.0)
+        client = self.client(timeout=0.5)
         began = time.monotonic()
         with self.assertRaisesRegex(coda_backup.ApiError, "did not arrive whole in time"):
             client.get_json(f"/docs/{doc.id}/pages")
-        self.assertLess(time.monotonic() - began, 1.5, "the third piece (at 1.8 s) was waited for")
+        self.assertLess(time.monotonic() - began, 0.8, "the third piece (at 0.9 s) was waited for")
 
     def test_a_wait_for_a_place_in_flight_is_not_part_of_the_timeout(self) -> None:
-        self.fake.latency = 0.6
-        client = self.client(timeout=1.0, max_in_flight=1)
+        self.fake.latency = 0.3
+        client = self.client(timeout=0.5, max_in_flight=1)
         errors = []
 
         def whoami() -> None:
@@ -162,7 +162,7 @@ class WholeAnswerDeadlineTest(BackupTestCase):
             thread.start()
         for thread in threads:
             thread.join()
-        self.assertEqual(errors, [], "each answer took 0.6 s of its 1 s")
+        self.assertEqual(errors, [], "each answer took 0.3 s of its 0.5 s")
         self.assertEqual(client.breaker.unanswered(), 0)
 
 
