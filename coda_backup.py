@@ -887,11 +887,14 @@ def pacing_after_answer(model: str, probe: bool, status: Optional[int]) -> Tuple
 
 class Slot(NamedTuple):
     """A start slot from RateLimiter.take: when the request may go, how long that is from the
-    moment it was taken, and the plan it belongs to (see RateLimiter._replan)."""
+    moment it was taken, the plan it belongs to (see RateLimiter._replan), and its number. Two
+    slots often share a time (every worker queued behind the same start gets it), never a number:
+    the probe is known by its number, so another request's answer is never taken for the probe's."""
 
     at: float
     wait: float
     plan: int
+    number: int
 
 
 class RateLimiter:
@@ -908,7 +911,8 @@ class RateLimiter:
     window earlier.
     Any 429 but the probe's halves the allowed rate and paces the category to the window for good;
     every 429's Retry-After pauses the category. The rate then climbs back linearly over a few
-    windows.
+    windows. The switch to the bucket, a slow-down and a pause each replan: slots handed out for
+    later are void (`current` says so), and their holders take new ones under the new pacing.
     """
 
     def __init__(self, limit: int, window: float, clock: Callable[[], float] = time.monotonic) -> None:
@@ -928,7 +932,8 @@ class RateLimiter:
         self._interval = window / limit
         self._due = 0.0  # GCRA's theoretical arrival time: the bucket, had it been paced to, is empty then
         self._tolerance = max(0.0, (limit - 1) * self._interval - BUCKET_RESERVE)  # GCRA's burst, less the reserve
-        self._probe: Optional[float] = None  # the slot of the probe in flight ...
+        self._numbers = itertools.count()
+        self._probe: Optional[int] = None  # the number of the probe's slot while it is in flight ...
         self._probe_start = 0.0  # ... and when it went out
         self._replans: List[float] = []  # when each replan was: a slot's plan is how many came before it
         self._lock = threading.Lock()
@@ -938,11 +943,12 @@ class RateLimiter:
         with self._lock:
             now = self._clock()
             at, probe = self._next_slot(now)
+            number = next(self._numbers)
             if probe:
-                self._probe = self._probe_start = at
+                self._probe, self._probe_start = number, at
             self._starts.append(at)
             self._due = max(self._due, at) + self._interval
-            return Slot(at, max(0.0, at - now), len(self._replans))
+            return Slot(at, max(0.0, at - now), len(self._replans), number)
 
     def current(self, slot: Slot) -> bool:
         """Whether a slot still holds: the first replan after it was handed out (see _replan)
@@ -950,27 +956,27 @@ class RateLimiter:
         with self._lock:
             return slot.plan == len(self._replans) or slot.at <= self._replans[slot.plan]
 
-    def started(self, slot: float, at: float) -> None:
+    def started(self, slot: Slot, at: float) -> None:
         """The request given `slot` went out only at `at` (it waited for a connection, or for the
         CPU): count it from then, so that the windows the server sees hold what pacing thinks, and
         the margin need only cover the network."""
-        if at <= slot:
+        if at <= slot.at:
             return
         with self._lock:
             self._due = max(self._due, at + self._interval)
-            if slot == self._probe:
+            if slot.number == self._probe:
                 self._probe_start = at
             with contextlib.suppress(ValueError):  # gone if it waited a window or more: it counts from `at` anyway
-                self._starts.remove(slot)
+                self._starts.remove(slot.at)  # one start of that time; which one does not matter
             index = len(self._starts)
             while index > 0 and self._starts[index - 1] > at:
                 index -= 1
             self._starts.insert(index, at)
 
-    def answered(self, slot: float, status: Optional[int], retry_after: Optional[float] = None) -> None:
+    def answered(self, slot: Slot, status: Optional[int], retry_after: Optional[float] = None) -> None:
         """The request given `slot` was answered with `status` (None: no HTTP answer)."""
         with self._lock:
-            probe = self._probe is not None and slot == self._probe
+            probe = slot.number == self._probe
             if probe:
                 self._probe = None
             was = self.model
@@ -1449,7 +1455,7 @@ class HttpClient:
         paced = self._local.__dict__.pop("slot", None)
         if paced is not None:
             limiter, slot = paced
-            limiter.answered(slot.at, None)
+            limiter.answered(slot, None)
 
     def _sending(self) -> None:
         """Tell the limiter when the request this thread was paced for really goes out."""
@@ -1457,7 +1463,7 @@ class HttpClient:
         self._local.sent = paced
         if paced is not None:
             limiter, slot = paced
-            limiter.started(slot.at, time.monotonic())
+            limiter.started(slot, time.monotonic())
 
     def _answered(self, status: Optional[int], retry_after: Optional[str] = None) -> None:
         """Tell the limiter how the request this thread sent was answered (None: not at all):
@@ -1465,7 +1471,7 @@ class HttpClient:
         paced = self._local.__dict__.pop("sent", None)
         if paced is not None:
             limiter, slot = paced
-            limiter.answered(slot.at, status, _retry_after(retry_after) if status == 429 else None)
+            limiter.answered(slot, status, _retry_after(retry_after) if status == 429 else None)
 
     def sleep(self, seconds: float) -> None:
         """Sleep that ends early, with Cancelled, when the run is cancelled."""

@@ -39,8 +39,8 @@ def serve(limiter: cb.RateLimiter, clock: Clock, server: Server, requests: int) 
     for _ in range(requests):
         status = 429
         while status == 429:
-            slot, wait, _ = limiter.take()
-            clock.now += wait
+            slot = limiter.take()
+            clock.now += slot.wait
             status = server.answer(clock.now)
             limiter.answered(slot, status)
 
@@ -108,20 +108,38 @@ class RateLimiterTest(unittest.TestCase):
             with self.subTest(case):
                 clock = Clock()
                 limiter = cb.RateLimiter(4, 6.0, clock)
-                slots = [limiter.take()[0] for _ in range(5)]
+                slots = [limiter.take() for _ in range(5)]
                 limiter.answered(slots[4], status)
                 self.assertEqual(limiter.model, "unknown")
-                probe = limiter.take()[0]  # so the next request probes again: early, and its answer counts
-                self.assertLess(probe, slots[0] + limiter.window)
+                probe = limiter.take()  # so the next request probes again: early, and its answer counts
+                self.assertLess(probe.at, slots[0].at + limiter.window)
                 limiter.answered(probe, 200)
                 self.assertEqual(limiter.model, "bucket")
+
+    def test_the_probe_is_known_by_its_slot_not_by_its_time(self) -> None:
+        # Three starts at 0 and one at 4 fill the window, and the probe goes at once (its half
+        # window has passed): at 4, the very time of the start before it. Every worker queued behind
+        # one start gets that start's time, so times are shared all the time. The other request's
+        # 200 proves nothing; taken for the probe's, it switched a window server to the bucket, and
+        # the burst that followed drew a storm of 429s and halvings.
+        clock = Clock()
+        limiter = cb.RateLimiter(4, 6.0, clock)
+        for _ in range(3):
+            limiter.take()
+        clock.now += 4.0
+        other, probe = limiter.take(), limiter.take()
+        self.assertEqual(other.at, probe.at)
+        limiter.answered(other, 200)
+        self.assertEqual(limiter.model, "unknown")
+        limiter.answered(probe, 429)
+        self.assertEqual((limiter.model, limiter.allowed), ("window", 4.0))
 
     def test_a_request_sent_a_window_after_its_slot_counts_from_then(self) -> None:
         # It waited longer than a window for a connection (every one busy streaming a big file),
         # and meanwhile another worker's look at the budget dropped its slot from the window.
         clock = Clock()
         limiter = cb.RateLimiter(1, 6.0, clock)
-        slot = limiter.take()[0]
+        slot = limiter.take()
         clock.now += 2 * limiter.window
         self.assertEqual(limiter.delay(), 0.0)
         limiter.started(slot, clock.now)
@@ -130,7 +148,7 @@ class RateLimiterTest(unittest.TestCase):
     def test_concurrent_reservations_are_spread_out(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(4, 6.0, clock)
-        slots = [limiter.take()[0] for _ in range(5)]
+        slots = [limiter.take() for _ in range(5)]
         limiter.answered(slots[4], 429)  # paced to the window from now on, the probe not counted
         delays = sorted(limiter.take()[1] for _ in range(12))  # 12 workers asking at once
         window = 6.0 * cb.RATE_WINDOW_MARGIN
@@ -161,16 +179,15 @@ class RateLimiterTest(unittest.TestCase):
         limiter = cb.RateLimiter(10, 6.0, clock)
         serve(limiter, clock, Server("bucket", 10, 6.0), 30)
         self.assertEqual(limiter.model, "bucket")
-        slot, _, _ = limiter.take()
-        limiter.answered(slot, 429)
+        limiter.answered(limiter.take(), 429)
         self.assertEqual((limiter.model, limiter.allowed), ("window", 5.0))
 
     def test_429_halves_the_rate_and_recovers_gradually(self) -> None:
         clock = Clock()
         limiter = cb.RateLimiter(100, 6.0, clock)
-        limiter.answered(limiter.take()[0], 429)
+        limiter.answered(limiter.take(), 429)
         self.assertEqual(limiter.allowed, 50.0)
-        limiter.answered(limiter.take()[0], 429)
+        limiter.answered(limiter.take(), 429)
         self.assertEqual(limiter.allowed, 25.0)
         clock.now += limiter.window  # one window later: part of the way back
         limiter.take()[1]
@@ -183,7 +200,7 @@ class RateLimiterTest(unittest.TestCase):
     def test_rate_never_drops_below_one(self) -> None:
         limiter = cb.RateLimiter(4, 6.0, Clock())
         for _ in range(10):
-            limiter.answered(limiter.take()[0], 429)
+            limiter.answered(limiter.take(), 429)
         self.assertEqual(limiter.allowed, 1.0)
 
     def test_retry_after_pauses_the_whole_category(self) -> None:
@@ -192,7 +209,7 @@ class RateLimiterTest(unittest.TestCase):
             with self.subTest(case):
                 clock = Clock()
                 limiter = cb.RateLimiter(limit, 6.0, clock)
-                slots = [limiter.take()[0] for _ in range(taken)]
+                slots = [limiter.take() for _ in range(taken)]
                 limiter.answered(slots[-1], 429, 10.0)
                 self.assertEqual(limiter.allowed, allowed)
                 self.assertAlmostEqual(limiter.take()[1], 10.0)
@@ -220,7 +237,7 @@ class RateLimiterTest(unittest.TestCase):
                 self.assertAlmostEqual(waiting[0].at, clock.now + limiter.window)  # the window, for now
                 clock.now = probe.at
                 self.assertEqual(server.answer(probe.at), status)
-                limiter.answered(probe.at, status, retry_after)
+                limiter.answered(probe, status, retry_after)
                 held = [limiter.current(slot) for slot in waiting]
                 if status == 429 and retry_after is None:
                     self.assertEqual(held, [True, True])
@@ -240,7 +257,7 @@ class RateLimiterTest(unittest.TestCase):
         later = [limiter.take() for _ in range(3)][-1]
         probe = limiter.take()
         clock.now = probe.at
-        limiter.answered(probe.at, 429, 5.0)
+        limiter.answered(probe, 429, 5.0)
         self.assertTrue(limiter.current(due))
         self.assertTrue(limiter.current(later))  # also handed out for a moment now past
 

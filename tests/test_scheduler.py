@@ -127,9 +127,9 @@ class BudgetDelayTest(unittest.TestCase):
             with self.subTest(case):
                 clock = Clock()
                 limiter = coda_backup.RateLimiter(1, 6.0, clock)
-                slot, wait, _ = limiter.take()
-                self.assertEqual((slot, wait), (clock.now, 0.0))
-                limiter.started(slot, slot + late)
+                slot = limiter.take()
+                self.assertEqual((slot.at, slot.wait), (clock.now, 0.0))
+                limiter.started(slot, slot.at + late)
                 self.assertAlmostEqual(limiter.delay(), expected)
 
 
