@@ -933,6 +933,7 @@ class RateLimiter:
         self._due = 0.0  # GCRA's theoretical arrival time: the bucket, had it been paced to, is empty then
         self._tolerance = max(0.0, (limit - 1) * self._interval - BUCKET_RESERVE)  # GCRA's burst, less the reserve
         self._numbers = itertools.count()
+        self._pending: Dict[int, float] = {}  # slots handed out and not yet answered: number -> start
         self._probe: Optional[int] = None  # the number of the probe's slot while it is in flight ...
         self._probe_start = 0.0  # ... and when it went out
         self._replans: List[float] = []  # when each replan was: a slot's plan is how many came before it
@@ -946,6 +947,7 @@ class RateLimiter:
             number = next(self._numbers)
             if probe:
                 self._probe, self._probe_start = number, at
+            self._pending[number] = at
             self._starts.append(at)
             self._due = max(self._due, at) + self._interval
             return Slot(at, max(0.0, at - now), len(self._replans), number)
@@ -956,6 +958,19 @@ class RateLimiter:
         with self._lock:
             return slot.plan == len(self._replans) or slot.at <= self._replans[slot.plan]
 
+    def ready(self, slot: Slot) -> bool:
+        """Whether a request may go once its slot has come. Any may, but the probe only once every
+        request slotted before it in the last window has been answered: the server must have
+        counted them all when the probe arrives. One still on its way could arrive after the probe
+        and be refused in its place, and the probe's acceptance would pass a window server off as
+        a bucket (requests queued behind one start all get its time, so the probe often shares its
+        moment with the last requests that fill the window)."""
+        with self._lock:
+            if slot.number != self._probe:
+                return True
+            recent = self._clock() - self.window
+            return not any(number < slot.number and at > recent for number, at in self._pending.items())
+
     def started(self, slot: Slot, at: float) -> None:
         """The request given `slot` went out only at `at` (it waited for a connection, or for the
         CPU): count it from then, so that the windows the server sees hold what pacing thinks, and
@@ -964,6 +979,8 @@ class RateLimiter:
             return
         with self._lock:
             self._due = max(self._due, at + self._interval)
+            if slot.number in self._pending:
+                self._pending[slot.number] = at
             if slot.number == self._probe:
                 self._probe_start = at
             with contextlib.suppress(ValueError):  # gone if it waited a window or more: it counts from `at` anyway
@@ -976,6 +993,7 @@ class RateLimiter:
     def answered(self, slot: Slot, status: Optional[int], retry_after: Optional[float] = None) -> None:
         """The request given `slot` was answered with `status` (None: no HTTP answer)."""
         with self._lock:
+            self._pending.pop(slot.number, None)
             probe = slot.number == self._probe
             if probe:
                 self._probe = None
@@ -1000,6 +1018,8 @@ class RateLimiter:
         self._recover(now)
         while self._starts and self._starts[0] <= now - self.window:
             self._starts.popleft()
+        if len(self._pending) > 2 * self.limit:  # slots whose answer never came (a thread that ended): forgotten
+            self._pending = {number: at for number, at in self._pending.items() if at > now - self.window}
         earliest = max(now, self._paused_until, self._starts[-1] if self._starts else now)
         bucket_at = self._due - self._tolerance
         if self.model == "bucket":
@@ -1037,6 +1057,7 @@ class RateLimiter:
         self._replans.append(now)
         while self._starts and self._starts[-1] > now:
             self._starts.pop()
+        self._pending = {number: at for number, at in self._pending.items() if at <= now}
         self._due = 0.0
         for start in self._starts:
             self._due = max(self._due, start) + self._interval
@@ -1424,7 +1445,8 @@ class HttpClient:
 
     def _pace(self, category: str, claimed: bool = False) -> None:
         """Wait for this thread's start slot in its category's budget: a new one, or (`claimed`)
-        the one claim_slot took. A slot voided while waiting (the limiter replanned) is replaced."""
+        the one claim_slot took. A slot voided while waiting (the limiter replanned) is replaced;
+        the probe also waits until the limiter says it is ready (RateLimiter.ready)."""
         held = self._local.__dict__.get("slot") if claimed else None
         if held is None:
             self._unsent()
@@ -1433,7 +1455,7 @@ class HttpClient:
                 return
             held = self._local.slot = (limiter, limiter.take())
         limiter, slot = held
-        if slot.wait <= 0:
+        if slot.wait <= 0 and limiter.ready(slot):
             return
         with self.stats.pacing(category):
             while True:
@@ -1443,6 +1465,8 @@ class HttpClient:
                     self._local.slot = (limiter, slot)
                 elif left > 0:
                     self.sleep(min(left, REPLAN_CHECK))
+                elif not limiter.ready(slot):
+                    self.sleep(REPLAN_CHECK)
                 else:
                     return
 

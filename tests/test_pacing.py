@@ -134,6 +134,23 @@ class RateLimiterTest(unittest.TestCase):
         limiter.answered(probe, 429)
         self.assertEqual((limiter.model, limiter.allowed), ("window", 4.0))
 
+    def test_the_probe_goes_only_once_the_requests_before_it_were_answered(self) -> None:
+        # Sent with the request that fills the window, the probe can reach a window server first
+        # and be let in, that request refused in its place: a window server passed off as a bucket.
+        clock = Clock()
+        limiter = cb.RateLimiter(4, 6.0, clock)
+        early = [limiter.take() for _ in range(3)]
+        clock.now += 4.0
+        last, probe = limiter.take(), limiter.take()
+        self.assertEqual(probe.wait, 0.0)
+        for slot in early:
+            limiter.answered(slot, 200)
+        self.assertEqual([limiter.ready(last), limiter.ready(probe)], [True, False])
+        limiter.answered(last, 200)
+        self.assertTrue(limiter.ready(probe))
+        later = limiter.take()  # waits for the window, and need not wait for the probe's answer
+        self.assertTrue(limiter.ready(later))
+
     def test_a_request_sent_a_window_after_its_slot_counts_from_then(self) -> None:
         # It waited longer than a window for a connection (every one busy streaming a big file),
         # and meanwhile another worker's look at the budget dropped its slot from the window.
