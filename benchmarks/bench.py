@@ -46,6 +46,7 @@ its counts against what was changed.
     python3 benchmarks/bench.py --mode shapes        # seven shapes x two rate models (about 15 minutes)
     python3 benchmarks/bench.py --mode shapes --shape mixed --rate-model bucket
     python3 benchmarks/bench.py --mode shapes --shape read-bound --serial   # and --concurrency 1 for each model
+    python3 benchmarks/bench.py --mode shapes --shape slow-api --rate-model window --repeat 8
 """
 
 from __future__ import annotations
@@ -153,12 +154,13 @@ def shapes(args: argparse.Namespace) -> None:
     for name in names:
         shape = SHAPES[name]
         for model in models:
-            walls: Dict[str, float] = {}
-            for label, extra in runs:
-                walls[label] = shape_run(name, shape, model, label, [*extra, *args.extra], limits)
-            if "serial" in walls:
-                print(f"{name:<12} {model:<7} serial / default wall: {walls['serial'] / walls['default']:.2f}x",
-                      flush=True)
+            for _ in range(args.repeat):
+                walls: Dict[str, float] = {}
+                for label, extra in runs:
+                    walls[label] = shape_run(name, shape, model, label, [*extra, *args.extra], limits)
+                if "serial" in walls:
+                    print(f"{name:<12} {model:<7} serial / default wall: {walls['serial'] / walls['default']:.2f}x",
+                          flush=True)
 
 
 def shape_run(name: str, shape: Dict[str, float], model: str, label: str, extra: List[str],
@@ -372,6 +374,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="with --mode shapes: how the fake counts the limits")
     parser.add_argument("--extra", action="append", default=[], metavar="FLAG",
                         help="with --mode shapes: one more CLI flag for every run (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="with --mode shapes: run each shape and model N times (rare events show in a row each)")
     parser.add_argument("--serial", action="store_true",
                         help="with --mode shapes: also run each shape with --concurrency 1 and print serial / default")
     parser.add_argument("--docs", type=int, default=10)
