@@ -935,7 +935,9 @@ class RateLimiter:
         self._numbers = itertools.count()
         self._pending: Dict[int, float] = {}  # slots handed out and not yet answered: number -> start
         self._probe: Optional[int] = None  # the number of the probe's slot while it is in flight ...
-        self._probe_start = 0.0  # ... and when it went out
+        self._probe_start = 0.0  # ... and when it went out ...
+        self._probe_by = 0.0  # ... and the last moment its answer proves anything
+        self._given_up: Set[int] = set()  # probes that could not go in time: their slots are void
         self._replans: List[float] = []  # when each replan was: a slot's plan is how many came before it
         self._lock = threading.Lock()
 
@@ -943,10 +945,10 @@ class RateLimiter:
         """Claim the next start slot: when to send, how long that is from now, and the plan it is of."""
         with self._lock:
             now = self._clock()
-            at, probe = self._next_slot(now)
+            at, probe_by = self._next_slot(now)
             number = next(self._numbers)
-            if probe:
-                self._probe, self._probe_start = number, at
+            if probe_by is not None:
+                self._probe, self._probe_start, self._probe_by = number, at, probe_by
             self._pending[number] = at
             self._starts.append(at)
             self._due = max(self._due, at) + self._interval
@@ -954,8 +956,10 @@ class RateLimiter:
 
     def current(self, slot: Slot) -> bool:
         """Whether a slot still holds: the first replan after it was handed out (see _replan)
-        voided it if it was then still to come."""
+        voided it if it was then still to come, and a probe given up (see ready) is void."""
         with self._lock:
+            if slot.number in self._given_up:
+                return False
             return slot.plan == len(self._replans) or slot.at <= self._replans[slot.plan]
 
     def ready(self, slot: Slot) -> bool:
@@ -964,12 +968,21 @@ class RateLimiter:
         counted them all when the probe arrives. One still on its way could arrive after the probe
         and be refused in its place, and the probe's acceptance would pass a window server off as
         a bucket (requests queued behind one start all get its time, so the probe often shares its
-        moment with the last requests that fill the window)."""
+        moment with the last requests that fill the window). A probe still waiting when its answer
+        could no longer prove anything is given up: its slot is void, and a later request probes."""
         with self._lock:
             if slot.number != self._probe:
                 return True
-            recent = self._clock() - self.window
-            return not any(number < slot.number and at > recent for number, at in self._pending.items())
+            now = self._clock()
+            if any(number < slot.number and at > now - self.window for number, at in self._pending.items()):
+                if now > self._probe_by:
+                    self._probe = None
+                    self._pending.pop(slot.number, None)
+                    self._given_up.add(slot.number)
+                    with contextlib.suppress(ValueError):
+                        self._starts.remove(self._probe_start)
+                return False
+            return True
 
     def started(self, slot: Slot, at: float) -> None:
         """The request given `slot` went out only at `at` (it waited for a connection, or for the
@@ -1013,8 +1026,8 @@ class RateLimiter:
             now = self._clock()
             return max(0.0, self._next_slot(now)[0] - now)
 
-    def _next_slot(self, now: float) -> Tuple[float, bool]:
-        """The next start slot, and whether it is the probe."""
+    def _next_slot(self, now: float) -> Tuple[float, Optional[float]]:
+        """The next start slot, and if it is the probe, the last moment its answer proves anything."""
         self._recover(now)
         while self._starts and self._starts[0] <= now - self.window:
             self._starts.popleft()
@@ -1023,10 +1036,10 @@ class RateLimiter:
         earliest = max(now, self._paused_until, self._starts[-1] if self._starts else now)
         bucket_at = self._due - self._tolerance
         if self.model == "bucket":
-            return max(earliest, bucket_at), False
+            return max(earliest, bucket_at), None
         allowed = max(1, int(self.allowed))
         if len(self._starts) < allowed:
-            return earliest, False
+            return earliest, None
         oldest = self._starts[-allowed]
         at = max(earliest, oldest + self.window)
         if self.model == "unknown" and self._probe is None and allowed == self.limit:
@@ -1034,9 +1047,10 @@ class RateLimiter:
             # the full window is still in it, so a window server must refuse it whatever the
             # network did to the arrival times (up to a quarter of a window).
             probe_at = max(earliest, oldest + PROBE_LEAD * self.window, bucket_at)
-            if probe_at <= oldest + (1 - PROBE_LEAD / 2) * self.window:
-                return probe_at, True
-        return at, False
+            probe_by = oldest + (1 - PROBE_LEAD / 2) * self.window
+            if probe_at <= probe_by:
+                return probe_at, probe_by
+        return at, None
 
     def _rate_limited(self, slow_down: bool, retry_after: Optional[float]) -> None:
         now = self._clock()

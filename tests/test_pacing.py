@@ -151,6 +151,24 @@ class RateLimiterTest(unittest.TestCase):
         later = limiter.take()  # waits for the window, and need not wait for the probe's answer
         self.assertTrue(limiter.ready(later))
 
+    def test_a_probe_that_cannot_go_in_time_is_given_up(self) -> None:
+        # The request before it is still unanswered three quarters of a window after the window's
+        # first start: sent later, the probe could reach the server after that start has left the
+        # window and be let in by a window server. Its slot is void, and its holder waits for the
+        # window like any request.
+        clock = Clock()
+        limiter = cb.RateLimiter(4, 6.0, clock)
+        start = clock.now
+        for _ in range(3):
+            limiter.answered(limiter.take(), 200)
+        clock.now += 4.0
+        last, probe = limiter.take(), limiter.take()
+        clock.now = start + 0.8 * limiter.window
+        self.assertEqual((limiter.ready(probe), limiter.current(probe)), (False, False))
+        again = limiter.take()
+        self.assertAlmostEqual(again.at, start + limiter.window)
+        self.assertEqual((limiter.ready(again), limiter.current(last)), (True, True))
+
     def test_a_request_sent_a_window_after_its_slot_counts_from_then(self) -> None:
         # It waited longer than a window for a connection (every one busy streaming a big file),
         # and meanwhile another worker's look at the budget dropped its slot from the window.
