@@ -968,21 +968,21 @@ class RateLimiter:
         counted them all when the probe arrives. One still on its way could arrive after the probe
         and be refused in its place, and the probe's acceptance would pass a window server off as
         a bucket (requests queued behind one start all get its time, so the probe often shares its
-        moment with the last requests that fill the window). A probe still waiting when its answer
-        could no longer prove anything is given up: its slot is void, and a later request probes."""
+        moment with the last requests that fill the window). A probe that could no longer prove
+        anything if it went now (past `_probe_by`, whether it waited for those answers or its
+        holder came late) is given up: its slot is void, and a later request probes."""
         with self._lock:
             if slot.number != self._probe:
                 return True
             now = self._clock()
-            if any(number < slot.number and at > now - self.window for number, at in self._pending.items()):
-                if now > self._probe_by:
-                    self._probe = None
-                    self._pending.pop(slot.number, None)
-                    self._given_up.add(slot.number)
-                    with contextlib.suppress(ValueError):
-                        self._starts.remove(self._probe_start)
+            if now > self._probe_by:
+                self._probe = None
+                self._pending.pop(slot.number, None)
+                self._given_up.add(slot.number)
+                with contextlib.suppress(ValueError):
+                    self._starts.remove(self._probe_start)
                 return False
-            return True
+            return not any(number < slot.number and at > now - self.window for number, at in self._pending.items())
 
     def started(self, slot: Slot, at: float) -> None:
         """The request given `slot` went out only at `at` (it waited for a connection, or for the
@@ -1010,8 +1010,12 @@ class RateLimiter:
             probe = slot.number == self._probe
             if probe:
                 self._probe = None
+            # A probe that went out only after `_probe_by` (it waited for a connection once ready)
+            # may have reached a window server after the window's first start left: its acceptance
+            # proves nothing. Its 429 still does (a bucket has refilled most of its burst by then).
+            proof = probe and (status == 429 or self._probe_start <= self._probe_by)
             was = self.model
-            self.model, slow_down = pacing_after_answer(self.model, probe, status)
+            self.model, slow_down = pacing_after_answer(self.model, proof, status)
             if probe and status == 429:
                 with contextlib.suppress(ValueError):  # a refused request does not count in a window
                     self._starts.remove(self._probe_start)

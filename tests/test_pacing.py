@@ -169,6 +169,54 @@ class RateLimiterTest(unittest.TestCase):
         self.assertAlmostEqual(again.at, start + limiter.window)
         self.assertEqual((limiter.ready(again), limiter.current(last)), (True, True))
 
+    def test_a_probe_whose_moment_passed_proves_nothing(self) -> None:
+        # Nothing before it is unanswered, but the probe goes only once the window's first start
+        # has left a window server's window: its holder came late for it (no CPU), or it waited for
+        # a connection once ready. Let in, it passed the window server off as a bucket, and the
+        # bucket-paced burst that followed drew 429s and halvings.
+        for case in ("its holder came late", "it waited for a connection"):
+            with self.subTest(case):
+                clock = Clock()
+                limiter = cb.RateLimiter(4, 6.0, clock)
+                server = Server("window", 4, 6.0)
+                start = clock.now
+                for _ in range(4):
+                    limiter.answered(limiter.take(), server.answer(clock.now))
+                slot = limiter.take()
+                if case == "its holder came late":
+                    clock.now = start + limiter.window
+                    self.assertEqual((limiter.ready(slot), limiter.current(slot)), (False, False))
+                    slot = limiter.take()  # the holder takes a new slot, an ordinary one
+                    self.assertEqual(slot.wait, 0.0)
+                else:
+                    clock.now = slot.at
+                    self.assertTrue(limiter.ready(slot))
+                    clock.now = start + limiter.window
+                    limiter.started(slot, clock.now)
+                self.assertEqual(server.answer(clock.now), 200)
+                limiter.answered(slot, 200)
+                self.assertEqual(limiter.model, "unknown")
+                for _ in range(3):
+                    limiter.take()
+                again = limiter.take()  # the window full again: the next probe goes, early
+                self.assertLess(again.wait, (1 - cb.PROBE_LEAD / 2) * limiter.window)
+
+    def test_a_probe_sent_late_and_refused_still_shows_the_window(self) -> None:
+        # Sent after its moment but before the window let it go, its 429 is a window's answer (a
+        # bucket has refilled three quarters of its burst by then), and it slows nothing down.
+        clock = Clock()
+        limiter = cb.RateLimiter(4, 6.0, clock)
+        start = clock.now
+        for _ in range(4):
+            limiter.answered(limiter.take(), 200)
+        probe = limiter.take()
+        clock.now = probe.at
+        self.assertTrue(limiter.ready(probe))
+        clock.now = start + 0.9 * limiter.window
+        limiter.started(probe, clock.now)
+        limiter.answered(probe, 429)
+        self.assertEqual((limiter.model, limiter.allowed), ("window", 4.0))
+
     def test_a_request_sent_a_window_after_its_slot_counts_from_then(self) -> None:
         # It waited longer than a window for a connection (every one busy streaming a big file),
         # and meanwhile another worker's look at the budget dropped its slot from the window.
