@@ -1432,6 +1432,7 @@ class HttpClient:
             if deadline is not None:
                 timeout = min(timeout, deadline - time.monotonic())
                 if timeout <= 0:
+                    self._unsent()  # now, not at this thread's next request: were it the probe, none could go
                     break
             self.stats.count_request(category)
             attempts += 1
@@ -1490,10 +1491,11 @@ class HttpClient:
 
     def _unsent(self) -> None:
         """Give back the slot of a request this thread was paced for but never sent (its deadline
-        came during the wait, it was refused or cancelled): were it the probe, no other request
-        could probe for the rest of the run, and left here it would pass for the slot of this
-        thread's next request, an unpaced download, whose answer would then tell the API's limiter
-        how the API counts."""
+        came during the wait, it was refused or cancelled), when that is known or at the latest
+        before the thread's next request: were it the probe, no other request could probe while it
+        is held, unanswered it holds a later probe back (RateLimiter.ready), and left here it
+        would pass for the slot of this thread's next request, an unpaced download, whose answer
+        would then tell the API's limiter how the API counts."""
         paced = self._local.__dict__.pop("slot", None)
         if paced is not None:
             limiter, slot = paced

@@ -1,5 +1,7 @@
 """Client-side pacing maths with an injected clock, and Retry-After parsing."""
 
+import threading
+import time
 import unittest
 
 from support import Clock
@@ -348,6 +350,26 @@ class RateLimiterTest(unittest.TestCase):
         for limit, window in ((0, 6.0), (5, 0.0)):
             with self.subTest(limit=limit, window=window), self.assertRaises(ValueError):
                 cb.RateLimiter(limit, window)
+
+
+class PacedClientTest(unittest.TestCase):
+    def test_a_slot_whose_deadline_came_during_the_wait_is_given_back(self) -> None:
+        # The request's deadline came while it waited for its slot, the probe's. Held until this
+        # thread's next request, that slot kept every other request from probing meanwhile (and,
+        # unanswered, it holds a later probe back until that probe is given up).
+        settings = cb.ClientSettings(api_url="http://127.0.0.1:9", rate_limits={"read": (10, 1.0)})
+        client = cb.HttpClient(settings, "token", threading.Event())
+        limiter = client._limiters["read"]
+        for _ in range(10):
+            limiter.answered(limiter.take(), 200)
+
+        def attempt(timeout: float) -> None:
+            raise AssertionError("sent after its deadline")
+
+        with self.assertRaises(cb.DeadlineReached):
+            client._with_retries(attempt, "read", "/x", deadline=time.monotonic() + 0.05)
+        again = limiter.take()  # the window still full: another request probes, early
+        self.assertLess(again.wait, 0.25 * limiter.window)
 
 
 class RetryAfterTest(unittest.TestCase):
