@@ -47,6 +47,8 @@ its counts against what was changed.
     python3 benchmarks/bench.py --mode shapes --shape mixed --rate-model bucket
     python3 benchmarks/bench.py --mode shapes --shape read-bound --serial   # and --concurrency 1 for each model
     python3 benchmarks/bench.py --mode shapes --shape slow-api --rate-model window --repeat 8
+    python3 benchmarks/bench.py --mode shapes --shape slow-api --rate-model bucket --shape-latency 0.8 \
+        --extra=--concurrency --extra=8     # what 8 in flight does at 0.8 s a request
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def shapes(args: argparse.Namespace) -> None:
     print(f"{'shape':<12} {'model':<7} {'run':<8} {'exit':>4} {'wall':>7} {'floor':>7} {'wall/floor':>10} "
           f"{'requests':>8} {'429s':>6} {'429 %':>6} {'load':>5}  needed by category")
     for name in names:
-        shape = SHAPES[name]
+        shape = dict(SHAPES[name], **({"latency": args.shape_latency} if args.shape_latency is not None else {}))
         for model in models:
             for _ in range(args.repeat):
                 walls: Dict[str, float] = {}
@@ -374,6 +376,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="with --mode shapes: how the fake counts the limits")
     parser.add_argument("--extra", action="append", default=[], metavar="FLAG",
                         help="with --mode shapes: one more CLI flag for every run (repeatable)")
+    parser.add_argument("--shape-latency", type=float, default=None, metavar="SECONDS",
+                        help="with --mode shapes: this per-request latency instead of each shape's own")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="with --mode shapes: run each shape and model N times (rare events show in a row each)")
     parser.add_argument("--serial", action="store_true",
