@@ -68,8 +68,9 @@ Contents (the `# --- ... ---` banners below, in the order data flows):
                                   TableEntry (also the lines of manifest.partial.jsonl), with their
                                   FileRecord and AssetRecord
     HTTP client                   HttpClient (retries, backoff, Retry-After, keep-alive, the
-                                  token only to the API base), RateLimiter, RequestStats,
-                                  ConnectionBreaker (an API lost for good)
+                                  token only to the API base), RateLimiter (its Slots, the probe,
+                                  replans), RequestStats, ConnectionBreaker (an API lost for
+                                  good); read_answer and gunzip bound an answer's time and size
     Coda API                      CodaApi: paginating listers and fetchers, bounded listings;
                                   no file I/O
     Names and paths               safe_component and the layout of docs, pages and tables
