@@ -52,7 +52,6 @@ class GzipTest(BackupTestCase):
         self.assertTrue(requests)
         self.assertTrue(all("gzip" in r.headers.get("accept-encoding", "") for r in requests))
 
-
     def test_a_gzip_body_is_decoded_as_the_gzip_module_would(self) -> None:
         one, two = gzip.compress(b"one "), gzip.compress(b"two")
         cases = [
@@ -67,6 +66,7 @@ class GzipTest(BackupTestCase):
         for case, body in (("cut", one[:-3]), ("garbage after a member", one + b"junk")):
             with self.subTest(case), self.assertRaisesRegex(coda_backup._Transient, "corrupt gzip body"):
                 coda_backup.gunzip(body, 200, "u")
+
 
 class ConnectionTest(BackupTestCase):
     def test_requests_reuse_kept_alive_connections(self) -> None:
